@@ -1,0 +1,32 @@
+"""fx_sparsity: torch.ao.pruning as a torch.fx graph-transformation pass.
+
+Masks are visible ``mul`` nodes of a traced graph; sparsifiers and schedulers update the
+mask buffers those nodes read; lowering rewrites sparse Linear nodes into sparse ops.
+"""
+from . import passes
+from .api import prepare_fx_sparse
+from .errors import SparsityConfigError, TraceError
+from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
+from .mappings import get_dynamic_sparse_quantized_mapping, get_static_sparse_quantized_mapping
+from .parametrization import FakeSparsity
+from .scheduler import BaseScheduler, CubicSL, LambdaSL
+from .sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier
+
+__all__ = [
+    "get_dynamic_sparse_quantized_mapping",
+    "get_static_sparse_quantized_mapping",
+    "BaseScheduler",
+    "CubicSL",
+    "LambdaSL",
+    "BaseSparsifier",
+    "NearlyDiagonalSparsifier",
+    "WeightNormSparsifier",
+    "FakeSparsity",
+    "fqn_to_module",
+    "get_arg_info_from_tensor_fqn",
+    "module_to_fqn",
+    "prepare_fx_sparse",
+    "SparsityConfigError",
+    "TraceError",
+    "passes",
+]

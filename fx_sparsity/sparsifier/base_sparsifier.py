@@ -1,0 +1,186 @@
+"""``BaseSparsifier``: groups of tensors to sparsify and the masks that guard them.
+
+A sparsifier never walks a graph. It knows its groups (torch.ao.pruning's config dicts)
+and, through ``self.model`` (the prepared GraphModule), the live mask buffer of each
+group, which it overwrites in place.
+"""
+from __future__ import annotations
+
+import abc
+import copy
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..fqn import get_arg_info_from_tensor_fqn
+from ..passes import fold_masks, mask_fqn_for
+
+__all__ = ["BaseSparsifier"]
+
+# Group keys that refer to the model rather than describe the config (as torch.ao.pruning).
+KEYS_NOT_IN_STATE_DICT = ["module", "module_fqn", "tensor_name"]
+
+
+def _buffer_or_none(model: nn.Module | None, fqn: str) -> torch.Tensor | None:
+    if model is None:
+        return None
+    try:
+        return model.get_buffer(fqn)
+    except AttributeError:
+        return None
+
+
+class BaseSparsifier(abc.ABC):
+    """Base class of all sparsifiers; subclasses implement :meth:`update_mask`.
+
+    Args:
+        defaults: config values applied to every group unless its config entry overrides them.
+    """
+
+    def __init__(self, defaults: dict[str, Any] | None = None):
+        self.defaults: dict[str, Any] = defaults or {}
+        self.state: dict[str, dict] = defaultdict(dict)
+        self.groups: list[dict[str, Any]] = []
+        self.enable_mask_update = True
+        self.model: fx.GraphModule | None = None
+
+    # -- pickling: the scheduler's step wrapper is a closure; everything else travels.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.groups):
+            lines.append(f"\tGroup {i}")
+            lines.append(f"\t    module: {group.get('module')}")
+            lines += [f"\t    {k}: {group[k]}" for k in sorted(group) if k != "module"]
+        return "\n".join(lines) + "\n)"
+
+    # -- preparing
+    def prepare(self, model: nn.Module, config: list[dict] | None) -> fx.GraphModule:
+        """Trace ``model`` and insert masks; returns the prepared GraphModule (also ``self.model``).
+
+        Unlike torch.ao.pruning, the input model is not modified: use the returned module.
+        """
+        from ..api import prepare_fx_sparse
+
+        return prepare_fx_sparse(model, self, config)
+
+    def validate_group(self, group: dict[str, Any], tensor: torch.Tensor) -> None:
+        """Check one merged group before anything is modified; raise ValueError on a bad config."""
+
+    # -- masks
+    def _require_prepared(self, what: str) -> fx.GraphModule:
+        if self.model is None or not self.groups:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}() called before prepare: call "
+                f"fx_sparsity.prepare_fx_sparse(model, sparsifier, config) (or sparsifier.prepare) first")
+        return self.model
+
+    def get_mask(self, tensor_fqn: str) -> torch.Tensor:
+        """The live mask buffer of ``tensor_fqn`` in the prepared module.
+
+        Looked up each time: ``.to()``/``.half()`` replace buffer objects, so a kept
+        reference would go stale.
+        """
+        mask = _buffer_or_none(self._require_prepared("get_mask"), mask_fqn_for(tensor_fqn))
+        if mask is None:
+            raise RuntimeError(
+                f"'{tensor_fqn}' has no mask in the prepared module (was squash_mask() called? masks are "
+                f"folded into the weights then)")
+        return mask
+
+    def step(self, use_path: bool = True) -> None:
+        """Recompute every group's mask, in place (a compiled module sees the new values)."""
+        if not self.enable_mask_update:
+            return
+        model = self._require_prepared("step")
+        with torch.no_grad():
+            for group in self.groups:
+                mask = self.get_mask(group["tensor_fqn"])
+                module = model.get_submodule(group["module_fqn"])
+                self.update_mask(**{**group, "module": module, "mask": mask})
+                self.state[group["tensor_fqn"]]["mask"] = mask
+
+    @abc.abstractmethod
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, **kwargs) -> None:
+        """Overwrite ``mask`` in place for ``getattr(module, tensor_name)`` (the dense tensor)."""
+
+    def squash_mask(self, params_to_keep: tuple[str, ...] | None = None,
+                    params_to_keep_per_layer: dict[str, tuple[str, ...]] | None = None,
+                    *args, **kwargs) -> fx.GraphModule:
+        """Fold the masks into the tensors and remove the mask nodes and buffers.
+
+        As in torch.ao.pruning, ``params_to_keep`` (for every group) and
+        ``params_to_keep_per_layer`` (by module fqn) name group config keys to keep in a
+        ``sparse_params`` dict on each owner module; lowering reads it.
+        """
+        model = self._require_prepared("squash_mask")
+        fold_masks(model)
+        for group in self.groups:
+            sparse_params = {}
+            if params_to_keep is not None:
+                sparse_params.update({k: group[k] for k in params_to_keep})
+            if params_to_keep_per_layer is not None:
+                keys = params_to_keep_per_layer.get(group["module_fqn"])
+                if keys is not None:
+                    sparse_params.update({k: group[k] for k in keys})
+            if sparse_params:
+                model.get_submodule(group["module_fqn"]).sparse_params = sparse_params
+        return model
+
+    def convert(self, module: nn.Module, mapping: dict | None = None, inplace: bool = False, **kwargs) -> fx.GraphModule:
+        """Lower ``module`` (prepared or squashed); delegates to ``fx_sparsity.convert_fx_sparse``."""
+        from .. import api
+
+        if not hasattr(api, "convert_fx_sparse"):
+            raise NotImplementedError("lowering (convert_fx_sparse) is not available in this build")
+        return api.convert_fx_sparse(module, mapping, inplace=inplace, **kwargs)
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {tensor_fqn: {"mask": ...}}, "groups": [...]}``, torch.ao.pruning's format."""
+        groups = [{k: v for k, v in g.items() if k not in KEYS_NOT_IN_STATE_DICT} for g in self.groups]
+        state = defaultdict(dict)
+        for fqn, s in self.state.items():
+            state[fqn] = dict(s)
+            live = _buffer_or_none(self.model, mask_fqn_for(fqn))
+            if live is not None:
+                state[fqn]["mask"] = live
+        return {"state": state, "groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Load masks and groups (ours or a torch.ao.pruning sparsifier's) into the prepared module."""
+        model = self._require_prepared("load_state_dict")
+        groups = copy.deepcopy(state_dict["groups"])
+        state = defaultdict(dict)
+        for fqn, s in state_dict["state"].items():
+            state[fqn] = {k: v for k, v in s.items() if k != "mask"}
+            mask = s.get("mask")
+            live = _buffer_or_none(model, mask_fqn_for(fqn))
+            if live is None:
+                if strict:
+                    raise RuntimeError(
+                        f"Error loading '{fqn}' into the model: it has no mask there (not in this prepared "
+                        f"module's config, or squashed). Pass strict=False to skip it.")
+                continue
+            if mask is not None:
+                mask = torch.as_tensor(mask)
+                if mask.shape != live.shape:
+                    raise RuntimeError(
+                        f"Error loading '{fqn}': saved mask has shape {tuple(mask.shape)}, this model's "
+                        f"tensor has {tuple(live.shape)} (a state dict from another model?)")
+                with torch.no_grad():
+                    live.copy_(mask)
+            state[fqn]["mask"] = live
+        for group in groups:
+            info = get_arg_info_from_tensor_fqn(model, group["tensor_fqn"])
+            if info["module"] is None and strict:
+                raise RuntimeError(f"Error loading group '{group['tensor_fqn']}': no such tensor in the model")
+            group.update(info)
+        self.groups, self.state = groups, state

@@ -1,0 +1,51 @@
+"""``WeightNormSparsifier``: zero the blocks of smallest norm (torch.ao.pruning's numbers)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .base_sparsifier import BaseSparsifier
+from .mask_math import check_2d, check_weight_norm_config, resolve_norm_fn, weight_norm_mask
+
+__all__ = ["WeightNormSparsifier"]
+
+
+class WeightNormSparsifier(BaseSparsifier):
+    """Zero the ``sparsity_level`` fraction of ``sparse_block_shape`` blocks with the lowest norm.
+
+    ``zeros_per_block`` (default: the whole block) zeroes only that many smallest values
+    inside each block. Blocks start at index 0, ``(rows, cols)`` of the 2-D tensor; for a
+    Linear weight ``(out, in)`` the default ``(1, 4)`` groups 4 consecutive inputs. ``norm``
+    is 1, 2 (default) or a callable mapping the tensor to elementwise norms. All four
+    are defaults that a config entry may override per tensor.
+    """
+
+    def __init__(self, sparsity_level: float = 0.5, sparse_block_shape: tuple[int, int] = (1, 4),
+                 zeros_per_block: int | None = None, norm: Callable | int | None = None):
+        if zeros_per_block is None:
+            check_weight_norm_config(sparsity_level, sparse_block_shape, 0)
+            zeros_per_block = math.prod(sparse_block_shape)
+        check_weight_norm_config(sparsity_level, sparse_block_shape, zeros_per_block)
+        self.norm_fn = resolve_norm_fn(norm)
+        super().__init__(defaults={
+            "sparsity_level": sparsity_level,
+            "sparse_block_shape": sparse_block_shape,
+            "zeros_per_block": zeros_per_block,
+        })
+
+    def validate_group(self, group, tensor):
+        where = f"group '{group['tensor_fqn']}'"
+        check_2d(tensor, where=where)
+        check_weight_norm_config(group["sparsity_level"], group["sparse_block_shape"], group["zeros_per_block"],
+                                 where=where)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,
+                    sparse_block_shape: tuple[int, int], zeros_per_block: int, **kwargs) -> None:
+        check_weight_norm_config(sparsity_level, sparse_block_shape, zeros_per_block,
+                                 where=f"group '{kwargs.get('tensor_fqn', tensor_name)}'")
+        # torch.ao reads the parametrized (masked) tensor; so do we, or masks would diverge.
+        masked = getattr(module, tensor_name) * mask
+        mask.copy_(weight_norm_mask(masked, sparsity_level, sparse_block_shape, zeros_per_block, self.norm_fn))

@@ -1,0 +1,155 @@
+"""Insert a mask-multiply node in front of every use of a sparsified tensor.
+
+Before (``fc.weight`` configured)::
+
+    %fc_weight : get_attr[target=fc.weight]
+    %linear : call_function[target=torch.nn.functional.linear](args = (%x, %fc_weight, %fc_bias))
+
+After::
+
+    %fc_weight : get_attr[target=fc.weight]
+    %fc_weight_mask : get_attr[target=fc.weight_mask]          # buffer on module ``fc``
+    %mul : call_function[target=torch.mul](args = (%fc_weight, %fc_weight_mask))
+    %linear : call_function[target=torch.nn.functional.linear](args = (%x, %mul, %fc_bias))
+
+Uses are found by tensor identity, so a parameter tied under several names gets one
+mask applied at every use.  ``call_module`` users must have been inlined first
+(:mod:`fx_sparsity.passes.inline_modules`): a mask cannot be put inside a leaf module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+__all__ = ["MaskSpec", "InsertMasks", "insert_masks", "MaskedUse", "find_masked_uses", "fetch_attr",
+           "mask_fqn_for", "MaskInsertionError"]
+
+MASK_SUFFIX = "_mask"
+
+
+class MaskInsertionError(RuntimeError):
+    """A mask could not be placed in front of every use of a tensor."""
+
+
+def mask_fqn_for(tensor_fqn: str) -> str:
+    """``a.b.weight`` -> ``a.b.weight_mask`` (the ``torch.nn.utils.prune`` convention)."""
+    return tensor_fqn + MASK_SUFFIX
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class MaskSpec:
+    """One tensor to mask: its fqn in the graph module, its initial mask, node metadata."""
+
+    tensor_fqn: str
+    mask: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class MaskedUse:
+    """One ``mul(tensor, mask)`` node of a prepared graph."""
+
+    mul: fx.Node
+    tensor: fx.Node
+    mask: fx.Node
+
+    @property
+    def mask_fqn(self) -> str:
+        return self.mask.target
+
+    @property
+    def tensor_fqn(self) -> str:
+        return self.mask.target[: -len(MASK_SUFFIX)]
+
+
+def _owns(module: nn.Module, tensor: torch.Tensor) -> bool:
+    return any(t is tensor for t in module.parameters()) or any(t is tensor for t in module.buffers())
+
+
+class InsertMasks(PassBase):
+    """Register ``<tensor_name>_mask`` buffers and multiply every use of each tensor by its mask."""
+
+    def __init__(self, specs: list[MaskSpec]):
+        super().__init__()
+        self.specs = specs
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for spec in self.specs:
+            tensor = fetch_attr(gm, spec.tensor_fqn)
+            if spec.mask.shape != tensor.shape:
+                raise MaskInsertionError(
+                    f"mask for '{spec.tensor_fqn}' has shape {tuple(spec.mask.shape)}, "
+                    f"the tensor has {tuple(tensor.shape)}")
+            for node in gm.graph.nodes:
+                if node.op == "call_module" and _owns(gm.get_submodule(node.target), tensor):
+                    module = gm.get_submodule(node.target)
+                    raise MaskInsertionError(
+                        f"'{spec.tensor_fqn}' is used inside the leaf module '{node.target}' "
+                        f"({type(module).__name__}), which fx_sparsity cannot inline, so no mask can be put "
+                        f"in front of that use. Trace with tracer=\"export\" (and example_inputs=...) to "
+                        f"see through it.")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        uses_by_tensor: dict[int, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                uses_by_tensor.setdefault(id(fetch_attr(gm, node.target)), []).append(node)
+
+        for spec in self.specs:
+            module_fqn, _, tensor_name = spec.tensor_fqn.rpartition(".")
+            owner = gm.get_submodule(module_fqn)
+            mask_name = tensor_name + MASK_SUFFIX
+            owner.register_buffer(mask_name, spec.mask)
+            mask_fqn = mask_fqn_for(spec.tensor_fqn)
+            meta = {"tensor_fqn": spec.tensor_fqn, "mask_fqn": mask_fqn, **spec.meta}
+            for attr_node in uses_by_tensor.get(id(fetch_attr(gm, spec.tensor_fqn)), []):
+                with gm.graph.inserting_after(attr_node):
+                    mask_node = gm.graph.get_attr(mask_fqn)
+                with gm.graph.inserting_after(mask_node):
+                    mul = gm.graph.call_function(torch.mul, (attr_node, mask_node))
+                attr_node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+                mask_node.meta["sparsity_mask"] = mask_fqn
+                mul.meta["sparsity"] = dict(meta)
+        gm.recompile()
+        return PassResult(gm, bool(self.specs))
+
+
+def insert_masks(gm: fx.GraphModule, specs: list[MaskSpec]) -> fx.GraphModule:
+    """Functional form of :class:`InsertMasks`; modifies ``gm`` in place and returns it."""
+    return InsertMasks(specs)(gm).graph_module
+
+
+def find_masked_uses(gm: fx.GraphModule) -> list[MaskedUse]:
+    """Every ``mul(tensor, mask)`` that :class:`InsertMasks` made.
+
+    Recognised by shape, not only by ``node.meta`` (metadata does not survive pickling a
+    GraphModule): ``mul(get_attr T, get_attr <fqn>_mask)`` where the mask is a buffer.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.mul, torch.ops.aten.mul.Tensor):
+            continue
+        if len(node.args) != 2 or not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args):
+            continue
+        tensor, mask = node.args
+        if not mask.target.endswith(MASK_SUFFIX):
+            continue
+        module_fqn, _, name = mask.target.rpartition(".")
+        if name not in dict(gm.get_submodule(module_fqn).named_buffers(recurse=False)):
+            continue
+        use = MaskedUse(node, tensor, mask)
+        node.meta.setdefault("sparsity", {"tensor_fqn": use.tensor_fqn, "mask_fqn": use.mask_fqn})
+        mask.meta.setdefault("sparsity_mask", use.mask_fqn)
+        found.append(use)
+    return found
