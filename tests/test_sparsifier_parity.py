@@ -1,0 +1,188 @@
+"""Our sparsifiers against torch.ao.pruning's over whole training runs, and state round trips."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.ao.pruning as ao
+from torch import nn
+
+import fx_sparsity as fxs
+from models import mlp, tied
+
+
+def ao_mask(model, fqn):
+    module_fqn, _, name = fqn.rpartition(".")
+    return getattr(model.get_submodule(module_fqn).parametrizations, name)[0].mask
+
+
+def train_side_by_side(make_ours, make_theirs, model, config, steps, data, scheduler_kwargs=None):
+    """Run the same loop (SGD, sparsifier.step, CubicSL) with both libraries; yield masks each step."""
+    ao_model = copy.deepcopy(model)
+    ours, theirs = make_ours(), make_theirs()
+    prepared = fxs.prepare_fx_sparse(model, ours, config)
+    theirs.prepare(ao_model, config)
+    opt_ours = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    opt_theirs = torch.optim.SGD(ao_model.parameters(), lr=0.05)
+    schedulers = ()
+    if scheduler_kwargs is not None:
+        schedulers = (fxs.CubicSL(ours, **scheduler_kwargs), ao.CubicSL(theirs, **scheduler_kwargs))
+    for step in range(steps):
+        x = data[step % len(data)]
+        for net, opt in ((prepared, opt_ours), (ao_model, opt_theirs)):
+            loss = net(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ours.step()
+        theirs.step()
+        for s in schedulers:
+            s.step()
+        yield step, ours, theirs, prepared, ao_model
+
+
+DIVISIBLE = [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight", "sparsity_level": 0.9}]
+
+
+@pytest.mark.parametrize("kwargs, config", [
+    (dict(sparsity_level=0.8, sparse_block_shape=(1, 4), zeros_per_block=4), None),
+    # torch.ao fails on a dim not divisible by the block when zeros_per_block < block size: 32x16 and 32x32 only
+    (dict(sparsity_level=0.5, sparse_block_shape=(4, 4), zeros_per_block=2), DIVISIBLE),
+    (dict(sparsity_level=0.6, sparse_block_shape=(2, 2), norm=1), None),
+    (dict(sparsity_level=0.3, sparse_block_shape=(1, 1)), None),
+])
+def test_weight_norm_masks_identical_through_training(kwargs, config):
+    torch.manual_seed(0)
+    data = [torch.randn(16, 16) for _ in range(4)]
+    sched = dict(init_sl=0.0, init_t=0, delta_t=2, total_t=5)
+    for step, ours, theirs, prepared, ao_model in train_side_by_side(
+            lambda: fxs.WeightNormSparsifier(**kwargs), lambda: ao.WeightNormSparsifier(**kwargs),
+            mlp(), config, 15, data, sched):
+        for group in ours.groups:
+            fqn = group["tensor_fqn"]
+            assert torch.equal(ours.get_mask(fqn), ao_mask(ao_model, fqn)), (step, fqn)
+        assert [g["sparsity_level"] for g in ours.groups] == [g["sparsity_level"] for g in theirs.groups]
+    x = data[0]
+    torch.testing.assert_close(prepared(x), ao_model(x), rtol=1e-5, atol=1e-6)
+    for group in ours.groups:
+        fqn = group["tensor_fqn"]
+        module_fqn, _, name = fqn.rpartition(".")
+        torch.testing.assert_close(prepared.get_parameter(fqn),
+                                   ao_model.get_submodule(module_fqn).parametrizations[name].original)
+
+
+def test_nearly_diagonal_identical_on_square_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
+    config = [{"tensor_fqn": "0.weight", "nearliness": 3}, {"tensor_fqn": "2.weight", "nearliness": 5}]
+    ours, theirs = fxs.NearlyDiagonalSparsifier(), ao.NearlyDiagonalSparsifier()
+    ao_model = copy.deepcopy(model)
+    prepared = fxs.prepare_fx_sparse(model, ours, config)
+    theirs.prepare(ao_model, config)
+    ours.step()
+    theirs.step()
+    for entry in config:
+        assert torch.equal(ours.get_mask(entry["tensor_fqn"]), ao_mask(ao_model, entry["tensor_fqn"]))
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(prepared(x), ao_model(x))
+
+
+def test_enable_mask_update_false_skips_step():
+    sparsifier = fxs.WeightNormSparsifier()
+    prepared = fxs.prepare_fx_sparse(mlp(), sparsifier)
+    sparsifier.enable_mask_update = False
+    sparsifier.step()
+    assert prepared.get_buffer("0.weight_mask").min().item() == 1.0
+
+
+def prepared_pair(level=0.6):
+    torch.manual_seed(1)
+    model = mlp()
+    ours = fxs.WeightNormSparsifier(sparsity_level=level)
+    prepared = fxs.prepare_fx_sparse(model, ours)
+    theirs = ao.WeightNormSparsifier(sparsity_level=level)
+    ao_model = copy.deepcopy(model)
+    theirs.prepare(ao_model, None)
+    return model, ours, prepared, theirs, ao_model
+
+
+def test_state_dict_format_matches_torch_ao():
+    _, ours, _, theirs, _ = prepared_pair()
+    ours.step()
+    theirs.step()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a["groups"] == b["groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for fqn in a["state"]:
+        assert torch.equal(a["state"][fqn]["mask"], b["state"][fqn]["mask"])
+
+
+def test_torch_ao_state_dict_loads_into_ours_and_back():
+    model, ours, prepared, theirs, ao_model = prepared_pair()
+    theirs.step()
+    fresh = fxs.WeightNormSparsifier()
+    fresh_prepared = fxs.prepare_fx_sparse(model, fresh)
+    fresh.load_state_dict(theirs.state_dict())
+    assert fresh.groups[0]["sparsity_level"] == 0.6
+    for group in fresh.groups:
+        fqn = group["tensor_fqn"]
+        assert torch.equal(fresh_prepared.get_buffer(fqn + "_mask"), ao_mask(ao_model, fqn))
+    # and back: ours -> a freshly prepared torch.ao model
+    ours.step()
+    ao_fresh_model = copy.deepcopy(model)
+    ao_fresh = ao.WeightNormSparsifier()
+    ao_fresh.prepare(ao_fresh_model, None)
+    ao_fresh.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for group in ours.groups:
+        assert torch.equal(ao_mask(ao_fresh_model, group["tensor_fqn"]), ours.get_mask(group["tensor_fqn"]))
+    # Steps continue identically after the load.
+    fresh.step()
+    theirs.step()
+    for group in fresh.groups:
+        assert torch.equal(fresh.get_mask(group["tensor_fqn"]), ao_mask(ao_model, group["tensor_fqn"]))
+
+
+def test_prepared_state_dict_restores_masks_exactly():
+    model, ours, prepared, _, _ = prepared_pair()
+    ours.step()
+    buffer = io.BytesIO()
+    torch.save(prepared.state_dict(), buffer)
+    fresh_sparsifier = fxs.WeightNormSparsifier()
+    fresh = fxs.prepare_fx_sparse(mlp(seed=5), fresh_sparsifier)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for name, tensor in prepared.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(fresh(x), prepared(x))
+    assert torch.equal(fresh_sparsifier.get_mask("0.weight"), ours.get_mask("0.weight"))
+
+
+def test_load_state_dict_errors():
+    _, ours, _, _, _ = prepared_pair()
+    state = ours.state_dict()
+    with pytest.raises(RuntimeError, match=r"load_state_dict\(\) called before prepare"):
+        fxs.WeightNormSparsifier().load_state_dict(state)
+    other = fxs.WeightNormSparsifier()
+    fxs.prepare_fx_sparse(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)), other)
+    with pytest.raises(RuntimeError, match=r"'0.weight': saved mask has shape \(32, 16\), this model's tensor has \(8, 16\)"):
+        other.load_state_dict(state)
+    partial = fxs.WeightNormSparsifier()
+    fxs.prepare_fx_sparse(mlp(), partial, [{"tensor_fqn": "0.weight"}])
+    with pytest.raises(RuntimeError, match=r"Error loading '2.weight' into the model: it has no mask"):
+        partial.load_state_dict(state)
+
+
+def test_deepcopy_and_pickle_round_trip():
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    prepared = fxs.prepare_fx_sparse(tied(), sparsifier, [{"tensor_fqn": "embed.weight"}, {"tensor_fqn": "hidden.weight"}])
+    sparsifier.step()
+    tokens = torch.randint(0, 40, (2, 5))
+    for clone in (copy.deepcopy(prepared), pickle.loads(pickle.dumps(prepared))):
+        torch.testing.assert_close(clone(tokens), prepared(tokens))
+        assert torch.equal(clone.get_buffer("embed.weight_mask"), prepared.get_buffer("embed.weight_mask"))
+        assert clone.get_parameter("out.weight") is clone.get_parameter("embed.weight")
+    copied = copy.deepcopy(sparsifier)
+    assert copied.model is not prepared
+    copied.step()
+    assert torch.equal(copied.get_mask("hidden.weight"), sparsifier.get_mask("hidden.weight"))
