@@ -23,23 +23,17 @@ def default_config(model: nn.Module) -> list[dict[str, Any]]:
     last non-Linear child first); group order matters for per-group scheduler lists and
     state dicts, so we keep it.
     """
+    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
     config, stack = [], [model]
     while stack:
         module = stack.pop()
-        for name, child in module.named_children():
+        for child in module.children():
             if type(child) is nn.Linear:
-                prefix = _module_fqn(model, child)
+                prefix = names[id(child)]
                 config.append({"tensor_fqn": f"{prefix}.weight" if prefix else "weight"})
             else:
                 stack.append(child)
     return config
-
-
-def _module_fqn(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules(remove_duplicate=False):
-        if m is module:
-            return name
-    raise AssertionError("module not in model")
 
 
 def _resolve_tensor(model: nn.Module, tensor_fqn: Any, where: str) -> torch.Tensor:

@@ -73,10 +73,6 @@ class MaskedUse:
         return self.mask.target[: -len(MASK_SUFFIX)]
 
 
-def _owns(module: nn.Module, tensor: torch.Tensor) -> bool:
-    return any(t is tensor for t in module.parameters()) or any(t is tensor for t in module.buffers())
-
-
 class InsertMasks(PassBase):
     """Register ``<tensor_name>_mask`` buffers and multiply every use of each tensor by its mask."""
 
@@ -85,17 +81,22 @@ class InsertMasks(PassBase):
         self.specs = specs
 
     def requires(self, gm: fx.GraphModule) -> None:
+        masked: dict[int, str] = {}
         for spec in self.specs:
             tensor = fetch_attr(gm, spec.tensor_fqn)
             if spec.mask.shape != tensor.shape:
                 raise MaskInsertionError(
                     f"mask for '{spec.tensor_fqn}' has shape {tuple(spec.mask.shape)}, "
                     f"the tensor has {tuple(tensor.shape)}")
-            for node in gm.graph.nodes:
-                if node.op == "call_module" and _owns(gm.get_submodule(node.target), tensor):
-                    module = gm.get_submodule(node.target)
+            masked[id(tensor)] = spec.tensor_fqn
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            for tensor in (*module.parameters(), *module.buffers()):
+                if id(tensor) in masked:
                     raise MaskInsertionError(
-                        f"'{spec.tensor_fqn}' is used inside the leaf module '{node.target}' "
+                        f"'{masked[id(tensor)]}' is used inside the leaf module '{node.target}' "
                         f"({type(module).__name__}), which fx_sparsity cannot inline, so no mask can be put "
                         f"in front of that use. Trace with tracer=\"export\" (and example_inputs=...) to "
                         f"see through it.")
