@@ -13,7 +13,7 @@ from .parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
 from .passes import InlineModules, InsertMasks, MaskSpec, fetch_attr, mask_fqn_for
 from .tracing import TRACERS, trace
 
-__all__ = ["prepare_fx_sparse", "default_config"]
+__all__ = ["prepare_fx_sparse", "default_config", "publish_config"]
 
 
 def default_config(model: nn.Module) -> list[dict[str, Any]]:
@@ -205,7 +205,22 @@ def prepare_fx_sparse(model: nn.Module, sparsifier, config: list[dict] | None = 
     sparsifier.model = gm
     sparsifier.config = list(config) if config is not None else None
     sparsifier.groups = groups
+    publish_config(gm, groups)
     return gm
+
+
+def publish_config(gm: fx.GraphModule, groups: list[dict[str, Any]]) -> None:
+    """Record ``gm._fx_sparsity_config = {tensor_fqn: group}`` for printing and lowering.
+
+    The values are the sparsifier's own group dicts, so a scheduler's in-place level
+    changes show up. A GraphModule's deepcopy keeps only what its graph uses, so the
+    attribute is also listed among the user-preserved attributes in ``gm.meta``.
+    """
+    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+    config = {group["tensor_fqn"]: group for group in groups}
+    gm._fx_sparsity_config = config
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["_fx_sparsity_config"] = config
 
 
 def _config_or_default(model: nn.Module, config, imported: dict) -> list:
