@@ -184,3 +184,6 @@ class BaseSparsifier(abc.ABC):
                 raise RuntimeError(f"Error loading group '{group['tensor_fqn']}': no such tensor in the model")
             group.update(info)
         self.groups, self.state = groups, state
+        from ..api import publish_config
+
+        publish_config(model, groups)  # the module's printed config follows the loaded groups
