@@ -206,6 +206,10 @@ def prepare_fx_sparse(model: nn.Module, sparsifier, config: list[dict] | None = 
     sparsifier.config = list(config) if config is not None else None
     sparsifier.groups = groups
     publish_config(gm, groups)
+    # A sparsifier that needs more than masks in the graph (Wanda: activation observers) adds it here.
+    on_prepared = getattr(sparsifier, "_on_prepared", None)
+    if on_prepared is not None:
+        on_prepared(gm)
     return gm
 
 
@@ -229,3 +233,7 @@ def _config_or_default(model: nn.Module, config, imported: dict) -> list:
     if imported:
         return [{"tensor_fqn": fqn} for fqn in imported]
     return default_config(model)
+
+
+# Re-exported so that BaseSparsifier.convert, which looks it up here, delegates to it.
+from .lowering import convert_fx_sparse  # noqa: E402

@@ -1,5 +1,9 @@
 from .base_sparsifier import BaseSparsifier
+from .global_magnitude_sparsifier import GlobalMagnitudeSparsifier
 from .nearly_diagonal_sparsifier import NearlyDiagonalSparsifier
+from .nm_sparsifier import NMSparsifier
+from .wanda_sparsifier import WandaSparsifier
 from .weight_norm_sparsifier import WeightNormSparsifier
 
-__all__ = ["BaseSparsifier", "NearlyDiagonalSparsifier", "WeightNormSparsifier"]
+__all__ = ["BaseSparsifier", "GlobalMagnitudeSparsifier", "NearlyDiagonalSparsifier", "NMSparsifier",
+           "WandaSparsifier", "WeightNormSparsifier"]

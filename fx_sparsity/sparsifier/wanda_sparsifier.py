@@ -1,0 +1,114 @@
+"""``WandaSparsifier``: prune by |W|·‖X‖₂ (Sun et al. 2023), with activation norms observed in the graph."""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..errors import SparsityConfigError
+from ..passes.activation_stats import (
+    ChannelNormObserver,
+    insert_activation_observers,
+    observer_fqn_for,
+    remove_activation_observers,
+)
+from .base_sparsifier import BaseSparsifier
+from .nm_sparsifier import check_level, check_nm_tensor, nm_keep_mask
+
+__all__ = ["WandaSparsifier"]
+
+
+class WandaSparsifier(BaseSparsifier):
+    """Wanda: score ``|W_ij| · ‖X_j‖₂`` and drop the lowest scores within each output row.
+
+    ``prepare`` (or ``prepare_fx_sparse``) puts a :class:`ChannelNormObserver` in front of
+    the input of every linear that uses a configured weight, and nowhere else. Run
+    calibration batches through the prepared module, then ``step()``: each row ``i`` of a
+    weight loses its ``round(sparsity_level * in_features)`` lowest scores. The norms
+    accumulate over every calibration batch (and every use of a tied weight).
+    ``squash_mask()`` folds the masks and removes the observers.
+
+    ``semi_structured_block_size=m`` gives ``m/2:m`` sparsity instead (2:4 for ``m=4``, as
+    torchao's Wanda did): in each run of ``m`` inputs the ``m/2`` lowest scores go. Then
+    ``sparsity_level`` may be at most 0.5; below that, only that share of each row's runs
+    is pruned (lowest summed score first), which is how a scheduler ramps it.
+
+    Only weights used as the weight of a linear (``F.linear`` / ``aten.linear``) can be
+    configured. Scores use ``weight * mask`` as torch.ao's sparsifiers do, so weights already
+    pruned stay pruned.
+    """
+
+    def __init__(self, sparsity_level: float = 0.5, semi_structured_block_size: int | None = None):
+        m = semi_structured_block_size
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2 or m % 2):
+            raise ValueError(f"semi_structured_block_size must be an even int >= 2 (4 for 2:4) or None, got {m!r}")
+        check_level(sparsity_level, high=0.5 if m else 1.0,
+                    where="semi-structured (m/2:m) Wanda" if m else "")
+        super().__init__(defaults={"sparsity_level": sparsity_level, "semi_structured_block_size": m})
+
+    def validate_group(self, group, tensor):
+        where = f"group '{group['tensor_fqn']}'"
+        m = group.get("semi_structured_block_size")
+        if m is not None:
+            check_nm_tensor(tensor, m, what=f"Wanda {m // 2}:{m}", where=where)
+        elif tensor.dim() != 2:
+            raise ValueError(f"{where}: Wanda needs a 2-D (out_features, in_features) linear weight, got shape "
+                             f"{tuple(tensor.shape)}")
+        check_level(group["sparsity_level"], high=0.5 if m else 1.0, where=where)
+
+    # Called by prepare_fx_sparse once the masks are in the graph.
+    def _on_prepared(self, model: fx.GraphModule) -> None:
+        fqns = [g["tensor_fqn"] for g in self.groups]
+        observed = insert_activation_observers(model, fqns)
+        missing = [fqn for fqn in fqns if fqn not in observed]
+        if missing:
+            remove_activation_observers(model)
+            self.groups, self.model, self.config = [], None, None
+            self.state.clear()
+            raise SparsityConfigError(
+                f"WandaSparsifier scores a weight by the inputs of the linear that uses it, but {missing} "
+                f"{'is' if len(missing) == 1 else 'are'} not the weight of any linear (F.linear / aten.linear) in "
+                f"the traced graph; leave {'it' if len(missing) == 1 else 'them'} out of the config (use "
+                f"GlobalMagnitudeSparsifier or WeightNormSparsifier for such tensors)")
+
+    def _observer(self, tensor_fqn: str) -> ChannelNormObserver:
+        try:
+            observer = self._require_prepared("step").get_submodule(observer_fqn_for(tensor_fqn))
+        except AttributeError:
+            observer = None
+        if not isinstance(observer, ChannelNormObserver):
+            raise RuntimeError(
+                f"no activation observer for '{tensor_fqn}' in the prepared module (removed by squash_mask()?); "
+                f"Wanda needs one: prepare the model again and run calibration data through it")
+        return observer
+
+    def step(self, use_path: bool = True) -> None:
+        if not self.enable_mask_update:
+            return
+        self._require_prepared("step")
+        unseen = [g["tensor_fqn"] for g in self.groups if int(self._observer(g["tensor_fqn"]).num_rows) == 0]
+        if unseen:
+            raise RuntimeError(
+                f"WandaSparsifier.step() before calibration: no activations were observed for {unseen}. Run "
+                f"calibration inputs through the prepared module first (with torch.no_grad(): "
+                f"sparsifier.model(*batch) for a few batches), then call step()")
+        super().step(use_path)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,
+                    semi_structured_block_size: int | None = None, tensor_fqn: str = "", **kwargs) -> None:
+        m = semi_structured_block_size
+        level = check_level(sparsity_level, high=0.5 if m else 1.0, where=f"group '{tensor_fqn}'")
+        norms = self._observer(tensor_fqn).channel_norms().to(mask.device)
+        scores = (getattr(module, tensor_name) * mask).abs().float() * norms
+        if m is not None:
+            mask.copy_(nm_keep_mask(scores, m // 2, m, level / 0.5, per_row=True))
+            return
+        keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        k = round(level * scores.shape[1])
+        if k:
+            keep.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
+        mask.copy_(keep)
+
+    def squash_mask(self, *args, **kwargs) -> fx.GraphModule:
+        """Remove the observers, then fold the masks (see :meth:`BaseSparsifier.squash_mask`)."""
+        remove_activation_observers(self._require_prepared("squash_mask"))
+        return super().squash_mask(*args, **kwargs)
