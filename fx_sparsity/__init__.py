@@ -5,6 +5,7 @@ mask buffers those nodes read; lowering rewrites sparse Linear nodes into sparse
 """
 from . import passes
 from .api import prepare_fx_sparse
+from .lowering import convert_fx_sparse
 from .errors import SparsityConfigError, TraceError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
 from .mappings import get_dynamic_sparse_quantized_mapping, get_static_sparse_quantized_mapping
@@ -30,6 +31,7 @@ __all__ = [
     "get_arg_info_from_tensor_fqn",
     "module_to_fqn",
     "prepare_fx_sparse",
+    "convert_fx_sparse",
     "SparsityConfigError",
     "TraceError",
     "passes",

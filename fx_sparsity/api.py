@@ -233,3 +233,7 @@ def _config_or_default(model: nn.Module, config, imported: dict) -> list:
     if imported:
         return [{"tensor_fqn": fqn} for fqn in imported]
     return default_config(model)
+
+
+# Re-exported so that BaseSparsifier.convert, which looks it up here, delegates to it.
+from .lowering import convert_fx_sparse  # noqa: E402
