@@ -9,6 +9,8 @@ from .lowering import convert_fx_sparse
 from .errors import SparsityConfigError, TraceError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
 from .mappings import get_dynamic_sparse_quantized_mapping, get_static_sparse_quantized_mapping
+from .mappings import get_sparse_bsr_mapping, get_sparse_csr_mapping
+from .nn import SparseBSRLinear, SparseCSRLinear
 from .parametrization import FakeSparsity
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier
@@ -17,6 +19,10 @@ from .sparsifier import GlobalMagnitudeSparsifier, NMSparsifier, WandaSparsifier
 __all__ = [
     "get_dynamic_sparse_quantized_mapping",
     "get_static_sparse_quantized_mapping",
+    "get_sparse_csr_mapping",
+    "get_sparse_bsr_mapping",
+    "SparseCSRLinear",
+    "SparseBSRLinear",
     "BaseScheduler",
     "CubicSL",
     "LambdaSL",
