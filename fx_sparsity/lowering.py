@@ -19,6 +19,7 @@ from torch.ao.nn.sparse.quantized.dynamic import Linear as _AoDynamicLinear
 
 from .errors import SparsityConfigError
 from .mappings import get_dynamic_sparse_quantized_mapping
+from .passes.insert_masks import fetch_attr
 from .passes.lower_linear import (
     DEFAULT_BLOCK_SHAPE,
     FoldRequantize,
@@ -106,6 +107,10 @@ def _kernel_shape(block_shape: tuple[int, int], supported: list[tuple[int, int]]
     return None
 
 
+def _tensor(site: SparseLinear) -> torch.Tensor:
+    return fetch_attr(site.weight.graph.owning_module, site.weight.target)
+
+
 def _check_sites(sites: list[SparseLinear], kind: str) -> dict[str, tuple[int, int]]:
     """Refuse layers that cannot be lowered, naming each; returns the kernel block shape per site."""
     problems = [f"  '{s.tensor_fqn}' (node {s.node.name}): {s.problem}" for s in sites if s.problem]
@@ -114,6 +119,10 @@ def _check_sites(sites: list[SparseLinear], kind: str) -> dict[str, tuple[int, i
     if kind == "masked":
         return {s.node.name: s.block_shape for s in sites}
     engine = DYNAMIC_ENGINE if kind == "dynamic" else STATIC_ENGINE
+    off_cpu = [f"  '{s.tensor_fqn}' on {_tensor(s).device}" for s in sites if _tensor(s).device.type != "cpu"]
+    if off_cpu:
+        raise SparsityConfigError("the sparse-quantized kernels run on CPU only; move the module first "
+                                  "(prepared.cpu()). Tensors elsewhere:\n" + "\n".join(off_cpu))
     supported = [shape for shape in _DOCUMENTED_KERNEL_SHAPES if block_shape_supported(engine, shape)]
     kernel, bad = {}, []
     for site in sites:
@@ -122,11 +131,14 @@ def _check_sites(sites: list[SparseLinear], kind: str) -> dict[str, tuple[int, i
             bad.append(f"  '{site.tensor_fqn}': sparse_block_shape={site.block_shape}")
         kernel[site.node.name] = shape
     if bad:
+        failing = [shape for shape in _DOCUMENTED_KERNEL_SHAPES if shape not in supported]
         raise SparsityConfigError(
             f"the {kind} sparse-quantized kernel ({engine} engine) of this torch build runs only block shapes "
-            f"{supported} (and shapes they tile, such as (1, 8) or (4, 4) for (1, 4)); torch also documents "
-            f"(8, 1), which fails here (\"Failed to create sparse linear operator\"). Layers with other shapes:\n"
-            + "\n".join(bad) + "\nSparsify them with sparse_block_shape=(1, 4), or lower with another mapping.")
+            f"{supported} (and shapes they tile, e.g. (4, 4) over (1, 4))"
+            + (f"; torch also documents {failing}, which fail to run here" if failing else "")
+            + ". Layers with other shapes:\n" + "\n".join(bad)
+            + f"\nSparsify them with sparse_block_shape={supported[0] if supported else (1, 4)}, "
+              f"or lower them with another mapping.")
     return kernel
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["median_ms"]
+__all__ = ["median_ms", "interleaved_median_ms"]
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 20, number: int = 1) -> float:
@@ -16,15 +16,37 @@ def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 20, nu
     ``warmup`` calls run first (kernel caches, lazy packing, allocator). Runs under
     ``torch.inference_mode`` so autograd bookkeeping is not timed.
     """
-    if repeat < 1 or number < 1:
+    return interleaved_median_ms({"fn": fn}, warmup=warmup, repeat=repeat, number=number)["fn"]
+
+
+def _calls_for(fn: Callable[[], object], min_sample_s: float) -> int:
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(1, min(1000, int(min_sample_s / max(once, 1e-9))))
+
+
+def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], *, warmup: int = 3, repeat: int = 20,
+                          number: int | None = 1, min_sample_ms: float = 1.0) -> dict[str, float]:
+    """Like :func:`median_ms` for several functions, timed in turn within each repeat.
+
+    Interleaving makes a change in machine load (other processes on a shared machine)
+    hit every candidate alike, so their ratios stay meaningful. ``number=None`` picks,
+    per function, enough calls per sample to last ``min_sample_ms``.
+    """
+    if repeat < 1 or (number is not None and number < 1):
         raise ValueError(f"repeat and number must be >= 1, got repeat={repeat}, number={number}")
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            for _ in range(number):
+        for fn in fns.values():
+            for _ in range(warmup):
                 fn()
-            times.append((time.perf_counter() - start) / number)
-    return statistics.median(times) * 1e3
+        calls = {name: number or _calls_for(fn, min_sample_ms / 1e3) for name, fn in fns.items()}
+        for _ in range(repeat):
+            for name, fn in fns.items():
+                n = calls[name]
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                times[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
