@@ -182,6 +182,38 @@ def prepare_fx_sparse(model: nn.Module, sparsifier, config: list[dict] | None = 
             work = copy.deepcopy(model)
         except Exception as e:
             raise TypeError(f"cannot copy {type(model).__name__} ({e}); pass inplace=True to prepare it in place") from e
+    # A failure half-way must not leave a half-prepared model (in place) or sparsifier behind.
+    undo = _undo_log(work, sparsifier) if inplace else _undo_log(None, sparsifier)
+    try:
+        return _prepare_work(work, model, sparsifier, config, tracer, example_inputs)
+    except BaseException:
+        undo()
+        raise
+
+
+def _undo_log(model: nn.Module | None, sparsifier):
+    """A function that puts ``model``'s modules (class, tensors, hooks, graph) and the sparsifier back as now."""
+    saved = []
+    for m in model.modules() if model is not None else ():
+        attrs = {k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in m.__dict__.items()}
+        graph = copy.deepcopy(m.graph) if isinstance(m, fx.GraphModule) else None
+        saved.append((m, m.__class__, attrs, graph))
+    sparsifier_attrs = {k: copy.copy(v) for k, v in sparsifier.__dict__.items() if k in ("model", "config", "groups", "state")}
+
+    def undo():
+        for m, cls, attrs, graph in saved:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            if graph is not None:
+                m.graph = graph
+                m.recompile()
+        sparsifier.__dict__.update(sparsifier_attrs)
+
+    return undo
+
+
+def _prepare_work(work: nn.Module, model: nn.Module, sparsifier, config, tracer: str, example_inputs) -> fx.GraphModule:
     imported = fake_sparsity_masks(work)
     groups = _build_groups(work, model, sparsifier.defaults, _config_or_default(work, config, imported))
     for group in groups:

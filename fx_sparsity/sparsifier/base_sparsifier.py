@@ -146,7 +146,8 @@ class BaseSparsifier(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """``{"state": {tensor_fqn: {"mask": ...}}, "groups": [...]}``, torch.ao.pruning's format."""
         groups = [{k: v for k, v in g.items() if k not in KEYS_NOT_IN_STATE_DICT} for g in self.groups]
-        state = defaultdict(dict)
+        # A plain dict, not torch.ao's defaultdict: torch.load's default weights_only=True refuses defaultdict.
+        state = {}
         for fqn, s in self.state.items():
             state[fqn] = dict(s)
             live = _buffer_or_none(self.model, mask_fqn_for(fqn))
