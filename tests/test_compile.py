@@ -188,3 +188,24 @@ def test_inductor_freezing_bakes_masks_in_so_squash_before_compiling():
         squashed = copy.deepcopy(sparsifier).squash_mask()
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(squashed)(x), prepared(x))
+
+
+@pytest.mark.parametrize("mapping", ["dynamic", "static"])
+def test_lowered_module_compiles_around_the_sparse_kernels(mapping):
+    """Lowered Linears call torch.ao's sparse int8 ops on TorchScript packed weights, which
+    dynamo cannot put in a graph: ``torch.compile`` runs them eagerly between graphs (same
+    answer, nothing gained) and ``fullgraph=True`` refuses. Compile the float module instead."""
+    prepared, sparsifier, (x,) = _case("mlp")
+    sparsifier.step()
+    if mapping == "dynamic":
+        lowered = fxs.convert_fx_sparse(prepared)
+    else:
+        lowered = fxs.convert_fx_sparse(prepared, fxs.get_static_sparse_quantized_mapping(),
+                                        calibration_data=[(torch.randn(8, 16),) for _ in range(4)])
+    assert sum(hasattr(m, "_fx_sparsity_info") for m in lowered.modules()) == 3
+    with torch.no_grad():
+        expected = lowered(x)
+        torch.testing.assert_close(torch.compile(lowered, backend="aot_eager")(x), expected, rtol=0, atol=0)
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+            torch.compile(lowered, backend="aot_eager", fullgraph=True)(x)
