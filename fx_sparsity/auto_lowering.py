@@ -62,6 +62,18 @@ class _X86PackedParams(_AoLinearPackedParams):
         with quantized_engine(INT8_ENGINE):
             super().set_weight_bias(weight, bias)
 
+    # The packed object would pickle itself and repack under the global engine: pickle the
+    # quantized weight instead and pack it here.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_packed_params"] = self._weight_bias()
+        return state
+
+    def __setstate__(self, state):
+        weight, bias = state.pop("_packed_params")
+        super().__setstate__(state)
+        self.set_weight_bias(weight, bias)
+
 
 class DenseDynamicInt8Linear(_AoDynamicInt8Linear):
     """``torch.ao.nn.quantized.dynamic.Linear`` (int8 weight, dynamic activations) pinned to the x86 engine.

@@ -58,13 +58,18 @@ def _(x, crow, col, values, bias, rows, cols):
     return x.new_empty((x.shape[0], rows))
 
 
-@torch.library.custom_op("fx_sparsity::sparse_linear_grad_input", mutates_args=())
-def _grad_input_op(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+def _grad_input_2d(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                    rows: int, cols: int) -> torch.Tensor:
     # grad @ W as (Wᵀ @ gradᵀ)ᵀ: CPU multiplies only CSR/BSR on the left, so Wᵀ (CSC/BSC) is converted.
     weight_t = _rebuild(crow, col, values, rows, cols).t()
     weight_t = weight_t.to_sparse_bsr(tuple(values.shape[1:])) if values.dim() == 3 else weight_t.to_sparse_csr()
-    return torch.mm(weight_t, grad.T).T.contiguous()
+    return torch.mm(weight_t, grad.T).T
+
+
+@torch.library.custom_op("fx_sparsity::sparse_linear_grad_input", mutates_args=())
+def _grad_input_op(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                   rows: int, cols: int) -> torch.Tensor:
+    return _grad_input_2d(grad, crow, col, values, rows, cols).contiguous()
 
 
 @_grad_input_op.register_fake
@@ -85,6 +90,26 @@ def _backward(ctx, grad):
 
 
 _sparse_linear_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
+class _BSRLinearFunction(torch.autograd.Function):
+    """Eager BSR with an input that needs a gradient (torch has no CPU backward for it).
+
+    Cheaper per call than the custom op's autograd, whose first call also costs seconds.
+    """
+
+    @staticmethod
+    def forward(ctx, x, crow, col, values, bias, rows, cols):
+        ctx.save_for_backward(crow, col, values)
+        ctx.rows, ctx.cols = rows, cols
+        return _sparse_linear_2d(x, crow, col, values, bias, rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad):
+        crow, col, values = ctx.saved_tensors
+        grad_x = _grad_input_2d(grad, crow, col, values, ctx.rows, ctx.cols) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, None, grad_bias, None, None
 
 
 @functools.cache
@@ -157,10 +182,13 @@ class _SparseLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         args = (x2d, self.weight_crow_indices, self.weight_col_indices, self.weight_values, self.bias,
                 self.out_features, self.in_features)
-        # Dynamo cannot trace sparse tensors: it gets the opaque op, as does autograd (CPU BSR has no
-        # backward of its own); plain inference skips the op's dispatch cost.
-        direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)
-        out = _sparse_linear_2d(*args) if direct else _sparse_linear_op(*args)
+        if torch.compiler.is_compiling():  # dynamo cannot trace sparse tensors: hand it the opaque op
+            out = _sparse_linear_op(*args)
+        elif self.weight_values.dim() == 3 and torch.is_grad_enabled() and (
+                x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            out = _BSRLinearFunction.apply(*args)
+        else:  # CSR products have their own backward for the input
+            out = _sparse_linear_2d(*args)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
