@@ -12,6 +12,7 @@ from .mappings import get_dynamic_sparse_quantized_mapping, get_static_sparse_qu
 from .mappings import get_sparse_bsr_mapping, get_sparse_csr_mapping
 from .nn import SparseBSRLinear, SparseCSRLinear
 from .parametrization import FakeSparsity
+from .printing import format_sparse_code, format_sparse_graph, print_sparse_graph
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier
 from .sparsifier import GlobalMagnitudeSparsifier, NMSparsifier, WandaSparsifier
@@ -37,6 +38,9 @@ __all__ = [
     "get_arg_info_from_tensor_fqn",
     "module_to_fqn",
     "prepare_fx_sparse",
+    "format_sparse_graph",
+    "print_sparse_graph",
+    "format_sparse_code",
     "convert_fx_sparse",
     "SparsityConfigError",
     "TraceError",
