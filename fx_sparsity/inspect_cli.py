@@ -1,0 +1,145 @@
+"""``python -m fx_sparsity inspect MODULE:FACTORY``: the annotated graph of any model factory.
+
+Builds the model, prepares it with a ``WeightNormSparsifier`` (default: every
+``nn.Linear`` weight at 0.5 in 1x4 blocks), computes the masks once
+(``sparsifier.step()``) and prints :func:`fx_sparsity.format_sparse_graph`, so the
+pruning plan can be looked at before any training.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["CLIError", "parse_shape", "parse_block_shape", "load_factory", "inspect_model"]
+
+INPUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32}
+
+
+class CLIError(Exception):
+    """A problem with what the user typed or named; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_shape(text: str, what: str = "--input-shape") -> tuple[int, ...]:
+    """``"1,16"`` (or ``"1x16"``) -> ``(1, 16)``; positive integers only."""
+    parts = text.replace("x", ",").replace("X", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise CLIError(f"bad {what} '{text}': expected positive integers separated by commas, e.g. 1,16 "
+                       f"(batch 1, 16 features) or 2,3,32,32")
+    return shape
+
+
+def parse_block_shape(text: str) -> tuple[int, int]:
+    shape = parse_shape(text, "--block-shape")
+    if len(shape) != 2:
+        raise CLIError(f"bad --block-shape '{text}': a block has 2 dims (rows, cols), e.g. 1,4")
+    return shape  # type: ignore[return-value]
+
+
+def parse_level(text: str) -> float:
+    try:
+        level = float(text)
+    except ValueError:
+        level = -1.0
+    if not 0.0 <= level <= 1.0:
+        raise CLIError(f"bad --level '{text}': a sparsity level is a fraction of zeros in [0, 1], e.g. 0.9")
+    return level
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve ``package.module:attr.path`` to a callable (modules in the current directory are found)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CLIError(f"'{spec}' is not MODULE:FACTORY: name a module and a callable in it that returns the "
+                       f"model, separated by a colon, e.g. mypkg.models:make_mlp or torchvision.models:resnet18")
+    # `python -m` puts the current directory on sys.path, a console script does not; make them agree.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise CLIError(f"cannot import '{module_name}': no module named '{e.name}' (run from the directory "
+                           f"that contains it, or add that directory to PYTHONPATH)") from e
+        raise CLIError(f"importing '{module_name}' failed: {e} (a dependency of that module is missing)") from e
+    except Exception as e:
+        raise CLIError(f"importing '{module_name}' raised {type(e).__name__}: {e}", code=1) from e
+    obj: Any = module
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            where = module_name if i == 0 else f"{module_name}:{'.'.join(attr.split('.')[:i])}"
+            candidates = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+            near = difflib.get_close_matches(part, candidates, n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else (
+                f"; callables there: {', '.join(candidates[:10])}" if candidates else "")
+            raise CLIError(f"'{where}' has no attribute '{part}'{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CLIError(f"'{spec}' is a {type(obj).__name__}, not a callable; name a function or class that "
+                       f"returns an nn.Module")
+    return obj
+
+
+def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    if dtype.is_floating_point:
+        return tuple(torch.randn(s, dtype=dtype) for s in shapes)
+    return tuple(torch.zeros(s, dtype=dtype) for s in shapes)  # 0 is a valid index for any embedding
+
+
+def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dtype: str = "float32",
+                  tracer: str = "symbolic", level: float = 0.5, block_shape: tuple[int, int] = (1, 4),
+                  tensors: list[str] | None = None, code: bool = False, seed: int = 0) -> str:
+    """Everything ``inspect`` prints, as a string; raises :class:`CLIError` on bad input."""
+    import fx_sparsity as fxs
+    from fx_sparsity.printing import format_sparse_code, format_sparse_graph
+
+    shapes = [parse_shape(s) for s in input_shapes or []]
+    if tracer == "export" and not shapes:
+        raise CLIError("--tracer export needs --input-shape (torch.export traces with example inputs)")
+    factory = load_factory(spec)
+    torch.manual_seed(seed)
+    try:
+        model = factory()
+    except Exception as e:
+        raise CLIError(f"{spec}() raised {type(e).__name__}: {e}", code=1) from e
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    example = _example_inputs(shapes, INPUT_DTYPES[input_dtype]) if shapes else None
+
+    config = [{"tensor_fqn": t} for t in tensors] if tensors else None
+    if config is None and not any(type(m) is nn.Linear for m in model.modules()):
+        raise CLIError(f"{type(model).__name__} has no nn.Linear, so the default config is empty; name the "
+                       f"tensors to sparsify with --tensors, e.g. --tensors conv1.weight,fc.weight")
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=level, sparse_block_shape=block_shape)
+    try:
+        prepared = fxs.prepare_fx_sparse(model, sparsifier, config, example_inputs=example, tracer=tracer)
+        sparsifier.step()
+    except (fxs.SparsityConfigError, fxs.TraceError) as e:
+        raise CLIError(str(e), code=1) from e
+    try:
+        text = format_sparse_graph(prepared, example_inputs=example)
+    except RuntimeError as e:
+        raise CLIError(str(e), code=1) from e
+    what = ", ".join(g["tensor_fqn"] for g in sparsifier.groups)
+    block = "x".join(map(str, block_shape))
+    header = (f"{spec}: {type(model).__name__} traced with tracer={tracer!r}; WeightNormSparsifier("
+              f"sparsity_level={level}, sparse_block_shape=({block.replace('x', ', ')})) on {what}; "
+              f"masks after one sparsifier.step()")
+    parts = [header, "", text]
+    if code:
+        parts += ["", format_sparse_code(prepared)]
+    return "\n".join(parts)
