@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["median_ms", "interleaved_median_ms"]
+__all__ = ["median_ms", "interleaved_median_ms", "interleaved_times_ms"]
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 20, number: int = 1) -> float:
@@ -34,6 +34,13 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], *, warmup: in
     hit every candidate alike, so their ratios stay meaningful. ``number=None`` picks,
     per function, enough calls per sample to last ``min_sample_ms``.
     """
+    times = interleaved_times_ms(fns, warmup=warmup, repeat=repeat, number=number, min_sample_ms=min_sample_ms)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def interleaved_times_ms(fns: Mapping[str, Callable[[], object]], *, warmup: int = 3, repeat: int = 20,
+                         number: int | None = 1, min_sample_ms: float = 1.0) -> dict[str, list[float]]:
+    """Every sample of :func:`interleaved_median_ms` (ms per call), for other statistics."""
     if repeat < 1 or (number is not None and number < 1):
         raise ValueError(f"repeat and number must be >= 1, got repeat={repeat}, number={number}")
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -48,5 +55,5 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], *, warmup: in
                 start = time.perf_counter()
                 for _ in range(n):
                     fn()
-                times[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                times[name].append((time.perf_counter() - start) / n * 1e3)
+    return times

@@ -14,7 +14,8 @@ Per row, medians over ``--repeat`` runs of:
   qnnpack engine set around each call by the caller (what torch.ao users must write).
 
 The four are timed in turn within each repeat (a change of machine load hits all
-alike), each sample running enough calls to last >= 1 ms; the cell is the median.
+alike), each sample running enough calls to last >= 1 ms; the cell is the median
+(``--stat min``: the minimum, steadier on a machine shared with other work).
 
 Ratios < 1 mean the lowered module is faster. ``err`` is the lowered output's relative
 error against the float masked model.
@@ -26,6 +27,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import warnings
 
@@ -35,7 +37,7 @@ from torch import nn
 
 import fx_sparsity as fxs
 from fx_sparsity.quantized_engine import quantized_engine
-from fx_sparsity.timing import interleaved_median_ms
+from fx_sparsity.timing import interleaved_times_ms
 
 
 def dense_int8(linear: nn.Linear) -> nn.Module:
@@ -56,7 +58,11 @@ def ao_sparse_dynamic(linear: nn.Linear) -> nn.Module:
         return torch.ao.nn.sparse.quantized.dynamic.Linear.from_float(float_linear)
 
 
-def bench(sizes, batches, levels, *, warmup: int, repeat: int, number: int | None = None) -> list[dict]:
+STATS = {"median": statistics.median, "min": min}
+
+
+def bench(sizes, batches, levels, *, warmup: int, repeat: int, number: int | None = None,
+          stat: str = "median") -> list[dict]:
     rows = []
     for size in sizes:
         torch.manual_seed(0)
@@ -86,8 +92,10 @@ def bench(sizes, batches, levels, *, warmup: int, repeat: int, number: int | Non
                     with quantized_engine("qnnpack"):
                         return raw(x)
 
-                ms = interleaved_median_ms({"fp32": lambda: masked(x), "int8": int8_x86, "lowered": lambda: lowered(x),
-                                            "raw": raw_qnnpack}, warmup=warmup, repeat=repeat, number=number)
+                samples = interleaved_times_ms({"fp32": lambda: masked(x), "int8": int8_x86,
+                                                "lowered": lambda: lowered(x), "raw": raw_qnnpack},
+                                               warmup=warmup, repeat=repeat, number=number)
+                ms = {k: STATS[stat](v) for k, v in samples.items()}
                 fp32_ms, int8_ms, lowered_ms, raw_ms = ms["fp32"], ms["int8"], ms["lowered"], ms["raw"]
                 rows.append({"size": size, "batch": batch, "sparsity": level, "fp32_ms": fp32_ms,
                              "int8_ms": int8_ms, "lowered_ms": lowered_ms, "ao_raw_ms": raw_ms,
@@ -112,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per cell (median; default 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="Linear sizes n (n x n)")
+    parser.add_argument("--stat", choices=sorted(STATS), default="median",
+                        help="statistic over the repeats (min resists a loaded machine better; default median)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the setup as JSON")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([64, 128] if args.quick else [1024, 4096])
@@ -120,11 +130,11 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
     setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-             "machine": platform.machine(), "repeat": repeat, "warmup": warmup}
+             "machine": platform.machine(), "repeat": repeat, "warmup": warmup, "stat": args.stat}
     print(f"torch {setup['torch']}, {setup['threads']} threads, {setup['cpu_count']} CPUs; "
-          f"median of {repeat} runs after {warmup} warm-up")
+          f"{args.stat} of {repeat} runs after {warmup} warm-up")
     rows = bench(sizes, [1, 16, 64], [0.5, 0.8, 0.9], warmup=warmup, repeat=repeat,
-                 number=1 if args.quick else None)
+                 number=1 if args.quick else None, stat=args.stat)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
