@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,inspect,bench}")
 
     demo = sub.add_parser(
-        "demo", help="prune a digits classifier to 90%% end to end (built-in data, ~20 s)",
+        "demo", help="prune a digits classifier to 90%% end to end (built-in data, ~15 s)",
         description="Train an MLP on scikit-learn's 8x8 digits, prune it gradually with WeightNormSparsifier "
                     "and CubicSL, fine-tune, print the annotated graph, lower it with the dynamic "
                     "sparse-quantized mapping, and compare accuracy and latency with the dense model.")
