@@ -121,7 +121,7 @@ class _EnginePackedParams(_AoPackedParams):
 
     def __setstate__(self, state):
         packed = state.pop("_packed_params")
-        self.__dict__.update(state)
+        nn.Module.__setstate__(self, state)  # fills attributes a module saved by another torch lacks
         self.set_weight_bias(*packed)
 
     def __repr__(self):
