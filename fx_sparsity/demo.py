@@ -9,7 +9,6 @@ and compared with the dense model on held-out accuracy and latency.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 import time
 import warnings
@@ -111,18 +110,6 @@ def _accuracy(model: nn.Module, x, y) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def _median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def _mask_zeros(sparsifier) -> float:
     masks = [sparsifier.get_mask(g["tensor_fqn"]) for g in sparsifier.groups]
     numel = sum(m.numel() for m in masks)
@@ -187,6 +174,7 @@ def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progre
     """Run the whole demo, printing to ``out`` (default stdout); returns the numbers."""
     import fx_sparsity as fxs
     from fx_sparsity.printing import format_sparse_graph
+    from fx_sparsity.timing import interleaved_median_ms
 
     cfg = cfg or DemoConfig()
     out = out or sys.stdout
@@ -263,13 +251,14 @@ def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progre
             say(f"[5/5] lowering failed: {lowering_error}")
         lowered_acc = _accuracy(lowered, x_test, y_test) if lowered is not None else None
 
-        latency: dict[str, float | None] = {}
-        for name, m in (("dense", model), ("sparse", prepared), ("lowered", lowered)):
-            if m is None:
-                latency[name] = None
-                continue
-            m.eval()
-            latency[name] = _median_ms(lambda m=m: m(*sample), cfg.latency_repeat)
+        models = {"dense": model, "sparse": prepared, "lowered": lowered}
+        for m in models.values():
+            if m is not None:
+                m.eval()
+        # Interleaved: a change in machine load hits all three alike, so the ratios hold.
+        latency: dict[str, float | None] = {"lowered": None, **interleaved_median_ms(
+            {name: (lambda m=m: m(*sample)) for name, m in models.items() if m is not None},
+            repeat=cfg.latency_repeat, number=None)}
 
         if cfg.plot:
             _plot(cfg.plot, sparsifier, schedule, cfg)
@@ -290,7 +279,7 @@ def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progre
                  tablefmt="simple", disable_numparse=True))
     delta = 100 * (sparse_acc - dense_acc)
     say(f"\n{100 * sparsity:.0f}%-sparse accuracy {100 * sparse_acc:.2f}% vs dense {100 * dense_acc:.2f}% "
-        f"({delta:+.2f} points); latency: median of {cfg.latency_repeat} runs, {cfg.threads} thread"
+        f"({delta:+.2f} points); latency: median of {cfg.latency_repeat} interleaved samples, {cfg.threads} thread"
         f"{'s' if cfg.threads > 1 else ''}")
     if cfg.plot:
         say(f"wrote {cfg.plot}: the masks and the sparsity schedule")
