@@ -142,6 +142,16 @@ def _check_sites(sites: list[SparseLinear], kind: str) -> dict[str, tuple[int, i
     return kernel
 
 
+def _drop_observers(gm: fx.GraphModule) -> None:
+    """Take torch.ao observers (e.g. Wanda's activation statistics) out: a lowered module only infers."""
+    from torch.ao.quantization.observer import ObserverBase
+
+    fqns = {n.target for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ObserverBase)}
+    if fqns:
+        remove_observers(gm, fqns)
+
+
 def _call(gm: nn.Module, batch: Any) -> None:
     if isinstance(batch, Mapping):
         gm(**batch)
@@ -242,7 +252,9 @@ def convert_fx_sparse(prepared: fx.GraphModule, mapping: Mapping[type, type] | s
     Each group's ``sparse_block_shape`` becomes the kernel's block size (a shape the kernel
     blocks tile, e.g. (4, 4) over (1, 4), is run with the kernel's). The lowered modules
     give the right answer whatever ``torch.backends.quantized.engine`` is and leave it as
-    they found it. ``prepared`` is left as it was unless ``inplace=True``.
+    they found it. torch.ao observers left in the graph (Wanda's activation statistics)
+    are taken out, as torch.ao's ``convert`` drops them. ``prepared`` is left as it was
+    unless ``inplace=True``.
     ``example_inputs`` and ``max_rel_error`` are for ``mapping="auto"``.
     """
     if not isinstance(prepared, fx.GraphModule):
@@ -274,6 +286,8 @@ def convert_fx_sparse(prepared: fx.GraphModule, mapping: Mapping[type, type] | s
                       stacklevel=2)
 
     gm = prepared if inplace else copy.deepcopy(prepared)
+    if sites:
+        _drop_observers(gm)  # as torch.ao's convert drops activation_post_process
     if kind == "static" and sites:
         sites = find_sparse_linears(gm, shapes, DEFAULT_BLOCK_SHAPE)
         qparams = _calibrate(gm, sites, calibration_data)

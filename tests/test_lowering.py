@@ -230,6 +230,18 @@ def forward(self, input):
         self.assertEqual(sorted(lowered_modules(lowered)), ["2"])
         self.assertIs(type(lowered.get_submodule("0")), nn.Linear)
 
+    def test_observers_in_the_graph_are_dropped(self):
+        sparsifier = fxs.WandaSparsifier(sparsity_level=0.5)
+        prepared = fxs.prepare_fx_sparse(mlp(), sparsifier)
+        x = torch.randn(32, 16)
+        prepared(x)  # Wanda's input observers collect statistics
+        sparsifier.step()
+        lowered = fxs.convert_fx_sparse(prepared)
+        self.assertEqual(sorted(lowered_modules(lowered)), ["0", "2", "4"])
+        self.assertNotIn("observer", lowered.code)
+        self.assertIn("observer", prepared.code)  # the prepared module keeps them
+        self.assertLessEqual(rel(lowered(x), prepared(x)), 0.02)
+
     def test_sparsifier_convert_delegates(self):
         prepared, sparsifier = prepared_mlp()
         lowered = sparsifier.convert(prepared)
