@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -30,6 +31,35 @@ def _buffer_or_none(model: nn.Module | None, fqn: str) -> torch.Tensor | None:
         return model.get_buffer(fqn)
     except AttributeError:
         return None
+
+
+def _dtensor_type():
+    # No DTensor exists unless its module was imported (by fully_shard); importing it here costs seconds.
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _refuse_shards(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """A mask is computed from the whole tensor; under FSDP2 a parameter is a shard between forwards."""
+    dtensor = _dtensor_type()
+    sharded = [g["tensor_fqn"] for g in groups if dtensor is not None
+               and isinstance(getattr(model.get_submodule(g["module_fqn"]), g["tensor_name"], None), dtensor)]
+    if sharded:
+        raise RuntimeError(
+            f"{sharded} are DTensor shards (FSDP2 fully_shard); masks are computed from whole tensors: call "
+            f"prepared.unshard() before sparsifier.step() and prepared.reshard() after it")
+
+
+def _refuse_unsharded_fsdp(model: nn.Module) -> None:
+    """Between FSDP2's unshard() and reshard(), in-place writes to parameters are dropped at reshard."""
+    dtensor = _dtensor_type()
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if dtensor is None or fsdp_module is None:
+        return
+    if any(isinstance(m, fsdp_module) for m in model.modules()) and not all(
+            isinstance(p, dtensor) for p in model.parameters()):
+        raise RuntimeError(
+            "squash_mask() on an unsharded FSDP2 module: reshard() would drop the folded weights; call "
+            "prepared.reshard() first (squash_mask works on the DTensor shards)")
 
 
 class BaseSparsifier(abc.ABC):
@@ -80,6 +110,8 @@ class BaseSparsifier(abc.ABC):
             raise RuntimeError(
                 f"{type(self).__name__}.{what}() called before prepare: call "
                 f"fx_sparsity.prepare_fx_sparse(model, sparsifier, config) (or sparsifier.prepare) first")
+        if what == "step":
+            _refuse_shards(self.model, self.groups)
         return self.model
 
     def get_mask(self, tensor_fqn: str) -> torch.Tensor:
@@ -121,6 +153,7 @@ class BaseSparsifier(abc.ABC):
         ``sparse_params`` dict on each owner module; lowering reads it.
         """
         model = self._require_prepared("squash_mask")
+        _refuse_unsharded_fsdp(model)
         fold_masks(model)
         for group in self.groups:
             sparse_params = {}

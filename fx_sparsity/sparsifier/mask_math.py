@@ -60,6 +60,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+# A ValueError (and an AssertionError, as torch.ao raises for bad configs): one type to catch for every bad config.
+from ..errors import SparsityConfigError
+
 __all__ = [
     "DEVIATIONS",
     "check_2d",
@@ -133,7 +136,7 @@ def resolve_norm_fn(norm, *, where: str = "") -> NormFn:
             return l1_norm
         if int(norm) == 2:
             return l2_norm
-    raise ValueError(
+    raise SparsityConfigError(
         f"{_prefix(where)}norm must be 1 (L1), 2 (L2), None (L2) or a callable mapping "
         f"the weight to elementwise norms, got {norm!r}"
     )
@@ -171,13 +174,13 @@ def check_weight_norm_config(
     """
     p = _prefix(where)
     if not _is_real(sparsity_level) or math.isnan(sparsity_level):
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}sparsity_level must be a real number in [0, 1], got "
             f"{_describe(sparsity_level)}; pass a float such as 0.5 "
             "(use .item() for a tensor)"
         )
     if not 0 <= sparsity_level <= 1:
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}sparsity_level must be a real number in [0, 1], got {sparsity_level!r}; "
             "clamp it into [0, 1] (0 keeps every weight, 1 removes every block)"
         )
@@ -186,7 +189,7 @@ def check_weight_norm_config(
         or len(sparse_block_shape) != 2
         or not all(_is_int(b) and b > 0 for b in sparse_block_shape)
     ):
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}sparse_block_shape must be a tuple or list of two positive ints "
             f"(block_rows, block_cols), got {_describe(sparse_block_shape)}; "
             "pass e.g. (1, 4)"
@@ -194,7 +197,7 @@ def check_weight_norm_config(
     bh, bw = (int(b) for b in sparse_block_shape)
     values_per_block = bh * bw
     if not _is_int(zeros_per_block) or not 0 <= zeros_per_block <= values_per_block:
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}zeros_per_block must be an int in [0, {values_per_block}] (a {bh}x{bw} "
             f"block has {values_per_block} elements), got {_describe(zeros_per_block)}; "
             f"pass {values_per_block} to zero whole blocks or a smaller int for "
@@ -211,14 +214,14 @@ def check_nearliness(nearliness, shape=None, *, where: str = "") -> None:
     """
     p = _prefix(where)
     if not _is_int(nearliness):
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}nearliness must be an int, got {_describe(nearliness)}; "
             "pass an odd positive int such as 1, 3 or 5"
         )
     if nearliness <= 0:
         return
     if nearliness % 2 == 0:
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}nearliness must be odd, got {nearliness}; "
             f"use {nearliness - 1} or {nearliness + 1}"
         )
@@ -226,14 +229,14 @@ def check_nearliness(nearliness, shape=None, *, where: str = "") -> None:
         return
     shape = tuple(int(s) for s in shape)
     if len(shape) != 2:
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}nearliness needs a 2-D tensor, got shape {shape}; "
             "apply NearlyDiagonal only to 2-D weights such as nn.Linear.weight"
         )
     dist = nearliness // 2
     smallest = min(shape)
     if dist >= smallest:
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}nearliness {nearliness} is too large for a tensor of shape {shape}: "
             f"nearliness // 2 = {dist} must be smaller than min(shape) = {smallest}; "
             f"use an odd nearliness <= {2 * smallest - 1}"
@@ -244,9 +247,9 @@ def check_2d(tensor, *, where: str = "") -> None:
     """Raise ``ValueError`` (naming the shape) unless ``tensor`` is a 2-D tensor."""
     p = _prefix(where)
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{p}expected a 2-D torch.Tensor, got {type(tensor).__name__}")
+        raise SparsityConfigError(f"{p}expected a 2-D torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() != 2:
-        raise ValueError(
+        raise SparsityConfigError(
             f"{p}expected a 2-D tensor, got shape {tuple(tensor.shape)} "
             f"({tensor.dim()}-D); this mask is only defined for 2-D weights "
             "(reshape the weight to 2-D or exclude it from sparsification)"
@@ -264,9 +267,9 @@ def _check_out(out, shape) -> None:
     if out is None:
         return
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        raise SparsityConfigError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
-        raise ValueError(
+        raise SparsityConfigError(
             f"out has shape {tuple(out.shape)} but the mask has shape {tuple(shape)}; "
             "pass a tensor of the weight's shape or out=None"
         )
@@ -336,7 +339,7 @@ def weight_norm_mask(
     zeros_per_block = int(zeros_per_block)
     values_per_block = bh * bw
     if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise SparsityConfigError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     _check_out(out, weight.shape)
     dtype = _mask_dtype(weight)
     device = weight.device
@@ -354,12 +357,12 @@ def weight_norm_mask(
     norms = norm_fn(weight)
     if not isinstance(norms, torch.Tensor) or norms.shape != weight.shape:
         got = tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
-        raise ValueError(
+        raise SparsityConfigError(
             f"norm_fn must return a tensor of the weight's shape {tuple(weight.shape)}, "
             f"got {got}"
         )
     if norms.is_complex():
-        raise ValueError("norm_fn must return real numbers, got a complex tensor")
+        raise SparsityConfigError("norm_fn must return real numbers, got a complex tensor")
     if not norms.is_floating_point():
         norms = norms.to(torch.float64)
 

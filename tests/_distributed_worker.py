@@ -1,0 +1,176 @@
+"""One rank of the distributed test: DDP and FSDP2 over a prepared module, gloo on loopback.
+
+``run(rank, world_size, port, out_dir)`` trains the same prepared MLP under each recipe
+and saves, per step, what every rank holds (masks, whole weights, levels) to
+``out_dir/rank{rank}.pt``; the test compares the ranks with each other and with a
+single-process run on the concatenated batch (``reference``).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fx_sparsity as fxs
+
+STEPS = 5
+BATCH = 8
+LEVEL = 0.75
+CONFIG = [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}, {"tensor_fqn": "4.weight", "sparsity_level": 0.5}]
+
+
+def make(bool_mask: bool = False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    config = [dict(entry) for entry in CONFIG]
+    if bool_mask:
+        config[1]["mask_dtype"] = torch.bool
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=LEVEL, sparse_block_shape=(1, 4))
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, config)
+    scheduler = fxs.CubicSL(sparsifier, init_sl=0.0, delta_t=1, total_t=3)
+    return prepared, sparsifier, scheduler
+
+
+def batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(BATCH, 16, generator=g), torch.randn(BATCH, 10, generator=g)
+
+
+def masks(prepared) -> dict[str, torch.Tensor]:
+    return {e["tensor_fqn"]: prepared.get_buffer(e["tensor_fqn"] + "_mask").clone() for e in CONFIG}
+
+
+def weights(prepared) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in prepared.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = full.detach().clone()
+    return out
+
+
+def reference(world_size: int) -> list[dict]:
+    """The same training in one process on the ranks' batches concatenated (what DDP/FSDP average to)."""
+    prepared, sparsifier, scheduler = make()
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.1, momentum=0.9)
+    records = []
+    for step in range(STEPS):
+        xs, ys = zip(*(batch(r, step) for r in range(world_size)))
+        loss = (prepared(torch.cat(xs)) - torch.cat(ys)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsifier.step()
+        scheduler.step()
+        records.append({"masks": masks(prepared), "weights": weights(prepared)})
+    return records
+
+
+def train(rank, wrapped, prepared, sparsifier, scheduler, step_sparsifier, one_more_forward=False):
+    """SGD steps on this rank's batches; ``step_sparsifier`` (a callable, or None on ranks that don't) runs
+    after ``optimizer.step()``, then the scheduler."""
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    records = []
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        loss = (wrapped(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step_sparsifier is not None:
+            step_sparsifier()
+            scheduler.step()
+        records.append({"masks": masks(prepared), "weights": weights(prepared),
+                        "levels": [g["sparsity_level"] for g in sparsifier.groups]})
+    if one_more_forward:
+        wrapped(batch(rank, STEPS)[0])  # the masks of the last step reach the other ranks at this forward
+    return records
+
+
+def ddp_runs(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    # Recipe 1: every rank calls sparsifier.step() after optimizer.step(); no buffer broadcast needed.
+    prepared, sparsifier, scheduler = make()
+    out["ddp_every_rank"] = train(rank, DDP(prepared, broadcast_buffers=False), prepared, sparsifier, scheduler,
+                                  sparsifier.step)
+    # The same with bool masks and broadcast_buffers=True (gloo broadcasts bool buffers).
+    prepared, sparsifier, scheduler = make(bool_mask=True)
+    out["ddp_bool_broadcast"] = train(rank, DDP(prepared, broadcast_buffers=True), prepared, sparsifier,
+                                      scheduler, sparsifier.step)
+    # Recipe 2: only rank 0 steps the sparsifier; DDP's buffer broadcast (at each forward) carries the masks.
+    prepared, sparsifier, scheduler = make()
+    seen = []
+    prepared.register_forward_pre_hook(lambda module, args: seen.append(masks(module)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scheduler on rank 1 warns: its sparsifier never steps
+        out["ddp_rank0_broadcast"] = train(rank, DDP(prepared, broadcast_buffers=True), prepared, sparsifier,
+                                           scheduler, sparsifier.step if rank == 0 else None, one_more_forward=True)
+    out["ddp_rank0_broadcast_seen_at_forward"] = seen
+    return out
+
+
+def fsdp2_run(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    # An inlined layer's own forward never runs, so fully_shard on it never gathers its weight.
+    prepared, _, _ = make()
+    fully_shard(prepared.get_submodule("2"))
+    fully_shard(prepared)
+    try:
+        prepared(batch(rank, 0)[0])
+        out["per_layer_error"] = None
+    except RuntimeError as e:
+        out["per_layer_error"] = str(e).splitlines()[0]
+
+    prepared, sparsifier, scheduler = make()
+    fully_shard(prepared)
+    out["param_types"] = sorted({type(p).__name__ for p in prepared.parameters()})
+    out["mask_types"] = sorted({type(prepared.get_buffer(e["tensor_fqn"] + "_mask")).__name__ for e in CONFIG})
+    try:
+        sparsifier.step()
+        out["sharded_step_error"] = None
+    except RuntimeError as e:
+        out["sharded_step_error"] = str(e)
+
+    def step():
+        prepared.unshard()
+        try:
+            sparsifier.step()
+        finally:
+            prepared.reshard()
+
+    out["fsdp2"] = train(rank, prepared, prepared, sparsifier, scheduler, step)
+
+    prepared.unshard()
+    try:
+        sparsifier.squash_mask()
+        out["unsharded_squash_error"] = None
+    except RuntimeError as e:
+        out["unsharded_squash_error"] = str(e)
+    prepared.reshard()
+    before = weights(prepared)
+    final_masks = masks(prepared)
+    sparsifier.squash_mask()
+    out["squashed"] = {"weights": weights(prepared), "expected": {
+        k: before[k] * final_masks[k] if k in final_masks else before[k] for k in before},
+        "output": prepared(batch(0, 99)[0]).detach(), "has_masks": any("_mask" in n for n, _ in prepared.named_buffers())}
+    return out
+
+
+def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = ddp_runs(rank)
+        results.update(fsdp2_run(rank))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
