@@ -28,4 +28,4 @@ class NearlyDiagonalSparsifier(BaseSparsifier):
     def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, nearliness: int,
                     **kwargs) -> None:
         check_nearliness(nearliness, tuple(mask.shape), where=f"group '{kwargs.get('tensor_fqn', tensor_name)}'")
-        mask.copy_(nearly_diagonal_mask(tuple(mask.shape), nearliness, dtype=mask.dtype, device=mask.device))
+        nearly_diagonal_mask(tuple(mask.shape), nearliness, out=mask)

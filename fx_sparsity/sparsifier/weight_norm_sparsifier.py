@@ -48,4 +48,4 @@ class WeightNormSparsifier(BaseSparsifier):
                                  where=f"group '{kwargs.get('tensor_fqn', tensor_name)}'")
         # torch.ao reads the parametrized (masked) tensor; so do we, or masks would diverge.
         masked = getattr(module, tensor_name) * mask
-        mask.copy_(weight_norm_mask(masked, sparsity_level, sparse_block_shape, zeros_per_block, self.norm_fn))
+        weight_norm_mask(masked, sparsity_level, sparse_block_shape, zeros_per_block, self.norm_fn, out=mask)
