@@ -100,7 +100,8 @@ def bench(sizes, batches, levels, *, warmup: int, repeat: int, number: int | Non
                 rows.append({"size": size, "batch": batch, "sparsity": level, "fp32_ms": fp32_ms,
                              "int8_ms": int8_ms, "lowered_ms": lowered_ms, "ao_raw_ms": raw_ms,
                              "lowered_vs_fp32": lowered_ms / fp32_ms, "lowered_vs_int8": lowered_ms / int8_ms,
-                             "rel_err": err})
+                             "rel_err": err,
+                             "all_stats_ms": {k: {name: f(v) for name, f in STATS.items()} for k, v in samples.items()}})
     rows.sort(key=lambda r: (r["size"], r["batch"], r["sparsity"]))
     return rows
 
