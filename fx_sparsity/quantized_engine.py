@@ -13,7 +13,7 @@ Measured on torch 2.13 (x86 CPU), torch.ao's modules as they ship:
 - the qnnpack dynamic kernel recomputes its requantization scales only when the input
   scale differs from the scale of the *first* call, and never updates that reference:
   an input whose scale equals the first call's, seen after inputs of other scales, is
-  computed with stale scales (errors of 10-100% measured). Priming each packed weight
+  computed with stale scales (relative errors of 17% to 980% measured). Priming each packed weight
   with one call at a scale no real input has works around it.
 
 The classes below subclass torch.ao's (``isinstance`` holds, same packed op, same
