@@ -15,6 +15,8 @@ weights.
 from __future__ import annotations
 
 import copy
+import os
+import warnings
 from collections import Counter
 
 import pytest
@@ -36,6 +38,16 @@ def fuzz(max_examples: int):
 
 
 PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: an OpenMP region costs more than the op (avg_pool2d on 16x8 took 11 ms instead of
+    2 us with 2 threads on a busy 2-core machine), and results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def dim(block: int):
@@ -110,7 +122,7 @@ def weight_norm_cases(draw):
     )
 
 
-@fuzz(300)
+@fuzz(1000)
 @given(case=weight_norm_cases())
 def _fuzz_weight_norm(counts: Counter, case):
     block, shape, zeros, levels, norm = case["block"], case["shape"], case["zeros"], case["levels"], case["norm"]
@@ -164,9 +176,9 @@ def test_weight_norm_fuzz():
     counts = Counter()
     _fuzz_weight_norm(counts)
     print(f"\nWeightNorm fuzz: {dict(counts)}")
-    assert counts["cases"] >= 250
-    assert counts["steps equal to torch.ao"] > 300
-    assert counts["cases where torch.ao fails (documented deviation)"] >= 20
+    assert counts["cases"] == 1000
+    assert counts["steps equal to torch.ao"] > 1500
+    assert counts["cases where torch.ao fails (documented deviation)"] > 100
 
 
 # -- NearlyDiagonalSparsifier -----------------------------------------------------------------
@@ -184,7 +196,7 @@ def nearly_diagonal_cases(draw):
     return h, w, nearliness
 
 
-@fuzz(300)
+@fuzz(600)
 @given(case=nearly_diagonal_cases(), via_config=st.booleans(), seed=st.integers(0, 2**16))
 def _fuzz_nearly_diagonal(counts: Counter, case, via_config, seed):
     h, w, nearliness = case
@@ -220,10 +232,10 @@ def test_nearly_diagonal_fuzz():
     counts = Counter()
     _fuzz_nearly_diagonal(counts)
     print(f"\nNearlyDiagonal fuzz: {dict(counts)}")
-    assert counts["cases"] >= 250
-    assert counts["equal to torch.ao"] > 50
-    assert counts["torch.ao raises at step, we at prepare: even"] > 10
-    assert counts["torch.ao raises at step, we at prepare: oversize"] > 10
+    assert counts["cases"] == 600
+    assert counts["equal to torch.ao"] > 100
+    assert counts["torch.ao raises at step, we at prepare: even"] > 100
+    assert counts["torch.ao raises at step, we at prepare: oversize"] > 20
 
 
 # -- schedulers driving the sparsifiers -------------------------------------------------------
@@ -253,10 +265,10 @@ def _drive(counts, ours, theirs, make_ours, make_theirs, n_steps, prepared, ao_m
         # CubicSL with delta_t * total_t == 0 for a group: we refuse it up front; torch.ao
         # divides by zero at the first epoch >= init_t (documented deviation).
         assert "delta_t * total_t must be non-zero" in str(e)
-        with pytest.raises(ZeroDivisionError):
+        with pytest.raises(ZeroDivisionError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping the scheduler alone: only its levels matter here
             theirs_sched = make_theirs(theirs)
             for _ in range(100):
-                theirs.step()
                 theirs_sched.step()
         counts["zero ramp: torch.ao ZeroDivisionError, we ValueError"] += 1
         return
@@ -286,7 +298,7 @@ def _drive(counts, ours, theirs, make_ours, make_theirs, n_steps, prepared, ao_m
     counts["cases equal to torch.ao"] += 1
 
 
-@fuzz(200)
+@fuzz(500)
 @given(targets=st.tuples(level(), level()), init_sl=_per_group(st.floats(0, 1)),
        init_t=_per_group(st.integers(-5, 20)), delta_t=_per_group(st.integers(-3, 10)),
        total_t=_per_group(st.integers(0, 40)), initially_zero=_per_group(st.booleans()),
@@ -306,8 +318,8 @@ def test_cubic_sl_fuzz():
     counts = Counter()
     _fuzz_cubic(counts)
     print(f"\nCubicSL fuzz: {dict(counts)}")
-    assert counts["cases"] >= 150
-    assert counts["cases equal to torch.ao"] > 50
+    assert counts["cases"] == 500
+    assert counts["cases equal to torch.ao"] > 200
     assert counts["zero ramp: torch.ao ZeroDivisionError, we ValueError"] > 0
 
 
@@ -325,7 +337,7 @@ _LAMBDAS = st.builds(_lambda, st.sampled_from(["linear", "clamped", "geometric",
                      st.floats(-0.2, 0.2), st.floats(-0.5, 1.5))
 
 
-@fuzz(150)
+@fuzz(400)
 @given(targets=st.tuples(level(), level()), fns=st.one_of(_LAMBDAS, st.lists(_LAMBDAS, min_size=2, max_size=2)),
        last_epoch=st.one_of(st.just(-1), st.integers(0, 30)), n_steps=st.integers(0, 25),
        seed=st.integers(0, 100))
@@ -340,7 +352,17 @@ def test_lambda_sl_fuzz():
     counts = Counter()
     _fuzz_lambda(counts)
     print(f"\nLambdaSL fuzz: {dict(counts)}")
-    assert counts["cases"] >= 100
-    assert counts["cases equal to torch.ao"] > 30
-    assert counts["level out of [0, 1]: torch.ao clamps, we raise"] > 5
+    assert counts["cases"] == 400
+    assert counts["cases equal to torch.ao"] > 300
+    assert counts["level out of [0, 1]: torch.ao clamps, we raise"] > 20
 
+
+
+def test_every_documented_deviation_is_in_the_readme():
+    from fx_sparsity.sparsifier.mask_math import DEVIATIONS
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    for deviation in DEVIATIONS:
+        assert " ".join(deviation.split()) in text, deviation
