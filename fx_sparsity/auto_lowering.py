@@ -2,7 +2,8 @@
 
 For each sparse Linear, the input it receives from ``example_inputs`` is recorded (an
 ``Interpreter`` run of the prepared module), then the candidates are timed on that very
-input, round-robin, median of a few repeats:
+input, round-robin, a few rounds; a candidate's speedup is the median over rounds of
+dense time / its time in the same round (load changes between rounds cancel out):
 
 - ``dense``: ``nn.Linear`` holding weight·mask (what leaving the layer dense costs);
 - ``csr``: :class:`~fx_sparsity.nn.SparseCSRLinear`;
@@ -49,7 +50,9 @@ MIN_SPEEDUP = 1.05  # below this the difference is within timing noise: keep den
 INT8_ERROR_FLOOR = 1e-3  # relative error 8-bit weights cannot get under
 _MAX_STORED_FRACTION = 0.5  # skip formats that would store (multiply) at least half the weight
 _BSR_SIZES = (4, 8, 16)
-_SAMPLE_S = 1e-3  # each timed sample runs the candidate for at least this long
+_SAMPLE_S = 2e-4  # each timed sample runs the candidate for at least this long
+_BUDGET_S = 0.05  # per layer: more rounds than `repeat` while within this time
+_MAX_ROUNDS = 101
 INT8_ENGINE = "x86"
 
 
@@ -112,7 +115,7 @@ class LayerChoice:
 
     choice: str  # candidate name: "dense", "csr", "bsr8x8", "int8", "sparse_int8"
     module: nn.Module
-    speedup_vs_dense: float  # dense time / chosen time, on the recorded input (1.0 for dense)
+    speedup_vs_dense: float  # median over rounds of dense time / chosen time (1.0 for dense)
     rows: int  # input rows the timing used (batch × other leading dims)
     timings_ms: dict[str, float] = field(default_factory=dict)
     rel_errors: dict[str, float] = field(default_factory=dict)
@@ -158,8 +161,8 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | N
     else:
         build["csr"] = lambda: SparseCSRLinear.from_masked(weight, mask, bias, sparse_block_shape=sparse_block_shape)
         sizes = set(_BSR_SIZES)
-        if sparse_block_shape is not None and sparse_block_shape[0] == sparse_block_shape[1]:
-            sizes.add(int(sparse_block_shape[0]))
+        if sparse_block_shape is not None and sparse_block_shape[0] == sparse_block_shape[1] > 1:
+            sizes.add(int(sparse_block_shape[0]))  # 1x1 blocks: CSR does the same with less overhead
         for b in sorted(sizes):
             name = f"bsr{b}x{b}"
             if rows % b or cols % b:
@@ -185,8 +188,13 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | N
     return build, skipped
 
 
-def _time(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median ms per call of each fn, sampled round-robin so that load changes hit all alike."""
+def _time(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one sample per round; rounds go round-robin over the fns
+    so that samples of the same round saw the same machine load.
+
+    Short samples, many rounds: a sample preempted by another process is an outlier the
+    median drops, where a long sample would carry the stall in all of its calls.
+    """
     number = {}
     for name, fn in fns.items():
         fn()
@@ -195,14 +203,16 @@ def _time(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]
         number[name] = max(1, min(1000, math.ceil(_SAMPLE_S / max(time.perf_counter() - start, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
-    for r in range(repeat):
+    r, start_all = 0, time.perf_counter()
+    while r < repeat or (r < _MAX_ROUNDS and time.perf_counter() - start_all < _BUDGET_S):
         for name in order[r % len(order):] + order[:r % len(order)]:
             fn, n = fns[name], number[name]
             start = time.perf_counter()
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+        r += 1
+    return samples
 
 
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -248,13 +258,16 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
                     continue
                 modules[name] = module
             with torch.inference_mode():
-                timings = _time({name: (lambda m=m: m(x)) for name, m in modules.items()}, repeat)
-    dense_ms = timings["dense"]
-    best = min((n for n in timings if n != "dense"), key=timings.__getitem__, default=None)
-    if best is None or dense_ms / timings[best] < min_speedup:
+                samples = _time({name: (lambda m=m: m(x)) for name, m in modules.items()}, repeat)
+    timings = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    # Speedups are medians of same-round ratios: a load change between rounds cancels out.
+    speedups = {name: statistics.median(d / c for d, c in zip(samples["dense"], s)) for name, s in samples.items()}
+    speedups["dense"] = 1.0
+    best = max((n for n in speedups if n != "dense"), key=speedups.__getitem__, default=None)
+    if best is None or speedups[best] < min_speedup:
         best = "dense"
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    choice = LayerChoice(best, modules[best], dense_ms / timings[best], rows, timings,
+    choice = LayerChoice(best, modules[best], speedups[best], rows, timings,
                          {n: errors[n] for n in modules}, skipped)
     module = choice.module
     module._fx_sparsity_info = {**getattr(module, "_fx_sparsity_info", {}), **choice.info()}

@@ -254,3 +254,14 @@ def forward(self, input):
         out.sum().backward()
         ref.sum().backward()
         self.assertTrue(torch.allclose(x.grad, x_ref.grad, atol=1e-5))
+
+
+def test_torch_export_keeps_the_op_in_the_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseCSRLinear.from_dense(nn.Linear(16, 8), _block_mask(8, 16, (1, 1), 0.3)), nn.ReLU(),
+                          SparseBSRLinear.from_dense(nn.Linear(8, 8), _block_mask(8, 8, (4, 4), 0.5)))
+    x = torch.randn(3, 16)
+    program = torch.export.export(model, (x,))
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.fx_sparsity.sparse_linear.default) == 2
+    assert torch.equal(program.module()(x), model(x))
