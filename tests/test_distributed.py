@@ -21,6 +21,15 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 WORLD = 2
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: with 2 threads on a busy machine an OpenMP region costs milliseconds (see test_fuzz)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

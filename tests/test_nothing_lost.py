@@ -29,6 +29,15 @@ from models import cnn, encoder_layer, mlp, tied
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: with 2 threads on a busy machine an OpenMP region costs milliseconds (see test_fuzz)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tensor_print(t: torch.Tensor | None):
     if t is None:
         return None
@@ -419,20 +428,16 @@ def _assert_same_state(a, b, path="state"):
 
 
 def test_checkpoint_restored_in_fresh_process_continues_bit_identically(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the worker: the same kernels, the same float rounding
-    try:
-        torch.manual_seed(7)
-        uninterrupted = worker.build(seed=0)
-        worker.train(uninterrupted, 0, 10)
-        expected = worker.checkpoint(uninterrupted)
+    assert torch.get_num_threads() == 1  # as in the worker: the same kernels, the same float rounding
+    torch.manual_seed(7)
+    uninterrupted = worker.build(seed=0)
+    worker.train(uninterrupted, 0, 10)
+    expected = worker.checkpoint(uninterrupted)
 
-        torch.manual_seed(7)
-        first_half = worker.build(seed=0)
-        worker.train(first_half, 0, 4)
-        torch.save(worker.checkpoint(first_half), tmp_path / "ckpt.pt")
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(7)
+    first_half = worker.build(seed=0)
+    worker.train(first_half, 0, 4)
+    torch.save(worker.checkpoint(first_half), tmp_path / "ckpt.pt")
     subprocess.run([sys.executable, os.path.join(TESTS, "_checkpoint_worker.py"), str(tmp_path / "ckpt.pt"),
                     str(tmp_path / "final.pt"), "6"], check=True, timeout=120)
     resumed = torch.load(tmp_path / "final.pt")
