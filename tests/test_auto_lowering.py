@@ -63,6 +63,9 @@ def test_auto_keeps_30_percent_dense_and_lowers_95_percent(big):
     assert lowered.get_submodule("2")._fx_sparsity_info == sparse  # survives pickling, unlike meta
     assert "int8" in sparse["not_timed"]  # the default bound admits float kernels only
     assert _rel(lowered(x), prepared(x)) <= 1e-5
+    printed = fxs.format_sparse_graph(lowered)
+    assert "Linear (dense; speedup 1.00x)" in printed
+    assert f"{sparse['lowered_to']} ({sparse['format']}; speedup {sparse['speedup_vs_dense']:.2f}x)" in printed
 
 
 def test_auto_lowered_module_saves_and_loads(big):

@@ -325,7 +325,7 @@ class SparseBSRLinear(_SparseLinear):
     """``nn.Linear`` with its weight stored in BSR format (square ``b×b`` blocks), inference only.
 
     CPU BSR kernels need square blocks that divide the weight's shape. The constructors
-    fall back to :class:`SparseCSRLinear` (and say so in ``_fx_sparsity_info["note"]``)
+    fall back to :class:`SparseCSRLinear` (and say so in ``_fx_sparsity_info["detail"]``)
     when the requested block cannot be used, e.g. the ``(1, 4)`` blocks of
     ``WeightNormSparsifier``'s default. Zeros inside a stored block are kept: exact, slower.
     """
@@ -363,12 +363,12 @@ class SparseBSRLinear(_SparseLinear):
             blocksize = next(((b, b) for b in _BSR_BLOCKS
                               if rows % b == 0 and cols % b == 0 and _is_block_structured(pattern, b)), None)
             if blocksize is None:
-                info["note"] = "no square block pattern: stored as CSR"
+                info["detail"] = "no square block pattern: stored as CSR"
                 return SparseCSRLinear._build(masked, bias, None, info)
         elif blocksize[0] != blocksize[1]:
-            info["note"] = f"CPU BSR needs square blocks: {blocksize} stored as CSR"
+            info["detail"] = f"CPU BSR needs square blocks: {blocksize} stored as CSR"
             return SparseCSRLinear._build(masked, bias, None, info)
         elif rows % blocksize[0] or cols % blocksize[1]:
-            info["note"] = f"block {blocksize} does not divide the weight shape {(rows, cols)}: stored as CSR"
+            info["detail"] = f"block {blocksize} does not divide the weight shape {(rows, cols)}: stored as CSR"
             return SparseCSRLinear._build(masked, bias, None, info)
         return cls._build(masked, bias, tuple(blocksize), {**info, "blocksize": tuple(blocksize)})
