@@ -140,6 +140,11 @@ def test_bad_state_dict_is_refused_with_reason():
         fresh.load_state_dict(sd)
     with pytest.raises(RuntimeError, match="do not fit out_features=16"):
         SparseCSRLinear(64, 16).load_state_dict(module.state_dict())
+    sd = module.state_dict()
+    sd["weight_crow_indices"] = sd["weight_crow_indices"].flip(0)  # right length and ends, wrong order
+    sd["weight_crow_indices"][0], sd["weight_crow_indices"][-1] = 0, sd["weight_col_indices"].numel()
+    with pytest.raises(RuntimeError, match="the sparse weight in the state dict is not valid for this module"):
+        fresh.load_state_dict(sd)
 
 
 def test_clear_errors():

@@ -214,6 +214,12 @@ class _SparseLinear(nn.Module):
             return f"{col.numel()} column indices, {values.shape[0]} values and crow[-1]={int(crow[-1])} disagree"
         if col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.in_features // block_cols):
             return f"column indices out of range for in_features={self.in_features}"
+        try:  # the rest (ordering, dtypes): calls skip this check, so a bad index must not get in
+            torch.sparse_compressed_tensor(crow, col, values, (self.out_features, self.in_features),
+                                           layout=torch.sparse_bsr if values.dim() == 3 else torch.sparse_csr,
+                                           check_invariants=True)
+        except RuntimeError as e:
+            return str(e).splitlines()[0]
         return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
