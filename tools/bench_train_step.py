@@ -1,6 +1,6 @@
 """Training-step overhead of masking: dense vs fx_sparsity vs torch.ao.pruning, eager and compiled.
 
-    python tools/bench_train_step.py [--quick] [--json PATH] [--models mlp,encoder] [--rounds N] [--profile]
+    python tools/bench_train_step.py [--quick] [--json PATH] [--models mlp,encoder] [--rounds N] [--threads N] [--profile]
 
 One training step is forward + loss + backward + ``SGD.step`` (mask updates are measured by
 ``tools/bench.py``'s ``mask_update`` case, not here). Every variant trains its own copy of
@@ -16,7 +16,8 @@ graphs dynamo made (0 = dynamo skipped the module: it ran eagerly).
 Variants take one step each in turn, for many rounds, and the median per-step time per
 variant is kept, so a load change on a shared machine hits all of them alike; ratios
 are against dense (eager vs dense eager, compiled vs dense compiled) from the same run,
-of the median step and, steadier on a busy machine, of the fastest step.
+of the median step and, steadier on a busy machine, of the fastest step and of the
+median CPU time (use ``--threads 1`` on a shared machine: then CPU time is our own work only).
 """
 from __future__ import annotations
 
@@ -114,10 +115,12 @@ def measure(case: str, quick: bool, rounds: int, profile: bool = False) -> dict:
     # One step of each variant in turn, many times: load changes on a shared machine hit
     # every variant alike.
     times: dict[str, list[float]] = {label: [] for label in steps}
+    cpu: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(rounds):
         for label, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
+            cpu[label].append((time.process_time() - start_cpu) * 1e3)
             times[label].append((time.perf_counter() - start) * 1e3)
     if profile:
         for label in ("dense eager", "fx_sparsity eager", "dense compiled", "fx_sparsity compiled"):
@@ -127,21 +130,26 @@ def measure(case: str, quick: bool, rounds: int, profile: bool = False) -> dict:
             print(f"\n### profile: {name}, {label} (5 steps)\n")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     ms = {label: statistics.median(t) for label, t in times.items()}
-    # The fastest step is what the work costs when no other process interferes: a second
-    # estimate, steadier than the median on a busy machine.
+    # Two steadier estimates for a busy machine: the fastest step, and the median CPU time
+    # of this process (with --threads 1 it counts only our own work, whoever else runs;
+    # with more threads, OpenMP's spin-waiting inflates it under load).
     min_ms = {label: min(t) for label, t in times.items()}
-    ratios = {}
+    cpu_ms = {label: statistics.median(t) for label, t in cpu.items()}
+    ratios, ratios_min, ratios_cpu = {}, {}, {}
     for kind in ("fx_sparsity", "torch.ao"):
         for mode in ("eager", "compiled"):
-            ratios[f"{kind} {mode} / dense {mode}"] = ms[f"{kind} {mode}"] / ms[f"dense {mode}"]
-            ratios[f"{kind} {mode} / dense {mode} (min)"] = min_ms[f"{kind} {mode}"] / min_ms[f"dense {mode}"]
+            key, ours, dense = f"{kind} {mode} / dense {mode}", f"{kind} {mode}", f"dense {mode}"
+            ratios[key] = ms[ours] / ms[dense]
+            ratios_min[key] = min_ms[ours] / min_ms[dense]
+            ratios_cpu[key] = cpu_ms[ours] / cpu_ms[dense]
     ratios["dense compiled / dense eager"] = ms["dense compiled"] / ms["dense eager"]
     # Interquartile range over median: how steady the machine was.
     spread = {label: (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / statistics.median(t)
               for label, t in times.items()}
     return {"case": "train_step", "name": name, "params": {"sparsity": SPARSITY, "rounds": rounds,
                                                             "threads": torch.get_num_threads()},
-            "ms": ms, "min_ms": min_ms, "ratios": ratios,
+            "ms": ms, "min_ms": min_ms, "cpu_ms": cpu_ms, "ratios": ratios, "ratios_min": ratios_min,
+            "ratios_cpu": ratios_cpu,
             "compiled_graphs": {k: c.frame_count for k, c in graphs.items()},
             "spread": spread, "warmup_s": compile_s}
 
@@ -151,6 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (dense vs ours)")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10 quick, 100 full)")
     args = parser.parse_args(argv)
@@ -159,6 +168,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(CASES)}")
     rounds = args.rounds or (10 if args.quick else 100)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"sparsity {SPARSITY}; per-step medians over {rounds} round-robin rounds")
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -173,12 +184,12 @@ def main(argv=None) -> int:
             line = [kind]
             for mode in ("eager", "compiled"):
                 line.append(row["ms"][f"{kind} {mode}"])
-                for suffix in ("", " (min)"):
-                    line.append(None if kind == "dense" else row["ratios"][f"{kind} {mode} / dense {mode}{suffix}"])
+                for group in ("ratios", "ratios_min", "ratios_cpu"):
+                    line.append(None if kind == "dense" else row[group][f"{kind} {mode} / dense {mode}"])
             line.append(row["compiled_graphs"][kind])
             table.append(line)
         print(tabulate(table, floatfmt=".3f", missingval="", headers=[
-            "train step", "eager ms", "vs dense", "(min)", "compiled ms", "vs dense", "(min)",
+            "train step", "eager ms", "vs dense", "(min)", "(cpu)", "compiled ms", "vs dense", "(min)", "(cpu)",
             "compiled graphs"]))
         ours_eager = row["ratios"]["fx_sparsity eager / dense eager"]
         ours_compiled = row["ratios"]["fx_sparsity compiled / dense compiled"]
