@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .insert_masks import fetch_attr, find_masked_uses
+from .insert_masks import fetch_attr, find_masked_uses, mask_fqn_for
 
 __all__ = ["FoldMasks", "fold_masks"]
 
@@ -31,25 +31,34 @@ class FoldMasks(PassBase):
     ``self.folded`` lists the tensor fqns that were folded (each once, tied uses included).
     """
 
-    def __init__(self):
+    def __init__(self, tensor_fqns: list[str] | None = None):
         super().__init__()
+        self.tensor_fqns = tensor_fqns or []
         self.folded: list[str] = []
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.folded = []
         masks: dict[str, torch.Tensor] = {}
+
+        def fold(tensor_fqn: str, tensor: torch.Tensor, mask_fqn: str) -> None:
+            masks[mask_fqn] = mask = fetch_attr(gm, mask_fqn)
+            with torch.no_grad():
+                # In place: optimizers, tied aliases and compiled graphs keep the same tensor.
+                tensor.mul_(_like(mask, tensor))
+            self.folded.append(tensor_fqn)
+
         for use in find_masked_uses(gm):
             if use.mask_fqn not in masks:
-                masks[use.mask_fqn] = mask = fetch_attr(gm, use.mask_fqn)
-                tensor = fetch_attr(gm, use.tensor.target)
-                with torch.no_grad():
-                    # In place: optimizers, tied aliases and compiled graphs keep the same tensor.
-                    tensor.mul_(_like(mask, tensor))
-                self.folded.append(use.tensor_fqn)
+                fold(use.tensor_fqn, fetch_attr(gm, use.tensor.target), use.mask_fqn)
             use.mul.replace_all_uses_with(use.tensor)
             gm.graph.erase_node(use.mul)
             if not use.mask.users:
                 gm.graph.erase_node(use.mask)
+        # Tensors the graph never reads have a mask but no mul node; fold them too.
+        for tensor_fqn in self.tensor_fqns:
+            mask_fqn = mask_fqn_for(tensor_fqn)
+            if mask_fqn not in masks and _has_buffer(gm, mask_fqn):
+                fold(tensor_fqn, fetch_attr(gm, tensor_fqn), mask_fqn)
         for mask_fqn in masks:
             module_fqn, _, name = mask_fqn.rpartition(".")
             delattr(gm.get_submodule(module_fqn), name)
@@ -76,8 +85,19 @@ def _like(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def fold_masks(gm: fx.GraphModule) -> list[str]:
-    """Fold every mask of ``gm`` in place; returns the fqns of the tensors folded."""
-    folding = FoldMasks()
+def _has_buffer(gm: fx.GraphModule, fqn: str) -> bool:
+    module_fqn, _, name = fqn.rpartition(".")
+    try:
+        return name in gm.get_submodule(module_fqn)._buffers
+    except AttributeError:
+        return False
+
+
+def fold_masks(gm: fx.GraphModule, tensor_fqns: list[str] | None = None) -> list[str]:
+    """Fold every mask of ``gm`` in place; returns the fqns of the tensors folded.
+
+    ``tensor_fqns`` names masked tensors to fold even where no graph node reads them.
+    """
+    folding = FoldMasks(tensor_fqns)
     folding(gm)
     return folding.folded

@@ -115,6 +115,8 @@ class InsertMasks(PassBase):
             mask_fqn = mask_fqn_for(spec.tensor_fqn)
             meta = {"tensor_fqn": spec.tensor_fqn, "mask_fqn": mask_fqn, **spec.meta}
             for attr_node in uses_by_tensor.get(id(fetch_attr(gm, spec.tensor_fqn)), []):
+                if not attr_node.users:
+                    continue  # export keeps reads of tied/unused tensors: a mul there is dead work per forward
                 with gm.graph.inserting_after(attr_node):
                     mask_node = gm.graph.get_attr(mask_fqn)
                 with gm.graph.inserting_after(mask_node):

@@ -210,7 +210,8 @@ class LowerSparseLinears(PassBase):
                 module._fx_sparsity_info = {**getattr(module, "_fx_sparsity_info", {}), **info}  # keep the target's own record
             module, tmp, _, records = built[id(module)]
             with graph.inserting_before(site.node):
-                new = graph.call_module(tmp, (site.input,))
+                # The input as it is now: an earlier site may have replaced the node it was (linear -> linear).
+                new = graph.call_module(tmp, (_linear_args(site.node)[0],))
             new.meta.update({k: v for k, v in site.node.meta.items() if k != "sparsity"})
             site.node.replace_all_uses_with(new)
             records.append(LoweredLinear(new, site.node.name, tmp))

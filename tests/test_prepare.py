@@ -9,7 +9,7 @@ from expecttest import TestCase
 from torch import nn
 
 import fx_sparsity as fxs
-from fx_sparsity.passes import find_masked_uses
+from fx_sparsity.passes import fetch_attr, find_masked_uses
 from models import cnn, encoder_layer, mlp, tied
 
 
@@ -136,7 +136,12 @@ def test_tied_weights_one_mask_every_use(tracer, fqn):
                                      example_inputs=(tokens,))
     sparsifier.step()
     uses = find_masked_uses(prepared)
-    assert len(uses) >= 2 and {u.mask_fqn for u in uses} == {fqn + "_mask"}
+    muls = {u.mul for u in uses}
+    assert {u.mask_fqn for u in uses} == {fqn + "_mask"}
+    weight = prepared.get_parameter("embed.weight")
+    reads = [n for n in prepared.graph.nodes if n.op == "get_attr" and fetch_attr(prepared, n.target) is weight]
+    assert all(set(n.users) <= muls for n in reads)  # every read goes through the mask
+    assert sum(len(m.users) for m in muls) == 2  # the embedding lookup and the output projection
     masks = [n for n, _ in prepared.named_buffers() if n.endswith("_mask")]
     assert masks == [fqn + "_mask"]
     reference = copy.deepcopy(model)
@@ -343,3 +348,41 @@ def test_leaf_module_use_is_reported():
     prepared = fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), [{"tensor_fqn": "attn.in_proj_weight"}],
                                      tracer="export", example_inputs=(torch.randn(2, 3, 16),))
     assert len(find_masked_uses(prepared)) == 1
+
+
+def test_export_dead_reads_get_no_mask_and_squash_still_folds():
+    """torch.export keeps a read of each tied name, unused: no mul there, yet squash folds the mask."""
+    model = tied()
+    tokens = torch.randint(0, 40, (3, 7))
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, [{"tensor_fqn": "embed.weight"}], tracer="export",
+                                     example_inputs=(tokens,))
+    sparsifier.step()
+    dead = [n for n in prepared.graph.nodes if n.op == "get_attr" and not n.users]
+    assert dead and not any(u.tensor in dead for u in find_masked_uses(prepared))
+    expected = prepared.get_parameter("embed.weight") * prepared.get_buffer("embed.weight_mask")
+    y = prepared(tokens)
+    sparsifier.squash_mask()
+    assert not [n for n, _ in prepared.named_buffers() if n.endswith("_mask")]
+    assert torch.equal(prepared.get_parameter("embed.weight"), expected)
+    torch.testing.assert_close(prepared(tokens), y)
+
+
+def test_squash_folds_a_mask_no_graph_node_reads():
+    """A configured tensor the forward never uses still has its mask folded and removed."""
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(8, 8)
+            self.spare = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    prepared = fxs.prepare_fx_sparse(Unused(), sparsifier, [{"tensor_fqn": "spare.weight"}])
+    sparsifier.step()
+    expected = prepared.get_parameter("spare.weight") * sparsifier.get_mask("spare.weight")
+    sparsifier.squash_mask()
+    assert torch.equal(prepared.get_parameter("spare.weight"), expected)
+    assert "spare.weight_mask" not in dict(prepared.named_buffers())

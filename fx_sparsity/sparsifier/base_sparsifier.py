@@ -154,7 +154,7 @@ class BaseSparsifier(abc.ABC):
         """
         model = self._require_prepared("squash_mask")
         _refuse_unsharded_fsdp(model)
-        fold_masks(model)
+        fold_masks(model, [group["tensor_fqn"] for group in self.groups])
         for group in self.groups:
             sparse_params = {}
             if params_to_keep is not None:
