@@ -83,6 +83,13 @@ def _empty_qweight(out_features: int, in_features: int) -> torch.Tensor:
     return torch.quantize_per_tensor(torch.zeros(out_features, in_features), 1.0, 0, torch.qint8)
 
 
+# The packed weights are TorchScript objects dynamo cannot trace: say so, instead of dynamo's
+# "Failed to convert args/kwargs to proxy", and run the kernel eagerly between compiled graphs.
+_NOT_COMPILABLE = ("fx_sparsity: torch.ao's sparse-quantized kernels cannot be compiled (TorchScript packed "
+                   "weights); they run eagerly between graphs. For fullgraph=True, compile the prepared or "
+                   "squashed float module, or lower with get_sparse_csr_mapping() / mapping='auto'.")
+
+
 class _EnginePackedParams(_AoPackedParams):
     """torch.ao's sparse packed params, packed under a fixed engine rather than the global one."""
 
@@ -171,6 +178,7 @@ class SparseQuantizedDynamicLinear(_AoDynamicLinear):
         module.set_weight_bias(qweight, None if bias is None else bias.detach().float(), rows, cols)
         return module
 
+    @torch.compiler.disable(reason=_NOT_COMPILABLE)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 1:
             return self.forward(x.unsqueeze(0)).squeeze(0)
@@ -226,6 +234,7 @@ class SparseQuantizedLinear(_AoStaticLinear):
         module.scale, module.zero_point = float(output_scale), int(output_zero_point)
         return module
 
+    @torch.compiler.disable(reason=_NOT_COMPILABLE)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 1:
             return self.forward(x.unsqueeze(0)).squeeze(0)
