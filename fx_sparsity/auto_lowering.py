@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from torch.ao.nn.quantized.modules.linear import LinearPackedParams as _AoLinear
 from .errors import SparsityConfigError
 from .nn import SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
 from .quantized_engine import quantized_engine
+from .timing import interleaved_times_ms
 
 __all__ = ["LayerChoice", "choose_linear_lowering", "record_linear_inputs", "convert_auto",
            "DenseDynamicInt8Linear", "MIN_SPEEDUP", "INT8_ERROR_FLOOR"]
@@ -189,30 +188,14 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | N
 
 
 def _time(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one sample per round; rounds go round-robin over the fns
-    so that samples of the same round saw the same machine load.
+    """Seconds per call of each fn, one short sample per round, round-robin over the fns.
 
     Short samples, many rounds: a sample preempted by another process is an outlier the
     median drops, where a long sample would carry the stall in all of its calls.
     """
-    number = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        number[name] = max(1, min(1000, math.ceil(_SAMPLE_S / max(time.perf_counter() - start, 1e-9))))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    r, start_all = 0, time.perf_counter()
-    while r < repeat or (r < _MAX_ROUNDS and time.perf_counter() - start_all < _BUDGET_S):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            fn, n = fns[name], number[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-        r += 1
-    return samples
+    times = interleaved_times_ms(fns, warmup=1, repeat=repeat, number=None, min_sample_ms=_SAMPLE_S * 1e3,
+                                 budget_s=_BUDGET_S, max_rounds=_MAX_ROUNDS)
+    return {name: [t / 1e3 for t in samples] for name, samples in times.items()}
 
 
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

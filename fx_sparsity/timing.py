@@ -39,21 +39,31 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], *, warmup: in
 
 
 def interleaved_times_ms(fns: Mapping[str, Callable[[], object]], *, warmup: int = 3, repeat: int = 20,
-                         number: int | None = 1, min_sample_ms: float = 1.0) -> dict[str, list[float]]:
-    """Every sample of :func:`interleaved_median_ms` (ms per call), for other statistics."""
+                         number: int | None = 1, min_sample_ms: float = 1.0, budget_s: float = 0.0,
+                         max_rounds: int | None = None) -> dict[str, list[float]]:
+    """Every sample of :func:`interleaved_median_ms` (ms per call), for other statistics.
+
+    At least ``repeat`` rounds, and more while the whole run is within ``budget_s`` (up to
+    ``max_rounds``). Each round starts with the next function in turn, so no function
+    always runs right after the same other one.
+    """
     if repeat < 1 or (number is not None and number < 1):
         raise ValueError(f"repeat and number must be >= 1, got repeat={repeat}, number={number}")
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
         calls = {name: number or _calls_for(fn, min_sample_ms / 1e3) for name, fn in fns.items()}
-        for _ in range(repeat):
-            for name, fn in fns.items():
-                n = calls[name]
+        rounds, begin = 0, time.perf_counter()
+        while rounds < repeat or ((max_rounds is None or rounds < max_rounds)
+                                  and time.perf_counter() - begin < budget_s):
+            for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+                fn, n = fns[name], calls[name]
                 start = time.perf_counter()
                 for _ in range(n):
                     fn()
                 times[name].append((time.perf_counter() - start) / n * 1e3)
+            rounds += 1
     return times

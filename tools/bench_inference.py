@@ -36,6 +36,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fx_sparsity as fxs
+from fx_sparsity.timing import interleaved_times_ms
 
 PATTERNS = {"(1,4) blocks": (1, 4), "unstructured": (1, 1)}
 TARGET = {"sparsity": 0.9, "batch": 64, "speedup": 2.5}
@@ -60,31 +61,6 @@ def _prepared(width: int, sparsity: float, block: tuple[int, int]):
         for i in range(0, 7, 2):
             dense[i].weight.mul_(prepared.get_buffer(f"{i}.weight_mask"))
     return prepared, dense
-
-
-def _round_robin(fns: dict, repeat: int, budget_s: float, min_sample_s: float = 2e-4) -> dict[str, list[float]]:
-    """Seconds per call, one short sample per variant per round, at least ``repeat`` rounds and
-    more while within ``budget_s``: a sample preempted by another process is an outlier that
-    the median drops."""
-    with torch.inference_mode():
-        number = {}
-        for name, fn in fns.items():
-            fn()
-            start = time.perf_counter()
-            fn()
-            number[name] = max(1, round(min_sample_s / max(time.perf_counter() - start, 1e-9)))
-        samples = {name: [] for name in fns}
-        names = list(fns)
-        r, begin = 0, time.perf_counter()
-        while r < repeat or time.perf_counter() - begin < budget_s:
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                fn, n = fns[name], number[name]
-                start = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                samples[name].append((time.perf_counter() - start) / n)
-            r += 1
-    return samples
 
 
 def _choices(lowered) -> str:
@@ -127,8 +103,11 @@ def run(quick: bool, repeat: int, budget_s: float, int8_bound: float | None = No
                         fns["auto int8"] = lambda: auto8(x)
                     if seed is not None:
                         fns["seed"] = lambda: seed(x)
-                    samples = _round_robin(fns, repeat, budget_s)
-                    ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+                    # one short sample per variant per round: a sample preempted by another
+                    # process is an outlier the median drops
+                    samples = interleaved_times_ms(fns, warmup=1, repeat=repeat, number=None, min_sample_ms=0.2,
+                                                   budget_s=budget_s)
+                    ms = {k: statistics.median(v) for k, v in samples.items()}
                     with torch.no_grad():
                         ref = dense(x)
                         errors = {"auto": _rel(auto(x), ref)}
