@@ -26,12 +26,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.ao.quantization.observer import ObserverBase
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .insert_masks import fetch_attr, find_masked_uses
+from .lower_linear import LINEAR_TARGETS
 
 __all__ = [
     "ChannelNormObserver",
@@ -44,10 +44,6 @@ __all__ = [
 ]
 
 OBSERVER_SUFFIX = "_input_observer"
-
-#: call_function targets treated as ``linear(input, weight, bias)``.
-LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
-
 
 def observer_fqn_for(tensor_fqn: str) -> str:
     """``a.b.weight`` -> ``a.b.weight_input_observer`` (a submodule of ``a.b``, next to ``weight_mask``)."""
