@@ -170,6 +170,12 @@ def _lower(prepared):
     return fx_sparsity.convert_fx_sparse(prepared)
 
 
+def _auto_choices(lowered) -> str:
+    choices = [m._fx_sparsity_info.get("auto_choice") for m in lowered.modules()
+               if "auto_choice" in getattr(m, "_fx_sparsity_info", {})]
+    return ", ".join(f"{choices.count(c)}x {c}" for c in dict.fromkeys(choices))
+
+
 def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progress: bool = True) -> DemoResult:
     """Run the whole demo, printing to ``out`` (default stdout); returns the numbers."""
     import fx_sparsity as fxs
@@ -250,8 +256,12 @@ def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progre
         else:
             say(f"[5/5] lowering failed: {lowering_error}")
         lowered_acc = _accuracy(lowered, x_test, y_test) if lowered is not None else None
+        # Our own fp32 targets for comparison: per layer, the fastest of dense / CSR / BSR on these shapes.
+        with _quiet_quantized_deprecations():
+            auto = fxs.convert_fx_sparse(prepared, "auto", example_inputs=sample)
+        auto_acc = _accuracy(auto, x_test, y_test)
 
-        models = {"dense": model, "sparse": prepared, "lowered": lowered}
+        models = {"dense": model, "sparse": prepared, "lowered": lowered, "auto": auto}
         for m in models.values():
             if m is not None:
                 m.eval()
@@ -274,7 +284,8 @@ def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progre
     say("")
     say(tabulate([row("dense", dense_acc, latency["dense"]),
                   row(f"sparse {100 * sparsity:.0f}% (masked)", sparse_acc, latency["sparse"]),
-                  row(lowered_name, lowered_acc, latency["lowered"])],
+                  row(lowered_name, lowered_acc, latency["lowered"]),
+                  row(f"lowered (auto: {_auto_choices(auto)})", auto_acc, latency["auto"])],
                  headers=["model", "test accuracy", f"latency, batch {len(sample[0])} (ms)", "vs dense"],
                  tablefmt="simple", disable_numparse=True))
     delta = 100 * (sparse_acc - dense_acc)
