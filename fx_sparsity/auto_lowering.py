@@ -345,8 +345,7 @@ def convert_auto(prepared: fx.GraphModule, *, example_inputs: Any, max_rel_error
         module._fx_sparsity_info = {**own_info[lowered.linear_name], **lowered.info}
         lowered.info = module._fx_sparsity_info
         lowered.node.meta["sparsity"] = dict(module._fx_sparsity_info)
-    for tensor_fqn, readers in lowering.kept_dense.items():
-        warnings.warn(f"convert_fx_sparse: '{tensor_fqn}' is also read by {readers}, so its dense weight (and "
-                      f"mask) stay in the module next to the lowered copy; memory does not drop for it",
-                      stacklevel=3)
+    from .lowering import warn_kept_dense  # lowering imports this module lazily; no cycle at import time
+
+    warn_kept_dense(lowering, stacklevel=5)  # the user's convert_fx_sparse call
     return gm

@@ -306,8 +306,13 @@ def convert_fx_sparse(prepared: fx.GraphModule, mapping: Mapping[type, type] | s
     if kind == "static":
         QuantizeBoundaries({lowered.node.name: qparams[lowered.linear_name][0] for lowered in lowering.lowered})(gm)
         FoldRequantize()(gm)
+    warn_kept_dense(lowering, stacklevel=3)
+    return gm
+
+
+def warn_kept_dense(lowering: LowerSparseLinears, stacklevel: int) -> None:
+    """Say which lowered weights something else still reads (their dense copy stays)."""
     for tensor_fqn, readers in lowering.kept_dense.items():
         warnings.warn(f"convert_fx_sparse: '{tensor_fqn}' is also read by {readers}, so its dense weight (and "
                       f"mask) stay in the module next to the lowered copy; memory does not drop for it",
-                      stacklevel=2)
-    return gm
+                      stacklevel=stacklevel)

@@ -16,6 +16,7 @@ from .insert_masks import (
     MaskedUse,
     MaskInsertionError,
     MaskSpec,
+    buffer_or_none,
     fetch_attr,
     find_masked_uses,
     insert_masks,
@@ -31,6 +32,6 @@ __all__ = [
     "InsertObservers", "observe_linears", "remove_observers",
     "FoldMasks", "fold_masks",
     "INLINABLE_MODULES", "InlineModules", "inline_modules", "is_inlinable",
-    "InsertMasks", "MaskedUse", "MaskInsertionError", "MaskSpec", "fetch_attr", "find_masked_uses",
+    "InsertMasks", "MaskedUse", "MaskInsertionError", "MaskSpec", "buffer_or_none", "fetch_attr", "find_masked_uses",
     "insert_masks", "mask_fqn_for",
 ]

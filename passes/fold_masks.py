@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .insert_masks import fetch_attr, find_masked_uses, mask_fqn_for
+from .insert_masks import buffer_or_none, fetch_attr, find_masked_uses, mask_fqn_for
 
 __all__ = ["FoldMasks", "fold_masks"]
 
@@ -57,7 +57,7 @@ class FoldMasks(PassBase):
         # Tensors the graph never reads have a mask but no mul node; fold them too.
         for tensor_fqn in self.tensor_fqns:
             mask_fqn = mask_fqn_for(tensor_fqn)
-            if mask_fqn not in masks and _has_buffer(gm, mask_fqn):
+            if mask_fqn not in masks and buffer_or_none(gm, mask_fqn) is not None:
                 fold(tensor_fqn, fetch_attr(gm, tensor_fqn), mask_fqn)
         for mask_fqn in masks:
             module_fqn, _, name = mask_fqn.rpartition(".")
@@ -83,14 +83,6 @@ def _like(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
             mask, dtensor_module.DTensor):
         return dtensor_module.distribute_tensor(mask, tensor.device_mesh, tensor.placements, src_data_rank=None)
     return mask
-
-
-def _has_buffer(gm: fx.GraphModule, fqn: str) -> bool:
-    module_fqn, _, name = fqn.rpartition(".")
-    try:
-        return name in gm.get_submodule(module_fqn)._buffers
-    except AttributeError:
-        return False
 
 
 def fold_masks(gm: fx.GraphModule, tensor_fqns: list[str] | None = None) -> list[str]:

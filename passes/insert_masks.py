@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["MaskSpec", "InsertMasks", "insert_masks", "MaskedUse", "find_masked_uses", "fetch_attr",
+__all__ = ["MaskSpec", "InsertMasks", "insert_masks", "MaskedUse", "find_masked_uses", "fetch_attr", "buffer_or_none",
            "mask_fqn_for", "MaskInsertionError"]
 
 MASK_SUFFIX = "_mask"
@@ -45,6 +45,16 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def buffer_or_none(root: nn.Module | None, fqn: str) -> torch.Tensor | None:
+    """The buffer at ``fqn``, or None when there is none (no module, or not a buffer)."""
+    if root is None:
+        return None
+    try:
+        return root.get_buffer(fqn)
+    except AttributeError:
+        return None
 
 
 @dataclass

@@ -16,21 +16,12 @@ import torch
 from torch import fx, nn
 
 from ..fqn import get_arg_info_from_tensor_fqn
-from ..passes import fold_masks, mask_fqn_for
+from ..passes import buffer_or_none, fold_masks, mask_fqn_for
 
 __all__ = ["BaseSparsifier"]
 
 # Group keys that refer to the model rather than describe the config (as torch.ao.pruning).
 KEYS_NOT_IN_STATE_DICT = ["module", "module_fqn", "tensor_name"]
-
-
-def _buffer_or_none(model: nn.Module | None, fqn: str) -> torch.Tensor | None:
-    if model is None:
-        return None
-    try:
-        return model.get_buffer(fqn)
-    except AttributeError:
-        return None
 
 
 def _dtensor_type():
@@ -120,7 +111,7 @@ class BaseSparsifier(abc.ABC):
         Looked up each time: ``.to()``/``.half()`` replace buffer objects, so a kept
         reference would go stale.
         """
-        mask = _buffer_or_none(self._require_prepared("get_mask"), mask_fqn_for(tensor_fqn))
+        mask = buffer_or_none(self._require_prepared("get_mask"), mask_fqn_for(tensor_fqn))
         if mask is None:
             raise RuntimeError(
                 f"'{tensor_fqn}' has no mask in the prepared module (was squash_mask() called? masks are "
@@ -183,7 +174,7 @@ class BaseSparsifier(abc.ABC):
         state = {}
         for fqn, s in self.state.items():
             state[fqn] = dict(s)
-            live = _buffer_or_none(self.model, mask_fqn_for(fqn))
+            live = buffer_or_none(self.model, mask_fqn_for(fqn))
             if live is not None:
                 state[fqn]["mask"] = live
         return {"state": state, "groups": groups}
@@ -196,7 +187,7 @@ class BaseSparsifier(abc.ABC):
         for fqn, s in state_dict["state"].items():
             state[fqn] = {k: v for k, v in s.items() if k != "mask"}
             mask = s.get("mask")
-            live = _buffer_or_none(model, mask_fqn_for(fqn))
+            live = buffer_or_none(model, mask_fqn_for(fqn))
             if live is None:
                 if strict:
                     raise RuntimeError(
