@@ -1,14 +1,24 @@
-"""The README's front door stays true: its Usage examples run, its test command is CI's."""
+"""The README's front door stays true: its Usage examples run, its test command is CI's,
+its links into docs/ resolve, and it stays short."""
 import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+README_PATH = ROOT / "README.md"
+README = README_PATH.read_text(encoding="utf-8")
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+MAX_README_LINES = 160
+
+
+def _section(text: str, heading: str) -> str:
+    """The text of the `## heading` section, up to the next `## ` heading."""
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end == -1 else text[start:end]
 
 
 def test_usage_examples_run(capsys):
-    usage = README[README.index("## Usage"):README.index("## Coming from torch.ao.pruning")]
-    blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", _section(README, "Usage"), re.S)
     assert len(blocks) >= 3
     namespace = {}
     for block in blocks:
@@ -20,9 +30,53 @@ def test_usage_examples_run(capsys):
 
 
 def test_quickstart_commands_are_what_ci_runs():
-    quickstart = README[README.index("## Quickstart"):README.index("## Usage")]
+    quickstart = _section(README, "Quickstart")
     commands = re.findall(r"^(?!#)(\S.*)$", re.search(r"```bash\n(.*?)```", quickstart, re.S).group(1), re.M)
     assert len(commands) == 2
     assert commands[0].endswith("python -m fx_sparsity demo")
+    install = commands[0].split("&&")
+    assert "torch==" in install[0] and "pip install -e" in install[1]  # torch first, then the project
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+def test_readme_is_short():
+    assert len(README.splitlines()) <= MAX_README_LINES
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return {_slug(m) for m in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def _relative_links(path: pathlib.Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+
+
+def test_readme_links_to_docs_exist():
+    links = [t for t in _relative_links(README_PATH) if t.startswith("docs/")]
+    assert links, "README links to no docs/ page"
+    for target in links:
+        file = target.split("#")[0]
+        assert file.endswith(".md"), target
+        assert (ROOT / file).is_file(), f"README links to {target}, which does not exist"
+    # every docs page is reachable from the README
+    linked = {t.split("#")[0] for t in links}
+    assert {f"docs/{p.name}" for p in DOCS} <= linked
+
+
+def test_links_between_pages_resolve():
+    for page in [README_PATH, *DOCS]:
+        for target in _relative_links(page):
+            file, _, anchor = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page
+            assert dest.is_file(), f"{page.name}: link {target} points at no file"
+            if anchor and dest.suffix == ".md":
+                assert anchor in _anchors(dest), f"{page.name}: link {target}: no such heading in {dest.name}"
