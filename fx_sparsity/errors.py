@@ -1,4 +1,9 @@
-"""Exceptions raised by fx_sparsity; each message names the problem and the fix."""
+"""Exceptions and warnings of fx_sparsity; each message names the problem and the fix."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
 
 
 class SparsityConfigError(ValueError, AssertionError):
@@ -11,3 +16,16 @@ class SparsityConfigError(ValueError, AssertionError):
 
 class TraceError(RuntimeError):
     """The model could not be turned into an FX graph."""
+
+
+# Our own source folders: the pass library sits beside the package in a checkout, inside it when installed.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_OUR_DIRS = (_HERE + os.sep, os.path.join(os.path.dirname(_HERE), "passes") + os.sep)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointed at the user's line: the first caller outside fx_sparsity."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_OUR_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -5,10 +5,10 @@ Works at every stage of the flow:
 - prepared: each ``mul(weight, weight_mask)`` node shows its tensor, the configured level
   and block, and the fraction of zeros actually in the mask;
 - squashed: the ``get_attr`` of each configured tensor shows the zeros folded into it;
-- lowered: each ``call_module`` of a module carrying ``_fx_sparsity_info`` shows what it
+- lowered: each ``call_module`` of a module carrying ``fx_sparsity_info`` shows what it
   was lowered to and the fraction of zeros in its stored weight.
 
-The configured level and block come from ``gm._fx_sparsity_config`` (the sparsifier's
+The configured level and block come from ``gm.fx_sparsity_config`` (the sparsifier's
 live groups, set by ``prepare_fx_sparse``), so a scheduler's current level is what prints.
 """
 from __future__ import annotations
@@ -28,7 +28,9 @@ from torch.fx.graph import dtype_abbrs
 from torch.fx.node import _get_qualified_name
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .passes import fetch_attr, find_masked_uses
+from .config import sparsity_config
+from .inputs import graph_inputs
+from .passes import INFO_ATTR, fetch_attr, find_masked_uses
 
 __all__ = ["format_sparse_graph", "print_sparse_graph", "format_sparse_code"]
 
@@ -138,18 +140,9 @@ def _describe_meta(meta: Any) -> str:
     return ""
 
 
-def _as_args(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of positional inputs, got "
-                    f"{type(example_inputs).__name__}")
-
-
 def _shapes(gm: fx.GraphModule, example_inputs: Any) -> dict[str, str]:
     """``node name -> "f32[8, 32]"``, from ShapeProp run on a copy (the user's graph, RNG and buffers stay as they are)."""
-    args = _as_args(example_inputs)
+    args = graph_inputs(gm, example_inputs)
     with warnings.catch_warnings():
         # torch's own deprecation notices, raised by copying export's pytree specs and quantized weights
         warnings.simplefilter("ignore", FutureWarning)
@@ -171,7 +164,7 @@ def _shapes(gm: fx.GraphModule, example_inputs: Any) -> dict[str, str]:
 def _lowered_info(gm: fx.GraphModule, node: fx.Node) -> dict | None:
     if node.op != "call_module":
         return None
-    info = getattr(gm.get_submodule(node.target), "_fx_sparsity_info", None)
+    info = getattr(gm.get_submodule(node.target), INFO_ATTR, None)
     if info is None:
         meta = node.meta.get("sparsity")
         info = meta if isinstance(meta, dict) and "lowered_to" in meta else None
@@ -200,7 +193,7 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
         tensors[use.tensor_fqn] = _Tensor(mask.numel(), zeros, "masked")
 
     # Squashed: configured tensors without a mask hold their zeros themselves.
-    config = getattr(gm, "_fx_sparsity_config", None) or {}
+    config = sparsity_config(gm)
     folded: dict[int, str] = {}
     for fqn in config:
         if fqn in tensors:
@@ -312,7 +305,7 @@ def format_sparse_graph(gm: fx.GraphModule, *, example_inputs: Any = None) -> st
             f"fx_sparsity.prepare_fx_sparse(model, sparsifier)")
     shapes = _shapes(gm, example_inputs) if example_inputs is not None else None
     notes, tensors, masks = _collect(gm)
-    config = getattr(gm, "_fx_sparsity_config", None) or {}
+    config = sparsity_config(gm)
     headers = ["node", "op", "target"] + (["shape"] if shapes is not None else []) + [
         "sparse tensor", "level", "block", "zeros", "lowered to"]
     rows = []
@@ -348,7 +341,7 @@ def format_sparse_code(gm: fx.GraphModule, *, stack_traces: bool = False) -> str
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"format_sparse_code expects a torch.fx.GraphModule, got {type(gm).__name__}")
     notes, _, _ = _collect(gm)
-    config = getattr(gm, "_fx_sparsity_config", None) or {}
+    config = sparsity_config(gm)
     marks = {}
     for node, note in notes.items():
         group = config.get(note.tensor_fqn)

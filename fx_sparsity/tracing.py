@@ -7,18 +7,11 @@ import torch
 from torch import fx, nn
 
 from .errors import SparsityConfigError, TraceError
+from .inputs import as_args_kwargs
 
 __all__ = ["trace", "TRACERS"]
 
 TRACERS = ("symbolic", "export")
-
-
-def _as_args(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), example_inputs
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
 
 
 def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None) -> fx.GraphModule:
@@ -47,7 +40,7 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
         raise SparsityConfigError(
             "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword "
             "inputs) the model can be called with, e.g. example_inputs=(torch.randn(1, 16),)")
-    args, kwargs = _as_args(example_inputs)
+    args, kwargs = as_args_kwargs(example_inputs)
     try:
         return torch.export.export(model, args, kwargs).module()
     except Exception as e:

@@ -1,37 +1,59 @@
 """The fx_sparsity pass library: small graph transformations, each doing one thing.
 
 Passes know graphs, not training: nothing here imports a sparsifier or a scheduler.
+Each pass changes ``gm.graph``; :func:`run_passes` (torch.fx's ``PassManager``) runs
+them and recompiles and lints after each, and every functional form uses it.
 """
-from .activation_stats import (
-    ChannelNormObserver,
-    InsertActivationObservers,
-    RemoveActivationObservers,
-    insert_activation_observers,
-    remove_activation_observers,
-)
+from .attrs import buffer_or_none, fetch_attr, fetch_attr_or_none, has_submodule, unique_attr_name
 from .fold_masks import FoldMasks, fold_masks
-from .inline_modules import INLINABLE_MODULES, InlineModules, inline_modules, is_inlinable
+from .inline_modules import InlineError, InlineModules, inline_modules, splice_module
 from .insert_masks import (
+    MASK_SUFFIX,
     InsertMasks,
     MaskedUse,
     MaskInsertionError,
     MaskSpec,
-    buffer_or_none,
-    fetch_attr,
     find_masked_uses,
     insert_masks,
     mask_fqn_for,
 )
-from .lower_linear import LINEAR_TARGETS, FoldRequantize, LowerSparseLinears, QuantizeBoundaries, find_sparse_linears
-from .observers import InsertObservers, observe_linears, remove_observers
+from .linear import LINEAR_TARGETS, is_linear, linear_args
+from .lower_linear import (
+    DEFAULT_BLOCK_SHAPE,
+    INFO_ATTR,
+    FoldRequantize,
+    LoweredLinear,
+    LowerSparseLinears,
+    QuantizeBoundaries,
+    SparseLinear,
+    find_sparse_linears,
+    tensor_readers,
+)
+from .manager import run_passes
+from .observers import (
+    ChannelNormObserver,
+    InsertObservers,
+    Observation,
+    ObservedNode,
+    RemoveObservers,
+    observe_linear_inputs,
+    observe_linears,
+    observer_fqn_for,
+    remove_observers,
+)
+from .prepare_masks import place_tensor, prepare_masks
 
 __all__ = [
-    "ChannelNormObserver", "InsertActivationObservers", "RemoveActivationObservers",
-    "insert_activation_observers", "remove_activation_observers",
-    "LINEAR_TARGETS", "FoldRequantize", "LowerSparseLinears", "QuantizeBoundaries", "find_sparse_linears",
-    "InsertObservers", "observe_linears", "remove_observers",
+    "buffer_or_none", "fetch_attr", "fetch_attr_or_none", "has_submodule", "unique_attr_name",
     "FoldMasks", "fold_masks",
-    "INLINABLE_MODULES", "InlineModules", "inline_modules", "is_inlinable",
-    "InsertMasks", "MaskedUse", "MaskInsertionError", "MaskSpec", "buffer_or_none", "fetch_attr", "find_masked_uses",
-    "insert_masks", "mask_fqn_for",
+    "InlineError", "InlineModules", "inline_modules", "splice_module",
+    "MASK_SUFFIX", "InsertMasks", "MaskedUse", "MaskInsertionError", "MaskSpec", "find_masked_uses", "insert_masks",
+    "mask_fqn_for",
+    "LINEAR_TARGETS", "is_linear", "linear_args",
+    "DEFAULT_BLOCK_SHAPE", "INFO_ATTR", "FoldRequantize", "LoweredLinear", "LowerSparseLinears", "QuantizeBoundaries",
+    "SparseLinear", "find_sparse_linears", "tensor_readers",
+    "run_passes",
+    "ChannelNormObserver", "InsertObservers", "Observation", "ObservedNode", "RemoveObservers", "observe_linear_inputs",
+    "observe_linears", "observer_fqn_for", "remove_observers",
+    "place_tensor", "prepare_masks",
 ]

@@ -20,7 +20,9 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .insert_masks import buffer_or_none, fetch_attr, find_masked_uses, mask_fqn_for
+from .attrs import buffer_or_none, fetch_attr
+from .insert_masks import find_masked_uses, mask_fqn_for
+from .manager import run_passes
 
 __all__ = ["FoldMasks", "fold_masks"]
 
@@ -62,17 +64,7 @@ class FoldMasks(PassBase):
         for mask_fqn in masks:
             module_fqn, _, name = mask_fqn.rpartition(".")
             delattr(gm.get_submodule(module_fqn), name)
-        _recompile(gm)
         return PassResult(gm, bool(masks))
-
-
-def _recompile(gm: fx.GraphModule) -> None:
-    gm.recompile()
-    # recompile() gives type(gm) its own call wrapper when it has none; on the subclass FSDP2's
-    # fully_shard swaps in, that wrapper would call itself forever: keep the GraphModule class's.
-    cls = type(gm)
-    if "_wrapped_call" in vars(cls) and any("_wrapped_call" in vars(base) for base in cls.__mro__[1:]):
-        del cls._wrapped_call
 
 
 def _like(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
@@ -91,5 +83,5 @@ def fold_masks(gm: fx.GraphModule, tensor_fqns: list[str] | None = None) -> list
     ``tensor_fqns`` names masked tensors to fold even where no graph node reads them.
     """
     folding = FoldMasks(tensor_fqns)
-    folding(gm)
+    run_passes(gm, folding)
     return folding.folded

@@ -1,127 +1,126 @@
-"""Inline ``call_module`` nodes of standard layers into their functional form.
+"""Inline ``call_module`` nodes into the graph their module's own forward traces to.
 
 Before::
 
     %fc : call_module[target=fc](args = (%x,))
 
-After::
+After (``nn.Linear.forward`` traced by ``torch.fx.Tracer``, its nodes spliced in place)::
 
     %fc_weight : get_attr[target=fc.weight]
     %fc_bias : get_attr[target=fc.bias]
-    %fc : call_function[target=torch.nn.functional.linear](args = (%x, %fc_weight, %fc_bias))
+    %linear : call_function[target=torch._C._nn.linear](args = (%x, %fc_weight, %fc_bias))
 
 Once a layer's parameters are ``get_attr`` nodes, a mask can be put in front of them;
 graphs from ``torch.export`` already look like this, so the mask pass serves both tracers.
+Any layer whose forward ``torch.fx`` can trace is inlined this way (Linear, Conv with
+every padding mode, Embedding, LayerNorm, Hugging Face ``Conv1D``, custom layers); its
+own children stay ``call_module`` nodes, as ``symbolic_trace`` leaves them.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["InlineModules", "inline_modules", "is_inlinable", "INLINABLE_MODULES"]
+from .manager import run_passes
+
+__all__ = ["InlineModules", "inline_modules", "splice_module", "InlineError"]
 
 
-def _get_attr(graph: fx.Graph, module_fqn: str, name: str, module: nn.Module) -> fx.Node | None:
-    if getattr(module, name) is None:
-        return None
-    return graph.get_attr(f"{module_fqn}.{name}")
+class InlineError(RuntimeError):
+    """A module's forward could not be traced into its caller's graph."""
 
 
-def _linear(graph, fqn, m: nn.Linear, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    return graph.call_function(F.linear, (x, _get_attr(graph, fqn, "weight", m), _get_attr(graph, fqn, "bias", m)))
+def _traced_forward(module: nn.Module) -> fx.Graph:
+    try:
+        return fx.Tracer().trace(module)
+    except Exception as e:  # tracing fails in many ways; all mean "cannot see inside"
+        raise InlineError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def _bilinear(graph, fqn, m: nn.Bilinear, args, kwargs):
-    x1, x2 = args
-    return graph.call_function(F.bilinear, (x1, x2, _get_attr(graph, fqn, "weight", m), _get_attr(graph, fqn, "bias", m)))
+def _bind_placeholders(graph: fx.Graph, module: nn.Module, node: fx.Node) -> dict[fx.Node, object]:
+    """Map the traced forward's placeholders to the call's arguments (defaults where not given)."""
+    try:
+        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+    except TypeError as e:
+        raise InlineError(f"its call does not match {type(module).__name__}.forward: {e}") from e
+    env: dict[fx.Node, object] = {}
+    for placeholder in graph.nodes:
+        if placeholder.op != "placeholder":
+            continue
+        name = placeholder.target.lstrip("*")
+        if name in bound.arguments:
+            env[placeholder] = bound.arguments[name]
+        elif placeholder.args:
+            env[placeholder] = placeholder.args[0]  # the forward's default
+        else:
+            raise InlineError(f"no value for argument '{name}' of {type(module).__name__}.forward")
+    return env
 
 
-_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+def splice_module(gm: fx.GraphModule, node: fx.Node, traced: fx.Graph | None = None) -> fx.Node:
+    """Replace the ``call_module`` ``node`` by the nodes of its module's traced forward; returns the result node.
 
-
-def _conv(graph, fqn, m: nn.modules.conv._ConvNd, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    padding = m.padding
-    if m.padding_mode != "zeros":
-        # Non-zero padding modes pad explicitly, then convolve without padding (as _conv_forward does).
-        x = graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
-        padding = 0
-    weight, bias = _get_attr(graph, fqn, "weight", m), _get_attr(graph, fqn, "bias", m)
-    return graph.call_function(_CONV_FN[type(m)], (x, weight, bias, m.stride, padding, m.dilation, m.groups))
-
-
-def _embedding(graph, fqn, m: nn.Embedding, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    call_args = (x, _get_attr(graph, fqn, "weight", m), m.padding_idx, m.max_norm, m.norm_type,
-                 m.scale_grad_by_freq, m.sparse)
-    return graph.call_function(F.embedding, call_args)
-
-
-def _layer_norm(graph, fqn, m: nn.LayerNorm, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    weight, bias = _get_attr(graph, fqn, "weight", m), _get_attr(graph, fqn, "bias", m)
-    return graph.call_function(F.layer_norm, (x, m.normalized_shape, weight, bias, m.eps))
-
-
-#: Layer types (exact types) this pass can rewrite, and how.
-INLINABLE_MODULES: dict[type[nn.Module], Callable] = {
-    nn.Linear: _linear,
-    nn.Bilinear: _bilinear,
-    nn.Conv1d: _conv,
-    nn.Conv2d: _conv,
-    nn.Conv3d: _conv,
-    nn.Embedding: _embedding,
-    nn.LayerNorm: _layer_norm,
-}
-
-
-def _inlinable(module: nn.Module) -> Callable | None:
-    # NonDynamicallyQuantizableLinear (MultiheadAttention.out_proj) is a Linear in all but name.
-    for cls in type(module).__mro__:
-        if cls in INLINABLE_MODULES:
-            if cls is not type(module) and type(module).forward is not cls.forward:
-                return None  # a subclass with its own forward is not the standard layer
-            return INLINABLE_MODULES[cls]
-    return None
+    New nodes are named from their targets (``fc_weight``, ``linear``) as
+    ``Graph.get_attr``/``call_function`` name them; attribute targets get the module's fqn.
+    Raises :class:`InlineError` (graph unchanged) when the forward cannot be traced or bound.
+    """
+    module = gm.get_submodule(node.target)
+    traced = traced if traced is not None else _traced_forward(module)
+    env = _bind_placeholders(traced, module, node)
+    output = next(n for n in traced.nodes if n.op == "output")
+    if not isinstance(output.args[0], fx.Node):
+        raise InlineError(f"{type(module).__name__}.forward returns {type(output.args[0]).__name__}, not one value")
+    with gm.graph.inserting_before(node):
+        for inner in traced.nodes:
+            if inner.op in ("placeholder", "output"):
+                continue
+            target = f"{node.target}.{inner.target}" if inner.op in ("get_attr", "call_module") else inner.target
+            args, kwargs = fx.map_arg((inner.args, inner.kwargs), env.__getitem__)
+            new = gm.graph.create_node(inner.op, target, args, kwargs, type_expr=inner.type)
+            new.meta.update(node.meta)
+            new.meta["inlined_from"] = (node.target, type(module).__name__)
+            env[inner] = new
+    result = env[output.args[0]]
+    node.replace_all_uses_with(result)
+    gm.graph.erase_node(node)
+    return result
 
 
 class InlineModules(PassBase):
-    """Rewrite each ``call_module`` for which ``should_inline(fqn, module)`` holds."""
+    """Splice in the traced forward of each ``call_module`` for which ``should_inline(fqn, module)`` holds.
+
+    A module whose forward ``torch.fx`` cannot trace stays a ``call_module``; after the
+    pass ``self.not_inlined`` maps its fqn to the reason.
+    """
 
     def __init__(self, should_inline: Callable[[str, nn.Module], bool]):
         super().__init__()
         self.should_inline = should_inline
+        self.not_inlined: dict[str, str] = {}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        self.not_inlined = {}
+        traced: dict[int, fx.Graph] = {}  # one trace per module, however often it is called
         modified = False
         for node in list(gm.graph.nodes):
             if node.op != "call_module":
                 continue
             module = gm.get_submodule(node.target)
-            rewrite = _inlinable(module)
-            if rewrite is None or not self.should_inline(node.target, module):
+            if not self.should_inline(node.target, module):
                 continue
-            with gm.graph.inserting_before(node):
-                new = rewrite(gm.graph, node.target, module, node.args, node.kwargs)
-            new.meta.update(node.meta)
-            new.meta["inlined_from"] = (node.target, type(module).__name__)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            modified = True
-        if modified:
-            gm.recompile()
+            try:
+                if id(module) not in traced:
+                    traced[id(module)] = _traced_forward(module)
+                splice_module(gm, node, traced[id(module)])
+                modified = True
+            except InlineError as e:
+                self.not_inlined[node.target] = str(e)
         return PassResult(gm, modified)
 
 
 def inline_modules(gm: fx.GraphModule, should_inline: Callable[[str, nn.Module], bool]) -> fx.GraphModule:
     """Functional form of :class:`InlineModules`; modifies ``gm`` in place and returns it."""
-    return InlineModules(should_inline)(gm).graph_module
-
-
-def is_inlinable(module: nn.Module) -> bool:
-    return _inlinable(module) is not None
-
+    return run_passes(gm, InlineModules(should_inline))

@@ -14,19 +14,20 @@ After::
 
 Uses are found by tensor identity, so a parameter tied under several names gets one
 mask applied at every use.  ``call_module`` users must have been inlined first
-(:mod:`fx_sparsity.passes.inline_modules`): a mask cannot be put inside a leaf module.
+(:class:`~fx_sparsity.passes.InlineModules`): a mask cannot be put inside a leaf module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["MaskSpec", "InsertMasks", "insert_masks", "MaskedUse", "find_masked_uses", "fetch_attr", "buffer_or_none",
-           "mask_fqn_for", "MaskInsertionError"]
+from .attrs import fetch_attr
+from .manager import run_passes
+
+__all__ = ["MaskSpec", "InsertMasks", "insert_masks", "MaskedUse", "find_masked_uses", "mask_fqn_for",
+           "MaskInsertionError", "MASK_SUFFIX"]
 
 MASK_SUFFIX = "_mask"
 
@@ -38,23 +39,6 @@ class MaskInsertionError(RuntimeError):
 def mask_fqn_for(tensor_fqn: str) -> str:
     """``a.b.weight`` -> ``a.b.weight_mask`` (the ``torch.nn.utils.prune`` convention)."""
     return tensor_fqn + MASK_SUFFIX
-
-
-def fetch_attr(root: nn.Module, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def buffer_or_none(root: nn.Module | None, fqn: str) -> torch.Tensor | None:
-    """The buffer at ``fqn``, or None when there is none (no module, or not a buffer)."""
-    if root is None:
-        return None
-    try:
-        return root.get_buffer(fqn)
-    except AttributeError:
-        return None
 
 
 @dataclass
@@ -134,13 +118,12 @@ class InsertMasks(PassBase):
                 attr_node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
                 mask_node.meta["sparsity_mask"] = mask_fqn
                 mul.meta["sparsity"] = dict(meta)
-        gm.recompile()
         return PassResult(gm, bool(self.specs))
 
 
 def insert_masks(gm: fx.GraphModule, specs: list[MaskSpec]) -> fx.GraphModule:
     """Functional form of :class:`InsertMasks`; modifies ``gm`` in place and returns it."""
-    return InsertMasks(specs)(gm).graph_module
+    return run_passes(gm, InsertMasks(specs))
 
 
 def find_masked_uses(gm: fx.GraphModule) -> list[MaskedUse]:

@@ -42,28 +42,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.ao.nn.quantized import DeQuantize, Quantize
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .insert_masks import fetch_attr, find_masked_uses
+from .attrs import fetch_attr, fetch_attr_or_none, unique_attr_name
+from .insert_masks import find_masked_uses
+from .linear import is_linear, linear_args
 from .observers import is_relu, quant_transparent
 
-__all__ = ["LINEAR_TARGETS", "SparseLinear", "LoweredLinear", "find_sparse_linears", "LowerSparseLinears",
+__all__ = ["INFO_ATTR", "tensor_readers", "SparseLinear", "LoweredLinear", "find_sparse_linears", "LowerSparseLinears",
            "QuantizeBoundaries", "FoldRequantize", "DEFAULT_BLOCK_SHAPE"]
 
-LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 DEFAULT_BLOCK_SHAPE = (1, 4)
 LOWERED_SUFFIX = "_lowered"
-
-
-def _linear_args(node: fx.Node) -> list:
-    args = list(node.args) + [None] * (3 - len(node.args))
-    for i, name in enumerate(("input", "weight", "bias")):
-        if name in node.kwargs:
-            args[i] = node.kwargs[name]
-    return args[:3]
+#: The attribute of a lowered module that records what it was lowered from and to.
+INFO_ATTR = "fx_sparsity_info"
 
 
 @dataclass
@@ -76,9 +70,13 @@ class SparseLinear:
     mask: fx.Node | None  # get_attr of the mask; None for a squashed weight
     bias: fx.Node | None  # get_attr of the bias, or None
     block_shape: tuple[int, int]
-    input: fx.Node
     mul: fx.Node | None  # the mask multiply feeding the linear; None for a squashed weight
     problem: str | None = None  # why it cannot be lowered, if it cannot
+
+    @property
+    def input(self) -> fx.Node:
+        """The linear's input as the graph is now (an earlier rewrite may have replaced it)."""
+        return linear_args(self.node)[0]
 
 
 @dataclass
@@ -108,9 +106,9 @@ def find_sparse_linears(gm: fx.GraphModule, sparse_tensors: Mapping[str, tuple[i
     masked = {use.mul: use for use in find_masked_uses(gm)}
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+        if not is_linear(node):
             continue
-        x, weight, bias = _linear_args(node)
+        _, weight, bias = linear_args(node)
         if weight in masked:
             use = masked[weight]
             tensor_fqn, weight_node, mask_node = use.tensor_fqn, use.tensor, use.mask
@@ -124,9 +122,22 @@ def find_sparse_linears(gm: fx.GraphModule, sparse_tensors: Mapping[str, tuple[i
             problem = f"its bias is computed in the graph ({bias}), not a module attribute"
         elif fetch_attr(gm, weight_node.target).dim() != 2:
             problem = f"its weight has {fetch_attr(gm, weight_node.target).dim()} dims, not 2"
-        sites.append(SparseLinear(node, tensor_fqn, weight_node, mask_node, bias, block_shape, x,
+        sites.append(SparseLinear(node, tensor_fqn, weight_node, mask_node, bias, block_shape,
                                   weight if mask_node is not None else None, problem))
     return sites
+
+
+def tensor_readers(gm: fx.GraphModule, tensor: torch.Tensor | None) -> list[fx.Node]:
+    """The nodes that read ``tensor`` (through its mask multiply, if any), in graph order."""
+    if tensor is None:
+        return []
+    readers: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and fetch_attr_or_none(gm, node.target) is tensor:
+            for user in node.users:
+                is_mask_mul = user.op == "call_function" and user.target in (torch.mul, torch.ops.aten.mul.Tensor)
+                readers += list(user.users) if is_mask_mul else [user]
+    return list(dict.fromkeys(readers))
 
 
 def _stored_weight_sparsity(module: nn.Module, fallback: torch.Tensor) -> float:
@@ -143,13 +154,6 @@ def _stored_weight_sparsity(module: nn.Module, fallback: torch.Tensor) -> float:
     return (fallback == 0).float().mean().item()
 
 
-def _unique_child_name(owner: nn.Module, name: str) -> str:
-    candidate, i = name, 1
-    while hasattr(owner, candidate):
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate
-
-
 def _tensor_names(gm: fx.GraphModule) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for fqn, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
@@ -158,35 +162,36 @@ def _tensor_names(gm: fx.GraphModule) -> dict[int, list[str]]:
 
 
 class LowerSparseLinears(PassBase):
-    """Replace each sparse linear by ``call_module`` of ``build(site, weight, mask, bias)``.
+    """Replace each sparse linear of ``sites`` (from :func:`find_sparse_linears` on the same graph)
+    by ``call_module`` of ``build(site, weight, mask, bias)``.
 
     ``build`` gets the dense weight, the mask (for a squashed weight: ``weight != 0``) and
     the bias, and returns the module; returning the same module for two sites (one weight
     used twice) makes both call it. Each new node gets ``node.meta["sparsity"]`` =
     ``{"tensor_fqn", "lowered_to", "weight_sparsity", "sparse_block_shape", "dense_weight_kept"}``,
-    also stored as ``_fx_sparsity_info`` on the module. After the pass ``self.lowered``
+    also stored as ``fx_sparsity_info`` on the module. After the pass ``self.lowered``
     lists what was made and ``self.kept_dense`` the tensors that stayed because other
     nodes still read them (``{tensor_fqn: [node names]}``).
     """
 
     def __init__(self, build: Callable[[SparseLinear, torch.Tensor, torch.Tensor, torch.Tensor | None], nn.Module],
-                 sparse_tensors: Mapping[str, tuple[int, int] | None] | None = None,
-                 default_block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE):
+                 sites: list[SparseLinear]):
         super().__init__()
         self.build = build
-        self.sparse_tensors = sparse_tensors
-        self.default_block_shape = default_block_shape
+        self.sites = sites
         self.lowered: list[LoweredLinear] = []
         self.kept_dense: dict[str, list[str]] = {}
 
     def requires(self, gm: fx.GraphModule) -> None:
-        bad = [s for s in find_sparse_linears(gm, self.sparse_tensors, self.default_block_shape) if s.problem]
+        bad = [s for s in self.sites if s.problem]
         if bad:
             raise ValueError("cannot lower: " + "; ".join(f"'{s.tensor_fqn}' (node {s.node.name}): {s.problem}"
                                                           for s in bad))
+        if any(s.node.graph is not gm.graph for s in self.sites):
+            raise ValueError("LowerSparseLinears: the sites were found in another graph (find_sparse_linears(gm))")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        sites = find_sparse_linears(gm, self.sparse_tensors, self.default_block_shape)
+        sites = self.sites
         self.lowered, self.kept_dense = [], {}
         graph = gm.graph
         built: dict[int, tuple[nn.Module, str, SparseLinear, list]] = {}  # id(module) -> (module, tmp fqn, site, records)
@@ -199,7 +204,7 @@ class LowerSparseLinears(PassBase):
             with torch.no_grad():
                 module = self.build(site, weight, mask, bias)
             if id(module) not in built:
-                tmp = _unique_child_name(gm, f"_fx_sparsity_lowering_{len(built)}")
+                tmp = unique_attr_name(gm, f"_fx_sparsity_lowering_{len(built)}")
                 gm.add_submodule(tmp, module)
                 built[id(module)] = (module, tmp, site, [])
                 info = {"tensor_fqn": site.tensor_fqn,
@@ -207,11 +212,11 @@ class LowerSparseLinears(PassBase):
                         "weight_sparsity": _stored_weight_sparsity(module, weight * mask),
                         "sparse_block_shape": tuple(site.block_shape),
                         "dense_weight_kept": False}
-                module._fx_sparsity_info = {**getattr(module, "_fx_sparsity_info", {}), **info}  # keep the target's own record
+                setattr(module, INFO_ATTR, {**getattr(module, INFO_ATTR, {}), **info})  # keep the target's own record
             module, tmp, _, records = built[id(module)]
             with graph.inserting_before(site.node):
                 # The input as it is now: an earlier site may have replaced the node it was (linear -> linear).
-                new = graph.call_module(tmp, (_linear_args(site.node)[0],))
+                new = graph.call_module(tmp, (site.input,))
             new.meta.update({k: v for k, v in site.node.meta.items() if k != "sparsity"})
             site.node.replace_all_uses_with(new)
             records.append(LoweredLinear(new, site.node.name, tmp))
@@ -226,9 +231,9 @@ class LowerSparseLinears(PassBase):
         self._delete_dead_tensors(gm, targets)
 
         for module, tmp, site, records in built.values():
-            still_read = self._readers(gm, fetch_attr_or_none(gm, site.weight.target))
+            still_read = sorted({n.name for n in tensor_readers(gm, fetch_attr_or_none(gm, site.weight.target))})
             if still_read:
-                module._fx_sparsity_info["dense_weight_kept"] = True
+                getattr(module, INFO_ATTR)["dense_weight_kept"] = True
                 self.kept_dense[site.tensor_fqn] = still_read
             fqn = self._place(gm, module, tmp, site)
             for record in records:
@@ -236,28 +241,12 @@ class LowerSparseLinears(PassBase):
                 with graph.inserting_before(record.node):
                     node = graph.call_module(fqn, record.node.args, record.node.kwargs)
                 node.meta.update(record.node.meta)
-                node.meta["sparsity"] = dict(module._fx_sparsity_info)
+                node.meta["sparsity"] = dict(getattr(module, INFO_ATTR))
                 record.node.replace_all_uses_with(node)
                 graph.erase_node(record.node)
-                record.node, record.module_fqn, record.info = node, fqn, module._fx_sparsity_info
+                record.node, record.module_fqn, record.info = node, fqn, getattr(module, INFO_ATTR)
                 self.lowered.append(record)
-        graph.lint()
-        gm.recompile()
         return PassResult(gm, bool(sites))
-
-    @staticmethod
-    def _readers(gm: fx.GraphModule, tensor: torch.Tensor | None) -> list[str]:
-        if tensor is None:
-            return []
-        readers = []
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and fetch_attr_or_none(gm, node.target) is tensor:
-                for user in node.users:  # through the mask multiply, if any
-                    if user.op == "call_function" and user.target in (torch.mul, torch.ops.aten.mul.Tensor):
-                        readers += [u.name for u in user.users]
-                    else:
-                        readers.append(user.name)
-        return sorted(set(readers))
 
     @staticmethod
     def _delete_dead_tensors(gm: fx.GraphModule, targets: list[str]) -> None:
@@ -287,16 +276,9 @@ class LowerSparseLinears(PassBase):
         if module_fqn and empty and not still_used:
             gm.add_submodule(module_fqn, module)  # replaces the emptied owner, as torch.ao's convert swaps modules
             return module_fqn
-        name = _unique_child_name(owner, tensor_name + LOWERED_SUFFIX)
+        name = unique_attr_name(owner, tensor_name + LOWERED_SUFFIX)
         owner.add_module(name, module)
         return f"{module_fqn}.{name}" if module_fqn else name
-
-
-def fetch_attr_or_none(gm: nn.Module, target: str):
-    try:
-        return fetch_attr(gm, target)
-    except AttributeError:
-        return None
 
 
 def _flat(fqn: str) -> str:
@@ -322,9 +304,9 @@ class QuantizeBoundaries(PassBase):
             if node.op != "call_module" or node.name not in self.qparams:
                 continue
             scale, zero_point, dtype = self.qparams[node.name]
-            quant = _unique_child_name(gm, _flat(node.target) + "_quantize")
+            quant = unique_attr_name(gm, _flat(node.target) + "_quantize")
             gm.add_submodule(quant, Quantize(float(scale), int(zero_point), dtype))
-            dequant = _unique_child_name(gm, _flat(node.target) + "_dequantize")
+            dequant = unique_attr_name(gm, _flat(node.target) + "_dequantize")
             gm.add_submodule(dequant, DeQuantize())
             with graph.inserting_before(node):
                 q = graph.call_module(quant, (node.args[0],))
@@ -335,8 +317,6 @@ class QuantizeBoundaries(PassBase):
             done += 1
         if done != len(self.qparams):
             raise ValueError(f"{len(self.qparams) - done} of the nodes {sorted(self.qparams)} are not call_module nodes")
-        graph.lint()
-        gm.recompile()
         return PassResult(gm, bool(done))
 
 
@@ -394,6 +374,4 @@ class FoldRequantize(PassBase):
                                                             for n in graph.nodes):
                         gm.delete_submodule(node.target)
             self.folded += 1
-        graph.lint()
-        gm.recompile()
         return PassResult(gm, bool(self.folded))

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity as fxs
-from fx_sparsity.auto_lowering import DenseDynamicInt8Linear, choose_linear_lowering
+from fx_sparsity.lowering import choose_linear_lowering
+from fx_sparsity.nn import DenseDynamicInt8Linear
 
 from models import encoder_layer
 
@@ -60,7 +61,7 @@ def test_auto_keeps_30_percent_dense_and_lowers_95_percent(big):
     assert sparse["speedup_vs_dense"] >= 1.05 and sparse["timed_rows"] == 64
     assert set(sparse["candidates_ms"]) >= {"dense", "csr"}
     assert sparse["tensor_fqn"] == "2.weight" and sparse["weight_sparsity"] >= 0.95
-    assert lowered.get_submodule("2")._fx_sparsity_info == sparse  # survives pickling, unlike meta
+    assert lowered.get_submodule("2").fx_sparsity_info == sparse  # survives pickling, unlike meta
     assert "int8" in sparse["not_timed"]  # the default bound admits float kernels only
     assert _rel(lowered(x), prepared(x)) <= 1e-5
     printed = fxs.format_sparse_graph(lowered)
@@ -75,7 +76,7 @@ def test_auto_lowered_module_saves_and_loads(big):
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert torch.equal(loaded(x), lowered(x))
-    assert loaded.get_submodule("2")._fx_sparsity_info == lowered.get_submodule("2")._fx_sparsity_info
+    assert loaded.get_submodule("2").fx_sparsity_info == lowered.get_submodule("2").fx_sparsity_info
 
 
 def test_choice_records_every_candidate_and_error():
@@ -88,7 +89,7 @@ def test_choice_records_every_candidate_and_error():
     assert set(choice.skipped) == {"int8", "sparse_int8"}
     assert all(error <= 1e-5 for error in choice.rel_errors.values())
     assert choice.choice in choice.timings_ms and choice.rows == 32
-    info = choice.module._fx_sparsity_info
+    info = choice.module.fx_sparsity_info
     assert info["auto_choice"] == choice.choice and info["lowered_to"] == type(choice.module).__name__
     with torch.no_grad():
         assert _rel(choice.module(x), F.linear(x, weight * mask, bias)) <= 1e-5

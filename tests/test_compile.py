@@ -205,7 +205,7 @@ def test_lowered_module_compiles_around_the_sparse_kernels(mapping):
     else:
         lowered = fxs.convert_fx_sparse(prepared, fxs.get_static_sparse_quantized_mapping(),
                                         calibration_data=[(torch.randn(8, 16),) for _ in range(4)])
-    assert sum(hasattr(m, "_fx_sparsity_info") for m in lowered.modules()) == 3
+    assert sum(hasattr(m, "fx_sparsity_info") for m in lowered.modules()) == 3
     with torch.no_grad():
         expected = lowered(x)
         torch.testing.assert_close(torch.compile(lowered, backend="aot_eager")(x), expected, rtol=0, atol=0)

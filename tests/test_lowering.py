@@ -12,7 +12,7 @@ from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig, get_default_qconfig
 
 import fx_sparsity as fxs
-from fx_sparsity.quantized_engine import (
+from fx_sparsity.nn import (
     SparseQuantizedDynamicLinear,
     SparseQuantizedLinear,
     block_shape_supported,
@@ -167,7 +167,7 @@ def forward(self, input):
             mask = prepared.get_buffer(node.meta["sparsity"]["tensor_fqn"] + "_mask")
             self.assertGreaterEqual(stored, (mask == 0).float().mean().item())
             self.assertGreaterEqual(stored, 0.8 - 4 / mask.numel())  # the level, to one 1x4 block
-            self.assertEqual(node.meta["sparsity"], module._fx_sparsity_info)
+            self.assertEqual(node.meta["sparsity"], module.fx_sparsity_info)
             self.assertEqual(node.meta["sparsity"]["lowered_to"], "SparseQuantizedDynamicLinear")
             self.assertEqual(node.meta["sparsity"]["weight_sparsity"], stored)
             self.assertEqual(module.weight().q_zero_point(), 0)
@@ -190,7 +190,7 @@ def forward(self, input):
         tokens = torch.randint(0, 40, (3, 5))
         self.assertLessEqual(rel(lowered(tokens), prepared(tokens)), 0.02)
         self.assertIn("out.weight_mask", lowered.state_dict())  # the embedding still reads weight * mask
-        self.assertTrue(lowered.out.weight_lowered._fx_sparsity_info["dense_weight_kept"])
+        self.assertTrue(lowered.out.weight_lowered.fx_sparsity_info["dense_weight_kept"])
         self.assertIsInstance(lowered.hidden, SparseQuantizedDynamicLinear)
 
     def test_weight_used_twice_gets_one_module(self):
@@ -225,7 +225,7 @@ def forward(self, input):
         # A module whose sparsity is known only from sparse_params (torch.ao's convention).
         prepared, sparsifier = prepared_mlp()
         sparsifier.squash_mask(params_to_keep_per_layer={"2": ("sparse_block_shape",)})
-        del prepared._fx_sparsity_config
+        del prepared.fx_sparsity_config
         lowered = fxs.convert_fx_sparse(prepared)
         self.assertEqual(sorted(lowered_modules(lowered)), ["2"])
         self.assertIs(type(lowered.get_submodule("0")), nn.Linear)
@@ -261,9 +261,9 @@ def forward(self, input):
         prepared, _ = prepared_mlp(0.5, sparse_block_shape=(2, 8))
         lowered = fxs.convert_fx_sparse(prepared)
         module = lowered.get_submodule("0")
-        self.assertEqual(module._fx_sparsity_info["sparse_block_shape"], (2, 8))  # the group's
+        self.assertEqual(module.fx_sparsity_info["sparse_block_shape"], (2, 8))  # the group's
         self.assertEqual(module._weight_bias()[2:], (1, 4))  # the kernel's, whose zero blocks tile (2, 8) ones
-        self.assertGreaterEqual(module._fx_sparsity_info["weight_sparsity"], 0.5)
+        self.assertGreaterEqual(module.fx_sparsity_info["weight_sparsity"], 0.5)
         x = torch.randn(8, 16)
         self.assertLessEqual(rel(lowered(x), prepared(x)), 0.02)
 
@@ -472,7 +472,7 @@ class TestErrors(TestCase):
         sparsifier = fxs.WeightNormSparsifier()
         prepared = fxs.prepare_fx_sparse(cnn(), sparsifier, [{"tensor_fqn": "fc.weight"}])
         sparsifier.squash_mask()
-        del prepared._fx_sparsity_config
+        del prepared.fx_sparsity_config
         with pytest.warns(UserWarning, match="no Linear over a sparse weight"):
             lowered = fxs.convert_fx_sparse(prepared)
         self.assertIs(type(lowered.fc), nn.Linear)
@@ -497,7 +497,7 @@ class TestFromMaskedTargets(TestCase):
         lowered = fxs.convert_fx_sparse(prepared, {nn.Linear: DenseMasked})
         x = torch.randn(4, 16)
         torch.testing.assert_close(lowered(x), prepared(x))
-        info = lowered.get_submodule("2")._fx_sparsity_info
+        info = lowered.get_submodule("2").fx_sparsity_info
         self.assertEqual(info["lowered_to"], "DenseMasked")
         self.assertAlmostEqual(info["weight_sparsity"], (prepared.get_buffer("2.weight_mask") == 0).float().mean().item())
 

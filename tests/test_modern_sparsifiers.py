@@ -14,12 +14,7 @@ from torch.ao.quantization.observer import _is_activation_post_process
 from torch.nn.utils import prune
 
 import fx_sparsity as fxs
-from fx_sparsity.passes.activation_stats import (
-    ChannelNormObserver,
-    insert_activation_observers,
-    observer_fqn_for,
-    remove_activation_observers,
-)
+from fx_sparsity.passes import ChannelNormObserver, observe_linear_inputs, observer_fqn_for, remove_observers
 
 # -- GlobalMagnitudeSparsifier ------------------------------------------------------------
 
@@ -262,7 +257,7 @@ def _insert_and_remove(case):
     model, x = TwoLayer(), torch.randn(4, 16)
     prepared = fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier())
     before, expected = prepared.code, prepared(x)
-    observed = insert_activation_observers(prepared, ["fc2.weight"])
+    observed = observe_linear_inputs(prepared, ["fc2.weight"])
     assert observed == {"fc2.weight": "fc2.weight_input_observer"}
     case.assertExpectedInline(prepared.code.strip(), """\
 def forward(self, x):
@@ -281,7 +276,7 @@ def forward(self, x):
     return linear_1""")
     assert torch.equal(prepared(x), expected)
     assert "fc2.weight_input_observer.sum_sq" in prepared.state_dict()
-    assert remove_activation_observers(prepared) == ["fc2.weight_input_observer"]
+    assert remove_observers(prepared, ChannelNormObserver) == ["fc2.weight_input_observer"]
     assert prepared.code == before
     assert not hasattr(prepared.fc2, "weight_input_observer")
     assert torch.equal(prepared(x), expected)

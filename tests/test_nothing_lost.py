@@ -165,7 +165,7 @@ class RefusingSparsifier(MagnitudeAnyShape):
 class FailingHookSparsifier(MagnitudeAnyShape):
     fail = True
 
-    def _on_prepared(self, gm):
+    def on_prepared(self, gm):
         if self.fail:
             raise RuntimeError("injected failure after the masks are in")
 
@@ -270,7 +270,7 @@ def test_prepared_module_round_trips_exactly(how):
         [(u.tensor_fqn, u.mask_fqn) for u in find_masked_uses(prepared)]
     assert torch.equal(clone(x), prepared(x))
     # The printed config follows the copy, not the original.
-    config = clone._fx_sparsity_config
+    config = clone.fx_sparsity_config
     assert config["hidden.weight"]["module"] is clone.get_submodule("hidden")
 
 

@@ -304,5 +304,8 @@ class TestBehaviour(TestCase):
         with self.assertRaisesRegex(RuntimeError, r"example inputs do not run through the graph .*Guard failed.*"
                                                   r"same shapes it was exported with"):
             fxs.format_sparse_graph(prepared, example_inputs=(torch.randn(3, 16),))
-        with self.assertRaisesRegex(TypeError, "example_inputs must be a tensor or a tuple"):
-            fxs.format_sparse_graph(prepared, example_inputs={"input": torch.randn(2, 16)})
+        # keyword inputs work as well as positional ones
+        by_keyword = fxs.format_sparse_graph(prepared, example_inputs={"input": torch.randn(2, 16)})
+        assert by_keyword == fxs.format_sparse_graph(prepared, example_inputs=(torch.randn(2, 16),))
+        with self.assertRaisesRegex(TypeError, r"the inputs do not match the graph's forward\(input\)"):
+            fxs.format_sparse_graph(prepared, example_inputs={"x": torch.randn(2, 16)})

@@ -105,7 +105,7 @@ def test_bert_prepare_train_compile_squash(bert):
     with torch.no_grad():
         lowered = fxs.convert_fx_sparse(squashed)
         out = lowered(**inputs).last_hidden_state
-    infos = [m._fx_sparsity_info for m in lowered.modules() if hasattr(m, "_fx_sparsity_info")]
+    infos = [m.fx_sparsity_info for m in lowered.modules() if hasattr(m, "fx_sparsity_info")]
     assert len(infos) == 13
     assert {i["lowered_to"] for i in infos} == {"SparseQuantizedDynamicLinear"}
     assert all(i["weight_sparsity"] == pytest.approx(0.9, abs=0.01) for i in infos)

@@ -1,4 +1,12 @@
-"""Lowered modules of fx_sparsity's own: sparse-weight layers that need no quantized tensors."""
+"""The modules lowering produces: sparse fp32 weights (CSR/BSR) and torch.ao's quantized Linears pinned to their engines."""
+from .quantized import (
+    DenseDynamicInt8Linear,
+    SparseQuantizedDynamicLinear,
+    SparseQuantizedLinear,
+    block_shape_supported,
+    quantized_engine,
+)
 from .sparse_linear import SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
 
-__all__ = ["SparseCSRLinear", "SparseBSRLinear", "sparse_kernel_available"]
+__all__ = ["SparseCSRLinear", "SparseBSRLinear", "sparse_kernel_available", "SparseQuantizedDynamicLinear",
+           "SparseQuantizedLinear", "DenseDynamicInt8Linear", "block_shape_supported", "quantized_engine"]

@@ -14,11 +14,9 @@ import copy
 import functools
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from fx_sparsity.sparsifier.base_sparsifier import BaseSparsifier
-
+from ..sparsifier.base_sparsifier import BaseSparsifier
 
 __all__ = ["BaseScheduler"]
 
@@ -43,14 +41,6 @@ _ORDER_WARNING = (
 )
 
 
-def _base_sparsifier_cls() -> type:
-    # Imported lazily: the sparsifier package and this one are both imported
-    # from ``fx_sparsity/__init__.py`` and must not depend on import order.
-    from fx_sparsity.sparsifier.base_sparsifier import BaseSparsifier
-
-    return BaseSparsifier
-
-
 def _check_sparsifier(sparsifier: Any) -> None:
     """Validate the sparsifier handed to a scheduler.
 
@@ -58,8 +48,7 @@ def _check_sparsifier(sparsifier: Any) -> None:
     sparsifier (including torch.ao.pruning sparsifiers) and ``ValueError``
     for a sparsifier without any groups (i.e. not prepared yet).
     """
-    expected = _base_sparsifier_cls()
-    if not isinstance(sparsifier, expected):
+    if not isinstance(sparsifier, BaseSparsifier):
         cls = type(sparsifier)
         hint = ""
         if cls.__module__.startswith("torch.ao."):
@@ -73,7 +62,7 @@ def _check_sparsifier(sparsifier: Any) -> None:
             f"expected an fx_sparsity sparsifier, got {cls.__module__}."
             f"{cls.__qualname__}{hint}"
         )
-    if not getattr(sparsifier, "groups", None):
+    if getattr(sparsifier, "model", None) is None:
         raise ValueError(
             "sparsifier is not prepared: call prepare_fx_sparse / "
             "sparsifier.prepare first (it has no groups to schedule)"

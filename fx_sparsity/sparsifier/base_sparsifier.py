@@ -15,8 +15,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..config import build_groups, config_or_default, initial_mask, publish_config
+from ..errors import SparsityConfigError, warn_user
 from ..fqn import get_arg_info_from_tensor_fqn
-from ..passes import buffer_or_none, fold_masks, mask_fqn_for
+from ..lowering import convert_fx_sparse
+from ..parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
+from ..passes import MaskSpec, buffer_or_none, fold_masks, mask_fqn_for, prepare_masks
+from ..rollback import snapshot
+from ..tracing import TRACERS, trace
 
 __all__ = ["BaseSparsifier"]
 
@@ -83,21 +89,93 @@ class BaseSparsifier(abc.ABC):
         return "\n".join(lines) + "\n)"
 
     # -- preparing
-    def prepare(self, model: nn.Module, config: list[dict] | None) -> fx.GraphModule:
-        """Trace ``model`` and insert masks; returns the prepared GraphModule (also ``self.model``).
+    def prepare(self, model: nn.Module, config: list[dict] | None = None, *, example_inputs: Any = None,
+                tracer: str = "symbolic", inplace: bool = False) -> fx.GraphModule:
+        """Trace ``model`` and put a mask-multiply node in front of every use of each configured tensor.
 
-        Unlike torch.ao.pruning, the input model is not modified: use the returned module.
+        Same config semantics as ``torch.ao.pruning.BaseSparsifier.prepare``: each entry is a
+        dict with a ``tensor_fqn`` plus overrides of the defaults; ``config=None`` means every
+        ``nn.Linear`` weight (or, for a model prepared by torch.ao.pruning, every tensor
+        carrying a ``FakeSparsity`` mask — those masks are imported). Unlike torch.ao, the
+        input model is left as it was unless ``inplace=True``: use the returned GraphModule
+        (also ``self.model``). A failure leaves the model and this sparsifier as they were.
         """
-        from ..api import prepare_fx_sparse
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self.model is not None:
+            raise SparsityConfigError(
+                f"{type(self).__name__} is already prepared ({len(self.groups)} groups); "
+                f"use a new sparsifier for each model")
+        if config is not None and not isinstance(config, (list, tuple)):
+            raise TypeError(f"config must be a list of dicts (or None for every nn.Linear weight), got "
+                            f"{type(config).__name__}")
+        if tracer not in TRACERS:
+            raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
+        if inplace:
+            work = model
+        else:
+            try:
+                work = copy.deepcopy(model)
+            except Exception as e:
+                raise TypeError(f"cannot copy {type(model).__name__} ({e}); pass inplace=True to prepare it in "
+                                f"place") from e
+        restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "state"))
+        try:
+            return self._prepare(work, model, config, tracer, example_inputs)
+        except BaseException:
+            restore()
+            raise
 
-        return prepare_fx_sparse(model, self, config)
+    def _prepare(self, work: nn.Module, original: nn.Module, config, tracer: str, example_inputs) -> fx.GraphModule:
+        imported = fake_sparsity_masks(work)
+        groups = build_groups(work, original, self.defaults, config_or_default(work, config, imported))
+        self._validate_groups(groups, work)
+        if not groups:
+            _warn_nothing_configured(work, config)
+        strip_fake_sparsity(work)
+
+        gm = trace(work, tracer, example_inputs)
+        specs = [MaskSpec(g["tensor_fqn"], initial_mask(g, tensor_at(work, g["tensor_fqn"]), imported), {"group": i})
+                 for i, g in enumerate(groups)]
+        prepare_masks(gm, specs, work)
+        for group in groups:
+            group["module"] = gm.get_submodule(group["module_fqn"])
+            self.state[group["tensor_fqn"]]["mask"] = gm.get_buffer(mask_fqn_for(group["tensor_fqn"]))
+        self.model = gm
+        self.config = list(config) if config is not None else None
+        self.groups = groups
+        publish_config(gm, groups)
+        self.on_prepared(gm)
+        return gm
+
+    def _validate_groups(self, groups: list[dict[str, Any]], model: nn.Module) -> None:
+        """Run :meth:`validate_group` on every group; one error naming every group refused."""
+        errors = []
+        for group in groups:
+            try:
+                self.validate_group(group, tensor_at(model, group["tensor_fqn"]))
+            except ValueError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            lines = "\n".join(f"  {e}" for e in errors)
+            raise SparsityConfigError(
+                f"{type(self).__name__} cannot sparsify {len(errors)} of the {len(groups)} configured tensors:\n"
+                f"{lines}\nLeave them out of the config (or configure them with a sparsifier that accepts them).")
 
     def validate_group(self, group: dict[str, Any], tensor: torch.Tensor) -> None:
-        """Check one merged group before anything is modified; raise ValueError on a bad config."""
+        """Check one merged group before anything is modified; raise ``SparsityConfigError`` on a bad config."""
+
+    def on_prepared(self, model: fx.GraphModule) -> None:
+        """Called once the masks are in the graph, for sparsifiers that add more to it (Wanda: observers).
+
+        An exception here undoes the whole prepare.
+        """
 
     # -- masks
     def _require_prepared(self, what: str) -> fx.GraphModule:
-        if self.model is None or not self.groups:
+        if self.model is None:
             raise RuntimeError(
                 f"{type(self).__name__}.{what}() called before prepare: call "
                 f"fx_sparsity.prepare_fx_sparse(model, sparsifier, config) (or sparsifier.prepare) first")
@@ -160,11 +238,7 @@ class BaseSparsifier(abc.ABC):
 
     def convert(self, module: nn.Module, mapping: dict | None = None, inplace: bool = False, **kwargs) -> fx.GraphModule:
         """Lower ``module`` (prepared or squashed); delegates to ``fx_sparsity.convert_fx_sparse``."""
-        from .. import api
-
-        if not hasattr(api, "convert_fx_sparse"):
-            raise NotImplementedError("lowering (convert_fx_sparse) is not available in this build")
-        return api.convert_fx_sparse(module, mapping, inplace=inplace, **kwargs)
+        return convert_fx_sparse(module, mapping, inplace=inplace, **kwargs)
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
@@ -209,6 +283,15 @@ class BaseSparsifier(abc.ABC):
                 raise RuntimeError(f"Error loading group '{group['tensor_fqn']}': no such tensor in the model")
             group.update(info)
         self.groups, self.state = groups, state
-        from ..api import publish_config
-
         publish_config(model, groups)  # the module's printed config follows the loaded groups
+
+
+def _warn_nothing_configured(model: nn.Module, config: list | None) -> None:
+    if config is None:
+        why = (f"the default config takes the weight of every nn.Linear (exact type), and "
+               f"{type(model).__name__} has none")
+    else:
+        why = "the config is empty"
+    warn_user(
+        f"prepare: no tensor is configured for sparsity ({why}); step(), squash_mask() and schedulers will do "
+        f"nothing. Name the tensors to sparsify, e.g. config=[{{'tensor_fqn': 'features.0.weight'}}]")

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import SparsityConfigError
 from .base_sparsifier import BaseSparsifier
 from .nm_sparsifier import check_level
 
@@ -88,7 +89,7 @@ class GlobalMagnitudeSparsifier(BaseSparsifier):
         where = f"group '{group['tensor_fqn']}'"
         check_level(group["sparsity_level"], where=where)
         if group["sparsity_level"] != self.defaults["sparsity_level"]:
-            raise ValueError(
+            raise SparsityConfigError(
                 f"{where}: sparsity_level={group['sparsity_level']!r} differs from the global level "
                 f"{self.defaults['sparsity_level']!r}; a global sparsifier has one level "
                 f"(GlobalMagnitudeSparsifier(sparsity_level=...)). To limit one layer, give it "
@@ -99,7 +100,7 @@ class GlobalMagnitudeSparsifier(BaseSparsifier):
     def _level(self) -> float:
         levels = {g["sparsity_level"] for g in self.groups}
         if len(levels) != 1:
-            raise ValueError(
+            raise SparsityConfigError(
                 f"{type(self).__name__} needs one sparsity_level for all groups, got {sorted(levels)} (a scheduler "
                 f"with per-group settings?); give the scheduler one setting for every group")
         return check_level(levels.pop())

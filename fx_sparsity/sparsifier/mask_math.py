@@ -252,7 +252,8 @@ def check_2d(tensor, *, where: str = "") -> None:
         raise SparsityConfigError(
             f"{p}expected a 2-D tensor, got shape {tuple(tensor.shape)} "
             f"({tensor.dim()}-D); this mask is only defined for 2-D weights "
-            "(reshape the weight to 2-D or exclude it from sparsification)"
+            "(block masks are defined on 2-D weights, as in torch.ao.pruning; for Conv or other N-D weights use "
+            "GlobalMagnitudeSparsifier, which takes any shape, or leave the tensor out of the config)"
         )
 
 

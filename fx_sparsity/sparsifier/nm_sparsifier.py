@@ -7,6 +7,7 @@ import numbers
 import torch
 from torch import nn
 
+from ..errors import SparsityConfigError
 from .base_sparsifier import BaseSparsifier
 
 __all__ = ["NMSparsifier", "nm_keep_mask", "check_level", "check_nm"]
@@ -17,31 +18,31 @@ def _where(where: str) -> str:
 
 
 def check_level(level, *, name: str = "sparsity_level", high: float = 1.0, where: str = "") -> float:
-    """``level`` as a float in ``[0, high]``, or ``ValueError`` naming it."""
+    """``level`` as a float in ``[0, high]``, or ``SparsityConfigError`` naming it."""
     if isinstance(level, torch.Tensor) and level.numel() == 1:
         level = level.item()
     if isinstance(level, bool) or not isinstance(level, numbers.Real) or math.isnan(level):
-        raise ValueError(f"{_where(where)}{name} must be a real number in [0, {high:g}], got {level!r}")
+        raise SparsityConfigError(f"{_where(where)}{name} must be a real number in [0, {high:g}], got {level!r}")
     if not -1e-9 <= level <= high + 1e-9:
-        raise ValueError(f"{_where(where)}{name} must be in [0, {high:g}], got {level!r}")
+        raise SparsityConfigError(f"{_where(where)}{name} must be in [0, {high:g}], got {level!r}")
     return min(max(float(level), 0.0), high)
 
 
 def check_nm(n, m, *, where: str = "") -> None:
     if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, numbers.Integral) \
             or not isinstance(m, numbers.Integral):
-        raise ValueError(f"{_where(where)}n and m must be ints (keep n of every m), got n={n!r}, m={m!r}")
+        raise SparsityConfigError(f"{_where(where)}n and m must be ints (keep n of every m), got n={n!r}, m={m!r}")
     if not 1 <= n < m:
-        raise ValueError(f"{_where(where)}need 1 <= n < m (keep n of every m weights), got n={n}, m={m}; "
+        raise SparsityConfigError(f"{_where(where)}need 1 <= n < m (keep n of every m weights), got n={n}, m={m}; "
                          f"e.g. n=2, m=4 for 2:4")
 
 
 def check_nm_tensor(tensor: torch.Tensor, m: int, *, what: str, where: str = "") -> None:
     if tensor.dim() != 2:
-        raise ValueError(f"{_where(where)}{what} needs a 2-D (out_features, in_features) weight, got shape "
+        raise SparsityConfigError(f"{_where(where)}{what} needs a 2-D (out_features, in_features) weight, got shape "
                          f"{tuple(tensor.shape)}; configure only Linear-like weights")
     if tensor.shape[1] % m:
-        raise ValueError(
+        raise SparsityConfigError(
             f"{_where(where)}{what} needs in_features (last dim) divisible by m={m}; shape is "
             f"{tuple(tensor.shape)} ({tensor.shape[1]} % {m} = {tensor.shape[1] % m}). Leave this tensor out "
             f"of the config or pick an m that divides {tensor.shape[1]}")

@@ -5,12 +5,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SparsityConfigError
-from ..passes.activation_stats import (
-    ChannelNormObserver,
-    insert_activation_observers,
-    observer_fqn_for,
-    remove_activation_observers,
-)
+from ..passes import ChannelNormObserver, observe_linear_inputs, observer_fqn_for, remove_observers
 from .base_sparsifier import BaseSparsifier
 from .nm_sparsifier import check_level, check_nm_tensor, nm_keep_mask
 
@@ -40,7 +35,7 @@ class WandaSparsifier(BaseSparsifier):
     def __init__(self, sparsity_level: float = 0.5, semi_structured_block_size: int | None = None):
         m = semi_structured_block_size
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2 or m % 2):
-            raise ValueError(f"semi_structured_block_size must be an even int >= 2 (4 for 2:4) or None, got {m!r}")
+            raise SparsityConfigError(f"semi_structured_block_size must be an even int >= 2 (4 for 2:4) or None, got {m!r}")
         check_level(sparsity_level, high=0.5 if m else 1.0,
                     where="semi-structured (m/2:m) Wanda" if m else "")
         super().__init__(defaults={"sparsity_level": sparsity_level, "semi_structured_block_size": m})
@@ -51,19 +46,16 @@ class WandaSparsifier(BaseSparsifier):
         if m is not None:
             check_nm_tensor(tensor, m, what=f"Wanda {m // 2}:{m}", where=where)
         elif tensor.dim() != 2:
-            raise ValueError(f"{where}: Wanda needs a 2-D (out_features, in_features) linear weight, got shape "
+            raise SparsityConfigError(f"{where}: Wanda needs a 2-D (out_features, in_features) linear weight, got shape "
                              f"{tuple(tensor.shape)}")
         check_level(group["sparsity_level"], high=0.5 if m else 1.0, where=where)
 
-    # Called by prepare_fx_sparse once the masks are in the graph.
-    def _on_prepared(self, model: fx.GraphModule) -> None:
+    def on_prepared(self, model: fx.GraphModule) -> None:
+        """Observe the input of every linear that uses a configured weight (prepare undoes all on error)."""
         fqns = [g["tensor_fqn"] for g in self.groups]
-        observed = insert_activation_observers(model, fqns)
+        observed = observe_linear_inputs(model, fqns)
         missing = [fqn for fqn in fqns if fqn not in observed]
         if missing:
-            remove_activation_observers(model)
-            self.groups, self.model, self.config = [], None, None
-            self.state.clear()
             raise SparsityConfigError(
                 f"WandaSparsifier scores a weight by the inputs of the linear that uses it, but {missing} "
                 f"{'is' if len(missing) == 1 else 'are'} not the weight of any linear (F.linear / aten.linear) in "
@@ -110,5 +102,5 @@ class WandaSparsifier(BaseSparsifier):
 
     def squash_mask(self, *args, **kwargs) -> fx.GraphModule:
         """Remove the observers, then fold the masks (see :meth:`BaseSparsifier.squash_mask`)."""
-        remove_activation_observers(self._require_prepared("squash_mask"))
+        remove_observers(self._require_prepared("squash_mask"), ChannelNormObserver)
         return super().squash_mask(*args, **kwargs)

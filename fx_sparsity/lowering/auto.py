@@ -10,7 +10,7 @@ dense time / its time in the same round (load changes between rounds cancel out)
 - ``bsr<b>x<b>``: :class:`~fx_sparsity.nn.SparseBSRLinear` for square blocks ``b`` of 4, 8,
   16 and the group's own block when square, when ``b`` divides the weight and the stored
   blocks hold at most half of the weight (zeros inside a stored block cost time);
-- ``int8`` (dense dynamic int8, x86 engine) and ``sparse_int8`` (the seed's
+- ``int8`` (dense dynamic int8, x86 engine) and ``sparse_int8`` (torch.ao's
   ``torch.ao.nn.sparse.quantized.dynamic.Linear``, qnnpack): float32 weights only, and
   only when ``max_rel_error`` is at least :data:`INT8_ERROR_FLOOR`, since 8-bit weights do
   not get closer than that; their error on the recorded input must then be within it.
@@ -18,32 +18,31 @@ dense time / its time in the same round (load changes between rounds cancel out)
 A sparse candidate wins only when it is at least :data:`MIN_SPEEDUP` times faster than
 dense; otherwise, and on ties within noise, the layer stays dense. Every candidate's
 output is checked against the float masked layer on the recorded input. The choice, the
-timings and the speedup go into the lowered module's ``_fx_sparsity_info`` and the node's
+timings and the speedup go into the lowered module's ``fx_sparsity_info`` and the node's
 ``meta["sparsity"]``.
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import statistics
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicInt8Linear
-from torch.ao.nn.quantized.modules.linear import LinearPackedParams as _AoLinearPackedParams
 
-from .errors import SparsityConfigError
-from .nn import SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
-from .quantized_engine import quantized_engine
-from .timing import interleaved_times_ms
+from ..errors import SparsityConfigError
+from ..inputs import graph_inputs
+from ..nn import SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
+from ..nn.quantized import DYNAMIC_ENGINE, DenseDynamicInt8Linear, SparseQuantizedDynamicLinear, block_shape_supported
+from ..passes import INFO_ATTR
+from ..timing import interleaved_times_ms
+from .strategies import LoweringOptions, LoweringStrategy, register_lowering
 
-__all__ = ["LayerChoice", "choose_linear_lowering", "record_linear_inputs", "convert_auto",
-           "DenseDynamicInt8Linear", "MIN_SPEEDUP", "INT8_ERROR_FLOOR"]
+__all__ = ["LayerChoice", "choose_linear_lowering", "record_linear_inputs", "Auto", "MIN_SPEEDUP",
+           "INT8_ERROR_FLOOR"]
 
 MIN_SPEEDUP = 1.05  # below this the difference is within timing noise: keep dense
 INT8_ERROR_FLOOR = 1e-3  # relative error 8-bit weights cannot get under
@@ -52,58 +51,6 @@ _BSR_SIZES = (4, 8, 16)
 _SAMPLE_S = 2e-4  # each timed sample runs the candidate for at least this long
 _BUDGET_S = 0.05  # per layer: more rounds than `repeat` while within this time
 _MAX_ROUNDS = 101
-INT8_ENGINE = "x86"
-
-
-# -- dense dynamic int8, pinned to its engine ------------------------------------------------
-
-class _X86PackedParams(_AoLinearPackedParams):
-    # torch.ao packs under the global engine, also when unpickling or loading a state dict;
-    # a weight packed under qnnpack gives other numbers (it ignores reduce_range).
-    def set_weight_bias(self, weight, bias) -> None:
-        with quantized_engine(INT8_ENGINE):
-            super().set_weight_bias(weight, bias)
-
-    # The packed object would pickle itself and repack under the global engine: pickle the
-    # quantized weight instead and pack it here.
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_packed_params"] = self._weight_bias()
-        return state
-
-    def __setstate__(self, state):
-        weight, bias = state.pop("_packed_params")
-        super().__setstate__(state)
-        self.set_weight_bias(weight, bias)
-
-
-class DenseDynamicInt8Linear(_AoDynamicInt8Linear):
-    """``torch.ao.nn.quantized.dynamic.Linear`` (int8 weight, dynamic activations) pinned to the x86 engine.
-
-    Runs and (re)packs under ``x86`` whatever the global engine is, and restores it.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias_: bool = True, dtype=torch.qint8):
-        super().__init__(in_features, out_features, bias_, dtype=dtype)
-        weight, bias = self._packed_params._weight_bias()
-        self._packed_params = _X86PackedParams(dtype)
-        self._packed_params.set_weight_bias(weight, bias)
-
-    @classmethod
-    def from_masked(cls, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, *,
-                    sparse_block_shape=None) -> DenseDynamicInt8Linear:
-        """Per-channel symmetric int8 weight of ``weight * mask`` (zeros stay exactly zero)."""
-        masked = (weight.detach() * mask.detach()).float()
-        scale = (masked.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).double()
-        qweight = torch.quantize_per_channel(masked, scale, torch.zeros_like(scale, dtype=torch.int64), 0,
-                                             torch.qint8)
-        module = cls(masked.shape[1], masked.shape[0], bias is not None)
-        module.set_weight_bias(qweight, None if bias is None else bias.detach().float())
-        return module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with quantized_engine(INT8_ENGINE):
-            return super().forward(x)
 
 
 # -- the choice for one layer ------------------------------------------------------------------
@@ -135,7 +82,7 @@ def _dense_module(masked: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         module.weight.copy_(masked)
         if bias is not None:
             module.bias.copy_(bias)
-    module._fx_sparsity_info = {"lowered_to": "Linear", "format": "dense"}
+    setattr(module, INFO_ATTR, {"lowered_to": "Linear", "format": "dense"})
     return module
 
 
@@ -178,8 +125,6 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | N
             f"max_rel_error={max_rel_error:g} is below what int8 weights reach (~{INT8_ERROR_FLOOR:g})")
     else:
         build["int8"] = lambda: DenseDynamicInt8Linear.from_masked(weight, mask, bias)
-        from .quantized_engine import DYNAMIC_ENGINE, SparseQuantizedDynamicLinear, block_shape_supported
-
         block = tuple(sparse_block_shape) if sparse_block_shape is not None else (1, 4)
         block = block if block_shape_supported(DYNAMIC_ENGINE, block) else (1, 4)
         build["sparse_int8"] = lambda: SparseQuantizedDynamicLinear.from_masked(
@@ -213,7 +158,7 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
 
     Candidates whose output differs from the float masked layer by more than
     ``max_rel_error`` (relative Frobenius norm) are dropped; a sparse one must beat dense
-    by ``min_speedup``. The returned module carries the record in ``_fx_sparsity_info``.
+    by ``min_speedup``. The returned module carries the record in ``fx_sparsity_info``.
     """
     if max_rel_error < 0:
         raise ValueError(f"max_rel_error must be >= 0, got {max_rel_error}")
@@ -253,31 +198,11 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
     choice = LayerChoice(best, modules[best], speedups[best], rows, timings,
                          {n: errors[n] for n in modules}, skipped)
     module = choice.module
-    module._fx_sparsity_info = {**getattr(module, "_fx_sparsity_info", {}), **choice.info()}
+    setattr(module, INFO_ATTR, {**getattr(module, INFO_ATTR, {}), **choice.info()})
     return choice
 
 
 # -- the graph -------------------------------------------------------------------------------
-
-def _flat_inputs(gm: fx.GraphModule, example_inputs: Any) -> list:
-    if isinstance(example_inputs, Mapping):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        args, kwargs = (example_inputs,), {}
-    codegen = gm.graph._codegen
-    in_spec = getattr(getattr(codegen, "pytree_info", None), "in_spec", None)
-    if in_spec is not None:  # torch.export graphs take the flattened (args, kwargs)
-        from torch.fx._pytree import tree_flatten_spec
-
-        return list(tree_flatten_spec((args, kwargs), in_spec))
-    if kwargs:
-        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        return list(bound.arguments.values())
-    return list(args)
-
 
 class _InputRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node]):
@@ -292,16 +217,9 @@ class _InputRecorder(fx.Interpreter):
 
 
 def record_linear_inputs(gm: fx.GraphModule, nodes: list[fx.Node], example_inputs: Any) -> dict[fx.Node, torch.Tensor]:
-    """The value each of ``nodes`` takes when ``gm`` runs on ``example_inputs`` (in eval mode, no grad)."""
+    """The value each of ``nodes`` takes when ``gm`` runs on ``example_inputs`` (run it in eval mode, no grad)."""
     recorder = _InputRecorder(gm, set(nodes))
-    modes = {m: m.training for m in gm.modules()}
-    try:
-        gm.eval()
-        with torch.no_grad():
-            recorder.run(*_flat_inputs(gm, example_inputs), enable_io_processing=False)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    recorder.run(*graph_inputs(gm, example_inputs), enable_io_processing=False)
     missing = [n.name for n in nodes if not isinstance(recorder.values.get(n), torch.Tensor)]
     if missing:
         raise SparsityConfigError(f"running example_inputs through the module gave no tensor input for the "
@@ -309,43 +227,43 @@ def record_linear_inputs(gm: fx.GraphModule, nodes: list[fx.Node], example_input
     return recorder.values
 
 
-def convert_auto(prepared: fx.GraphModule, *, example_inputs: Any, max_rel_error: float = 1e-4,
-                 inplace: bool = False, repeat: int = 7) -> fx.GraphModule:
-    """``convert_fx_sparse(prepared, "auto", ...)``: lower each sparse Linear to its fastest candidate."""
-    from .lowering import DEFAULT_BLOCK_SHAPE, LowerSparseLinears, _check_sites, find_sparse_linears, sparse_block_shapes
+class Auto(LoweringStrategy):
+    """``mapping="auto"``: each layer gets the candidate that times fastest on its real input."""
 
-    if example_inputs is None:
-        raise SparsityConfigError(
-            "mapping='auto' times each layer on its real input: pass example_inputs=(x,), a batch like the ones "
-            "the model will serve (its batch size is the one the choice is made for)")
-    if not isinstance(max_rel_error, (int, float)) or max_rel_error < 0:
-        raise SparsityConfigError(f"max_rel_error must be a number >= 0, got {max_rel_error!r}")
-    shapes = sparse_block_shapes(prepared)
-    sites = find_sparse_linears(prepared, shapes, DEFAULT_BLOCK_SHAPE)
-    _check_sites(sites, "masked")
-    if not sites:
-        warnings.warn("convert_fx_sparse: no Linear over a sparse weight in this module; nothing was lowered",
-                      stacklevel=3)
-    gm = prepared if inplace else copy.deepcopy(prepared)
-    sites = find_sparse_linears(gm, shapes, DEFAULT_BLOCK_SHAPE)
-    inputs = record_linear_inputs(gm, [s.input for s in sites], example_inputs)
-    own_info: dict[str, dict] = {}
+    name = "auto"
+    repeat = 7
 
-    def build(site, weight, mask, bias):
-        choice = choose_linear_lowering(weight, mask, bias, inputs[site.input], sparse_block_shape=site.block_shape,
-                                        max_rel_error=max_rel_error, repeat=repeat)
-        own_info[site.node.name] = dict(choice.module._fx_sparsity_info)
+    def __init__(self, options: LoweringOptions):
+        super().__init__(options)
+        if options.example_inputs is None:
+            raise SparsityConfigError(
+                "mapping='auto' times each layer on its real input: pass example_inputs=(x,), a batch like the ones "
+                "the model will serve (its batch size is the one the choice is made for)")
+        error = options.max_rel_error
+        if isinstance(error, bool) or not isinstance(error, (int, float)) or error < 0:
+            raise SparsityConfigError(f"max_rel_error must be a number >= 0, got {error!r}")
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.records: dict[str, dict] = {}
+
+    def observe(self, gm, sites):
+        values = record_linear_inputs(gm, [s.input for s in sites], self.options.example_inputs)
+        self.inputs = {s.node.name: values[s.input] for s in sites}
+
+    def make(self, site, weight, mask, bias):
+        choice = choose_linear_lowering(weight, mask, bias, self.inputs[site.node.name],
+                                        sparse_block_shape=site.block_shape,
+                                        max_rel_error=self.options.max_rel_error, repeat=self.repeat)
+        self.records[site.node.name] = dict(getattr(choice.module, INFO_ATTR))
         return choice.module
 
-    lowering = LowerSparseLinears(build, shapes, DEFAULT_BLOCK_SHAPE)
-    lowering(gm)
-    for lowered in lowering.lowered:
-        # The pass writes its own record (tensor_fqn, ...); the format and the choice stay under it.
-        module = gm.get_submodule(lowered.module_fqn)
-        module._fx_sparsity_info = {**own_info[lowered.linear_name], **lowered.info}
-        lowered.info = module._fx_sparsity_info
-        lowered.node.meta["sparsity"] = dict(module._fx_sparsity_info)
-    from .lowering import warn_kept_dense  # lowering imports this module lazily; no cycle at import time
+    def finish(self, gm, lowering):
+        for lowered in lowering.lowered:
+            # The pass writes its own record (tensor_fqn, ...); the format and the choice stay under it.
+            module = gm.get_submodule(lowered.module_fqn)
+            info = {**self.records[lowered.linear_name], **lowered.info}
+            setattr(module, INFO_ATTR, info)
+            lowered.info = info
+            lowered.node.meta["sparsity"] = dict(info)
 
-    warn_kept_dense(lowering, stacklevel=5)  # the user's convert_fx_sparse call
-    return gm
+
+register_lowering("auto", Auto)

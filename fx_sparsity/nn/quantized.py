@@ -1,4 +1,4 @@
-"""torch.ao's sparse-quantized Linears, made to run whatever the global quantized engine is.
+"""torch.ao's quantized Linears (sparse and dense int8), made to run whatever the global quantized engine is.
 
 Measured on torch 2.13 (x86 CPU), torch.ao's modules as they ship:
 
@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.ao.nn.sparse.quantized import Linear as _AoStaticLinear
 from torch.ao.nn.sparse.quantized.dynamic import Linear as _AoDynamicLinear
+from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicInt8Linear
+from torch.ao.nn.quantized.modules.linear import LinearPackedParams as _AoLinearPackedParams
 from torch.ao.nn.sparse.quantized.linear import LinearPackedParams as _AoPackedParams
 
 __all__ = [
@@ -41,10 +43,13 @@ __all__ = [
     "STATIC_ENGINE",
     "block_shape_supported",
     "quantize_weight",
+    "DenseDynamicInt8Linear",
+    "INT8_ENGINE",
 ]
 
 DYNAMIC_ENGINE = "qnnpack"
 STATIC_ENGINE = "fbgemm"
+INT8_ENGINE = "x86"  # dense dynamic int8 (a candidate of mapping="auto")
 
 
 @contextlib.contextmanager
@@ -269,3 +274,52 @@ def block_shape_supported(engine: str, block_shape: tuple[int, int]) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+class _X86PackedParams(_AoLinearPackedParams):
+    # torch.ao packs under the global engine, also when unpickling or loading a state dict;
+    # a weight packed under qnnpack gives other numbers (it ignores reduce_range).
+    def set_weight_bias(self, weight, bias) -> None:
+        with quantized_engine(INT8_ENGINE):
+            super().set_weight_bias(weight, bias)
+
+    # The packed object would pickle itself and repack under the global engine: pickle the
+    # quantized weight instead and pack it here.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_packed_params"] = self._weight_bias()
+        return state
+
+    def __setstate__(self, state):
+        weight, bias = state.pop("_packed_params")
+        super().__setstate__(state)
+        self.set_weight_bias(weight, bias)
+
+
+class DenseDynamicInt8Linear(_AoDynamicInt8Linear):
+    """``torch.ao.nn.quantized.dynamic.Linear`` (int8 weight, dynamic activations) pinned to the x86 engine.
+
+    Runs and (re)packs under ``x86`` whatever the global engine is, and restores it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias_: bool = True, dtype=torch.qint8):
+        super().__init__(in_features, out_features, bias_, dtype=dtype)
+        weight, bias = self._packed_params._weight_bias()
+        self._packed_params = _X86PackedParams(dtype)
+        self._packed_params.set_weight_bias(weight, bias)
+
+    @classmethod
+    def from_masked(cls, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, *,
+                    sparse_block_shape=None) -> DenseDynamicInt8Linear:
+        """Per-channel symmetric int8 weight of ``weight * mask`` (zeros stay exactly zero)."""
+        masked = (weight.detach() * mask.detach()).float()
+        scale = (masked.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).double()
+        qweight = torch.quantize_per_channel(masked, scale, torch.zeros_like(scale, dtype=torch.int64), 0,
+                                             torch.qint8)
+        module = cls(masked.shape[1], masked.shape[0], bias is not None)
+        module.set_weight_bias(qweight, None if bias is None else bias.detach().float())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with quantized_engine(INT8_ENGINE):
+            return super().forward(x)
