@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 import warnings
 
 
@@ -25,7 +26,8 @@ _OUR_DIRS = (_HERE + os.sep, os.path.join(os.path.dirname(_HERE), "passes") + os
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` pointed at the user's line: the first caller outside fx_sparsity."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_OUR_DIRS):
-        frame, level = frame.f_back, level + 1
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn_user's caller
+    frame_: types.FrameType | None = frame
+    while frame_ is not None and frame_.f_code.co_filename.startswith(_OUR_DIRS):
+        frame_, level = frame_.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -1,6 +1,8 @@
 """``FakeSparsity`` (the torch.ao.pruning parametrization) and importing models that carry it."""
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized, type_before_parametrizations
@@ -16,6 +18,8 @@ class FakeSparsity(nn.Module):
     Kept for parity with torch.ao.pruning (and so models prepared by it can be
     imported); fx_sparsity itself puts masks in the graph instead.
     """
+
+    mask: torch.Tensor
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
@@ -53,9 +57,9 @@ def fake_sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
                     f"'{module_fqn}.{tensor_name}' carries parametrizations {others} besides FakeSparsity; "
                     f"fx_sparsity can only import FakeSparsity masks. Remove the others first "
                     f"(torch.nn.utils.parametrize.remove_parametrizations).")
-            mask = None
-            for p in plist:
-                mask = p.mask if mask is None else mask * p.mask
+            mask = plist[0].mask
+            for p in list(plist)[1:]:
+                mask = mask * p.mask
             masks[f"{module_fqn}.{tensor_name}" if module_fqn else tensor_name] = mask.detach().clone()
     return masks
 
@@ -70,7 +74,8 @@ def strip_fake_sparsity(model: nn.Module) -> None:
     for module in model.modules():
         if not is_parametrized(module):
             continue
-        originals = {name: plist.original for name, plist in module.parametrizations.items()}
+        parametrizations = cast(nn.ModuleDict, module.parametrizations)
+        originals = {name: plist.original for name, plist in parametrizations.items()}
         module.__class__ = type_before_parametrizations(module)
         del module._modules["parametrizations"]
         for name, original in originals.items():
@@ -83,7 +88,7 @@ def strip_fake_sparsity(model: nn.Module) -> None:
 def tensor_at(model: nn.Module, tensor_fqn: str):
     """The tensor object at ``tensor_fqn``; for a parametrized tensor, its stored original."""
     module_fqn, _, name = tensor_fqn.rpartition(".")
-    owner = model
+    owner: Any = model
     for part in module_fqn.split(".") if module_fqn else []:
         owner = getattr(owner, part, None)
     if isinstance(owner, nn.Module) and is_parametrized(owner, name):

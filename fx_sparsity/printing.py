@@ -112,7 +112,7 @@ def _pct(x: float | None) -> str:
 
 def _target(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
     if node.op == "call_function":
         target = node.target
         name = getattr(target, "__name__", None)
@@ -122,7 +122,7 @@ def _target(gm: fx.GraphModule, node: fx.Node) -> str:
             return f"F.{name}"
         if name and getattr(torch, name, None) is target:
             return f"torch.{name}"
-        return _get_qualified_name(target)
+        return _get_qualified_name(target) if callable(target) else str(target)
     if node.op == "output":
         return ""
     return str(node.target)
@@ -210,14 +210,14 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
                 tensor = fetch_attr(gm, node.target)
             except AttributeError:
                 continue
-            fqn = folded.get(id(tensor))
-            if fqn is not None:
+            folded_fqn = folded.get(id(tensor))
+            if folded_fqn is not None:
                 zeros = _zeros(tensor)
-                notes[node] = _Note(fqn, zeros / max(tensor.numel(), 1), "folded")
-                tensors[fqn] = _Tensor(tensor.numel(), zeros, "folded")
+                notes[node] = _Note(folded_fqn, zeros / max(tensor.numel(), 1), "folded")
+                tensors[folded_fqn] = _Tensor(tensor.numel(), zeros, "folded")
         info = _lowered_info(gm, node)
         if info is not None:
-            fqn = info.get("tensor_fqn", node.target)
+            fqn = str(info.get("tensor_fqn", node.target))
             lowered_to = str(info.get("lowered_to", ""))
             extras = [str(info["format"])] if info.get("format") else []
             if isinstance(info.get("speedup_vs_dense"), (int, float)):

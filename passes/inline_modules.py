@@ -84,6 +84,7 @@ def splice_module(gm: fx.GraphModule, node: fx.Node, traced: fx.Graph | None = N
             new.meta["inlined_from"] = (node.target, type(module).__name__)
             env[inner] = new
     result = env[output.args[0]]
+    assert isinstance(result, fx.Node)
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
     return result

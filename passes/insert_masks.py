@@ -60,7 +60,7 @@ class MaskedUse:
 
     @property
     def mask_fqn(self) -> str:
-        return self.mask.target
+        return str(self.mask.target)
 
     @property
     def tensor_fqn(self) -> str:

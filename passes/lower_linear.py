@@ -237,7 +237,8 @@ class LowerSparseLinears(PassBase):
                 self.kept_dense[site.tensor_fqn] = still_read
             fqn = self._place(gm, module, tmp, site)
             for record in records:
-                # A node made now is named after its final target (``fc1``, not the temporary name).
+                # A node made now is named after its final target (``fc1``, or ``fc1_1`` where torch.fx has used
+                # that name before), not after the temporary one.
                 with graph.inserting_before(record.node):
                     node = graph.call_module(fqn, record.node.args, record.node.kwargs)
                 node.meta.update(record.node.meta)
@@ -259,7 +260,9 @@ class LowerSparseLinears(PassBase):
             for fqn in names.get(id(tensor), [target]):  # every alias: memory drops only when all go
                 module_fqn, _, name = fqn.rpartition(".")
                 owner = gm.get_submodule(module_fqn)
-                if hasattr(owner, name):
+                if name in owner._parameters:
+                    owner.register_parameter(name, None)  # an owner that stays (tied weight) keeps a valid layout
+                elif hasattr(owner, name):
                     delattr(owner, name)
 
     @staticmethod

@@ -31,4 +31,4 @@ def _keep_graph_module_call(gm: fx.GraphModule) -> None:
     # fully_shard swaps in, that wrapper would call itself forever: keep the GraphModule class's.
     cls = type(gm)
     if "_wrapped_call" in vars(cls) and any("_wrapped_call" in vars(base) for base in cls.__mro__[1:]):
-        del cls._wrapped_call
+        delattr(cls, "_wrapped_call")

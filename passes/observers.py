@@ -31,6 +31,7 @@ observer: the output observer of one linear is the input observer of the next.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -65,6 +66,9 @@ class ChannelNormObserver(ObserverBase):
     Buffers (in the prepared module's ``state_dict``, so calibration can be saved):
     ``sum_sq`` (float64, ``num_channels``) and ``num_rows`` (how many vectors were seen).
     """
+
+    sum_sq: torch.Tensor
+    num_rows: torch.Tensor
 
     def __init__(self, num_channels: int, device: torch.device | str | None = None):
         super().__init__(dtype=torch.float)
@@ -194,7 +198,10 @@ class InsertObservers(PassBase):
             if not isinstance(value, fx.Node):
                 raise ValueError(f"node '{obs.node}' has no tensor {obs.where} to observe")
             if value in ours:  # already an observer's output: that observer serves
-                self.observed[(obs.node, obs.where)], self.value_of[(obs.node, obs.where)] = value.target, value.args[0].name
+                watched = value.args[0]
+                assert isinstance(watched, fx.Node)
+                self.observed[(obs.node, obs.where)] = str(value.target)
+                self.value_of[(obs.node, obs.where)] = watched.name
                 continue
             key = (value, obs.fqn)
             observer = made.get(key)
@@ -217,7 +224,8 @@ class InsertObservers(PassBase):
                     value.replace_all_uses_with(observer, delete_user_cb=lambda user: user not in ours)
             if obs.where == "input":
                 node.replace_input_with(value, observer)
-            self.observed[(obs.node, obs.where)], self.value_of[(obs.node, obs.where)] = observer.target, value.name
+            self.observed[(obs.node, obs.where)] = str(observer.target)
+            self.value_of[(obs.node, obs.where)] = value.name
         return PassResult(gm, bool(self.observed))
 
 
@@ -294,6 +302,10 @@ def _weight_tensor(gm: fx.GraphModule, weight, masked: dict[fx.Node, fx.Node]) -
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _channel_observer(observer: Callable[[int], nn.Module], weight: torch.Tensor, value: fx.Node) -> nn.Module:
+    return observer(weight.shape[-1]).to(weight.device)
+
+
 def observe_linear_inputs(gm: fx.GraphModule, tensor_fqns: Iterable[str],
                           observer: Callable[[int], nn.Module] = ChannelNormObserver) -> dict[str, str]:
     """Observe the input of every linear whose weight *is* one of ``tensor_fqns`` (directly or masked).
@@ -316,7 +328,6 @@ def observe_linear_inputs(gm: fx.GraphModule, tensor_fqns: Iterable[str],
         if tensor_fqn not in observed and has_submodule(gm, fqn):
             raise RuntimeError(f"'{fqn}' already exists: the inputs of '{tensor_fqn}' are already observed")
         observed[tensor_fqn] = fqn
-        plan.append(Observation(node.name, "input",
-                                lambda value, w=weight: observer(w.shape[-1]).to(w.device), fqn))
+        plan.append(Observation(node.name, "input", functools.partial(_channel_observer, observer, weight), fqn))
     run_passes(gm, InsertObservers(plan))
     return observed

@@ -520,3 +520,35 @@ def test_back_to_back_linears(mapping):
         lowered = fxs.convert_fx_sparse(prepared, target, **kwargs)
         assert len(lowered_modules(lowered)) == 3
         assert rel(lowered(x), prepared(x)) < {"dynamic": 0.02, "static": 0.05, "csr": 1e-5}[mapping]
+
+
+@torch.fx.wrap
+def _hidden_linear(x, weight, bias):
+    """A linear the symbolic tracer cannot see into (as torchvision's shifted_window_attention)."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class _HiddenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(16, 16)
+        self.outer = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.outer(_hidden_linear(x, self.inner.weight, self.inner.bias))
+
+
+@pytest.mark.parametrize("mapping", [None, fxs.get_sparse_csr_mapping()], ids=["dynamic", "csr"])
+def test_sparse_tensors_left_unlowered_are_named(mapping):
+    torch.manual_seed(0)
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.8)
+    prepared = fxs.prepare_fx_sparse(_HiddenLinear(), sparsifier)
+    sparsifier.step()
+    with pytest.warns(UserWarning, match=r"1 of 2 sparse tensors stay unlowered(.|\n)*'inner.weight' read by "
+                                         r"_hidden_linear \(_hidden_linear\)") as record:
+        lowered = fxs.convert_fx_sparse(prepared, mapping)
+    ours = [w for w in record if "stay unlowered" in str(w.message)]
+    assert [w.filename for w in ours] == [__file__]  # one warning, at the user's convert_fx_sparse call
+    assert [n.target for n in lowered.graph.nodes if n.op == "call_module"] == ["outer"]
+    x = torch.randn(4, 16)
+    assert torch.allclose(lowered(x), prepared(x), rtol=0.05, atol=0.05)

@@ -386,3 +386,66 @@ def test_squash_folds_a_mask_no_graph_node_reads():
     sparsifier.squash_mask()
     assert torch.equal(prepared.get_parameter("spare.weight"), expected)
     assert "spare.weight_mask" not in dict(prepared.named_buffers())
+
+
+class _NoLinear(nn.Module):
+    """Like SqueezeNet for the default config: convolutions only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+@pytest.mark.parametrize("config", [None, []], ids=["default", "empty"])
+def test_nothing_configured_warns_and_every_step_is_a_no_op(config):
+    model = _NoLinear()
+    sparsifier = fxs.WeightNormSparsifier()
+    expected = "has none" if config is None else "the config is empty"
+    with pytest.warns(UserWarning, match=rf"no tensor is configured for sparsity \(.*{expected}\)") as record:
+        prepared = fxs.prepare_fx_sparse(model, sparsifier, config)
+    assert [w.filename for w in record if "no tensor is configured" in str(w.message)] == [__file__]
+    assert sparsifier.groups == [] and sparsifier.model is prepared
+    scheduler = fxs.CubicSL(sparsifier, total_t=3)
+    x = torch.randn(1, 3, 8, 8)
+    for _ in range(3):
+        sparsifier.step()
+        scheduler.step()
+    assert torch.equal(prepared(x), model(x))
+    assert sparsifier.squash_mask() is prepared
+    assert sparsifier.state_dict() == {"state": {}, "groups": []}
+
+
+def test_any_layer_whose_forward_traces_is_inlined():
+    """Hugging Face's Conv1D (weight (in, out), addmm) has no entry in any table: its forward is traced."""
+    class Conv1D(nn.Module):
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x):
+            size_out = x.size()[:-1] + (self.nf,)
+            x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+            return x.view(size_out)
+
+    class KeepConv1D(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, Conv1D) or super().is_leaf_module(m, qualname)
+
+    model = nn.Sequential(Conv1D(8, 16), nn.ReLU())
+    gm = torch.fx.GraphModule(model, KeepConv1D().trace(model))  # a GraphModule passed in is used as is
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 2
+    sparsifier = fxs.GlobalMagnitudeSparsifier(0.5)
+    prepared = fxs.prepare_fx_sparse(gm, sparsifier, [{"tensor_fqn": "0.weight"}])
+    assert [n.target for n in prepared.graph.nodes if n.op == "call_module"] == ["1"]
+    sparsifier.step()
+    x = torch.randn(2, 3, 16)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked[0].weight.mul_(prepared.get_buffer("0.weight_mask"))
+    assert torch.allclose(prepared(x), masked(x), atol=1e-6)
+    assert len(find_masked_uses(prepared)) == 1

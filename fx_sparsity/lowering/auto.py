@@ -23,6 +23,7 @@ timings and the speedup go into the lowered module's ``fx_sparsity_info`` and th
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import warnings
 from collections.abc import Callable
@@ -117,7 +118,7 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | N
             if stored > _MAX_STORED_FRACTION:
                 skipped[name] = f"{b}x{b} blocks would store {stored:.0%} of the weight"
                 continue
-            build[name] = lambda b=b: SparseBSRLinear.from_masked(weight, mask, bias, sparse_block_shape=(b, b))
+            build[name] = functools.partial(SparseBSRLinear.from_masked, weight, mask, bias, sparse_block_shape=(b, b))
     if masked.dtype != torch.float32:
         skipped["int8"] = skipped["sparse_int8"] = f"int8 kernels take float32 weights, this one is {masked.dtype}"
     elif max_rel_error < INT8_ERROR_FLOOR:
@@ -186,7 +187,7 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
                     continue
                 modules[name] = module
             with torch.inference_mode():
-                samples = _time({name: (lambda m=m: m(x)) for name, m in modules.items()}, repeat)
+                samples = _time({name: functools.partial(m, x) for name, m in modules.items()}, repeat)
     timings = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     # Speedups are medians of same-round ratios: a load change between rounds cancels out.
     speedups = {name: statistics.median(d / c for d, c in zip(samples["dense"], s)) for name, s in samples.items()}
@@ -207,7 +208,8 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
 class _InputRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node]):
         super().__init__(gm)
-        self.nodes, self.values = nodes, {}
+        self.nodes = nodes
+        self.values: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ def quantized_engine(name: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
-def quantize_weight(weight: torch.Tensor, observer: nn.Module) -> torch.Tensor:
+def quantize_weight(weight: torch.Tensor, observer: Any) -> torch.Tensor:
     """Quantize ``weight`` to qint8 with the qparams ``observer`` computes for it (torch.ao's rule)."""
     weight = weight.detach().float()
     observer(weight)

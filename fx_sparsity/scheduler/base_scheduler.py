@@ -160,7 +160,7 @@ class BaseScheduler:
 
         # Count sparsifier.step() calls so that step() can tell whether the
         # user runs the scheduler before the sparsifier.
-        sparsifier.step = _counting_step(sparsifier, sparsifier.step)
+        sparsifier.step = _counting_step(sparsifier, sparsifier.step)  # type: ignore[method-assign]
         sparsifier._step_count = 0
         self._step_count: int = 0
         self.verbose = verbose

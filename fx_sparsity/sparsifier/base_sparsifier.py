@@ -10,7 +10,7 @@ import abc
 import copy
 import sys
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -65,6 +65,8 @@ class BaseSparsifier(abc.ABC):
     Args:
         defaults: config values applied to every group unless its config entry overrides them.
     """
+
+    _step_count: int  # calls of step(), counted by a scheduler's wrapper (as torch.ao)
 
     def __init__(self, defaults: dict[str, Any] | None = None):
         self.defaults: dict[str, Any] = defaults or {}
@@ -233,12 +235,12 @@ class BaseSparsifier(abc.ABC):
                 if keys is not None:
                     sparse_params.update({k: group[k] for k in keys})
             if sparse_params:
-                model.get_submodule(group["module_fqn"]).sparse_params = sparse_params
+                setattr(model.get_submodule(group["module_fqn"]), "sparse_params", sparse_params)
         return model
 
     def convert(self, module: nn.Module, mapping: dict | None = None, inplace: bool = False, **kwargs) -> fx.GraphModule:
         """Lower ``module`` (prepared or squashed); delegates to ``fx_sparsity.convert_fx_sparse``."""
-        return convert_fx_sparse(module, mapping, inplace=inplace, **kwargs)
+        return convert_fx_sparse(cast(fx.GraphModule, module), mapping, inplace=inplace, **kwargs)
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
@@ -257,7 +259,7 @@ class BaseSparsifier(abc.ABC):
         """Load masks and groups (ours or a torch.ao.pruning sparsifier's) into the prepared module."""
         model = self._require_prepared("load_state_dict")
         groups = copy.deepcopy(state_dict["groups"])
-        state = defaultdict(dict)
+        state: defaultdict[str, dict] = defaultdict(dict)
         for fqn, s in state_dict["state"].items():
             state[fqn] = {k: v for k, v in s.items() if k != "mask"}
             mask = s.get("mask")

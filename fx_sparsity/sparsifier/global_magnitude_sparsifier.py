@@ -125,7 +125,7 @@ class GlobalMagnitudeSparsifier(BaseSparsifier):
         finally:
             self._planned = None
 
-    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, tensor_fqn: str = "",
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, tensor_fqn: str = "",  # type: ignore[override]
                     **kwargs) -> None:
         if self._planned is None:
             raise RuntimeError(f"{type(self).__name__}.update_mask needs the masks of every group at once; "

@@ -25,7 +25,7 @@ class NearlyDiagonalSparsifier(BaseSparsifier):
         check_2d(tensor, where=where)
         check_nearliness(group["nearliness"], tuple(tensor.shape), where=where)
 
-    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, nearliness: int,
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, nearliness: int,  # type: ignore[override]
                     **kwargs) -> None:
         check_nearliness(nearliness, tuple(mask.shape), where=f"group '{kwargs.get('tensor_fqn', tensor_name)}'")
         nearly_diagonal_mask(tuple(mask.shape), nearliness, out=mask)

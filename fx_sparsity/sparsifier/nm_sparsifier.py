@@ -23,16 +23,17 @@ def check_level(level, *, name: str = "sparsity_level", high: float = 1.0, where
         level = level.item()
     if isinstance(level, bool) or not isinstance(level, numbers.Real) or math.isnan(level):
         raise SparsityConfigError(f"{_where(where)}{name} must be a real number in [0, {high:g}], got {level!r}")
-    if not -1e-9 <= level <= high + 1e-9:
+    value = float(level)
+    if not -1e-9 <= value <= high + 1e-9:
         raise SparsityConfigError(f"{_where(where)}{name} must be in [0, {high:g}], got {level!r}")
-    return min(max(float(level), 0.0), high)
+    return min(max(value, 0.0), high)
 
 
 def check_nm(n, m, *, where: str = "") -> None:
     if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, numbers.Integral) \
             or not isinstance(m, numbers.Integral):
         raise SparsityConfigError(f"{_where(where)}n and m must be ints (keep n of every m), got n={n!r}, m={m!r}")
-    if not 1 <= n < m:
+    if not 1 <= int(n) < int(m):
         raise SparsityConfigError(f"{_where(where)}need 1 <= n < m (keep n of every m weights), got n={n}, m={m}; "
                          f"e.g. n=2, m=4 for 2:4")
 
@@ -104,7 +105,7 @@ class NMSparsifier(BaseSparsifier):
             group["sparsity_level"] = (m - n) / m  # the full pattern, for this group's n and m
         check_level(group["sparsity_level"], high=(m - n) / m, where=f"{where} ({n}:{m})")
 
-    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, n: int, m: int,
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, n: int, m: int,  # type: ignore[override]
                     sparsity_level: float, **kwargs) -> None:
         full = (m - n) / m
         level = check_level(sparsity_level, high=full,

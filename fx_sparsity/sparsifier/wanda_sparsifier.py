@@ -85,7 +85,7 @@ class WandaSparsifier(BaseSparsifier):
                 f"sparsifier.model(*batch) for a few batches), then call step()")
         super().step(use_path)
 
-    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,  # type: ignore[override]
                     semi_structured_block_size: int | None = None, tensor_fqn: str = "", **kwargs) -> None:
         m = semi_structured_block_size
         level = check_level(sparsity_level, high=0.5 if m else 1.0, where=f"group '{tensor_fqn}'")

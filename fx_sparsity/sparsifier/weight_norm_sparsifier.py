@@ -42,7 +42,7 @@ class WeightNormSparsifier(BaseSparsifier):
         check_weight_norm_config(group["sparsity_level"], group["sparse_block_shape"], group["zeros_per_block"],
                                  where=where)
 
-    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,  # type: ignore[override]
                     sparse_block_shape: tuple[int, int], zeros_per_block: int, **kwargs) -> None:
         check_weight_norm_config(sparsity_level, sparse_block_shape, zeros_per_block,
                                  where=f"group '{kwargs.get('tensor_fqn', tensor_name)}'")
