@@ -27,7 +27,7 @@ def snapshot(model: nn.Module | None, obj: object, attrs: Iterable[str]) -> Call
             m.__class__ = cls
             m.__dict__.clear()
             m.__dict__.update(state)
-            if graph is not None:
+            if isinstance(m, fx.GraphModule) and graph is not None:
                 m.graph = graph
                 m.recompile()
         obj.__dict__.update(obj_state)
