@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="prune a digits classifier to 90%% end to end (built-in data, ~15 s)",
         description="Train an MLP on scikit-learn's 8x8 digits, prune it gradually with WeightNormSparsifier "
                     "and CubicSL, fine-tune, print the annotated graph, lower it with the dynamic "
-                    "sparse-quantized mapping, and compare accuracy and latency with the dense model.")
+                    "sparse-quantized mapping, and compare accuracy and latency with the dense model. The data "
+                    "needs scikit-learn, which the demo extra installs.")
     demo.add_argument("--level", default="0.9", help="target sparsity level, a fraction (default 0.9)")
     demo.add_argument("--block-shape", default="1,4", help="sparse block shape rows,cols (default 1,4)")
     demo.add_argument("--steps", type=int, default=None,
@@ -64,7 +65,8 @@ def _error(command: str, message: str, code: int) -> int:
 def _bench(argv: list[str]) -> int:
     if importlib.util.find_spec("fx_sparsity.benchmarks") is None:
         return _error("bench", "the benchmarks are not part of this installation (fx_sparsity.benchmarks is "
-                               "missing); run them from a source checkout: pip install -e .", 2)
+                               "missing: a partial install); reinstall it: "
+                               "pip install --force-reinstall --no-deps fx-sparsity", 2)
     from fx_sparsity import benchmarks
 
     try:

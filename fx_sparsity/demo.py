@@ -1,10 +1,11 @@
 """``python -m fx_sparsity demo``: prune a handwritten-digits classifier to 90% end to end.
 
 Data: scikit-learn's bundled 8x8 digits (1797 images, shipped inside the sklearn wheel, no
-download). A 64-256-256-10 MLP is trained dense, pruned gradually with
-``WeightNormSparsifier`` (1x4 blocks) on a ``CubicSL`` schedule, fine-tuned with the masks
-fixed, printed as an annotated graph, lowered with the dynamic sparse-quantized mapping,
-and compared with the dense model on held-out accuracy and latency.
+download; scikit-learn comes with the ``demo`` extra: ``pip install "fx-sparsity[demo]"``).
+A 64-256-256-10 MLP is trained dense, pruned gradually with ``WeightNormSparsifier`` (1x4
+blocks) on a ``CubicSL`` schedule, fine-tuned with the masks fixed, printed as an annotated
+graph, lowered with the dynamic sparse-quantized mapping, and compared with the dense model
+on held-out accuracy and latency.
 """
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ __all__ = ["DemoConfig", "DemoResult", "MissingExtra", "run_demo", "load_digits_
 
 class MissingExtra(RuntimeError):
     """An optional dependency (an extra of the package) that the chosen option needs is not installed."""
+
+
+MISSING_SKLEARN = ("the demo's data (scikit-learn's bundled digits) needs scikit-learn: "
+                   'pip install "fx-sparsity[demo]"')
+
+
+def _sklearn_load_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise MissingExtra(MISSING_SKLEARN) from e
+    return load_digits
 
 
 @dataclass
@@ -64,10 +77,11 @@ class DemoResult:
 
 
 def load_digits_split(seed: int, test_fraction: float = 0.25):
-    """Stratified train/test split of sklearn's digits, standardised with the training statistics."""
-    from sklearn.datasets import load_digits
+    """Stratified train/test split of sklearn's digits, standardised with the training statistics.
 
-    digits = load_digits()
+    Raises :class:`MissingExtra` when scikit-learn is not installed.
+    """
+    digits = _sklearn_load_digits()()
     x = torch.tensor(digits.data, dtype=torch.float32)
     y = torch.tensor(digits.target, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
@@ -171,8 +185,8 @@ def _lower(prepared):
 
 
 def _auto_choices(lowered) -> str:
-    choices = [m._fx_sparsity_info.get("auto_choice") for m in lowered.modules()
-               if "auto_choice" in getattr(m, "_fx_sparsity_info", {})]
+    choices = [m.fx_sparsity_info.get("auto_choice") for m in lowered.modules()
+               if "auto_choice" in getattr(m, "fx_sparsity_info", {})]
     return ", ".join(f"{choices.count(c)}x {c}" for c in dict.fromkeys(choices))
 
 
@@ -184,6 +198,7 @@ def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progre
 
     cfg = cfg or DemoConfig()
     out = out or sys.stdout
+    _sklearn_load_digits()  # refuse before any work when an extra is missing
     if cfg.plot:
         _check_plotting()
     start = time.perf_counter()

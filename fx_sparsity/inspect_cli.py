@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["CLIError", "parse_shape", "parse_block_shape", "load_factory", "inspect_model"]
+__all__ = ["CLIError", "parse_shape", "parse_block_shape", "load_factory", "check_inputs_run", "inspect_model"]
 
 INPUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                 "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32}
@@ -100,6 +100,51 @@ def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple[
     return tuple(torch.zeros(s, dtype=dtype) for s in shapes)  # 0 is a valid index for any embedding
 
 
+def _shapes_text(inputs: tuple[torch.Tensor, ...]) -> str:
+    shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+    dtype = "" if inputs[0].dtype == torch.float32 else f" ({str(inputs[0].dtype).removeprefix('torch.')})"
+    return (f"an input of shape {shapes}" if len(inputs) == 1 else f"inputs of shapes {shapes}") + dtype
+
+
+_INPUT_SIZES = ("in_features", "in_channels", "num_embeddings", "embed_dim", "d_model")
+
+
+def _first_layer(model: nn.Module) -> str:
+    """`` ('0' is a Linear with in_features=16)``: the first registered layer with an input size, or ''."""
+    for name, module in model.named_modules():
+        attr = next((a for a in _INPUT_SIZES if isinstance(getattr(module, a, None), int)), None)
+        if attr is not None:
+            what = f"a {type(module).__name__} with {attr}={getattr(module, attr)}"
+            return f" ('{name}' is {what})" if name else f" (it is {what})"
+    return ""
+
+
+def check_inputs_run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run ``model`` once on ``inputs`` (eval mode, no grad); a failure becomes one :class:`CLIError` line.
+
+    Checked before tracing, so a wrong ``--input-shape`` reads as such rather than as an
+    export or shape-propagation failure deep in torch (with torch's traceback printed first).
+    The training flags of every submodule are restored afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # whatever the model raises: the message is all the user needs
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        name = type(model).__name__
+        if isinstance(e, TypeError) and "argument" in reason:
+            hint = f"pass one --input-shape per input of {name}.forward"
+        else:
+            options = "--input-shape" if inputs[0].dtype == torch.float32 else "--input-shape and --input-dtype"
+            hint = f"pass {options} matching the model's first layer{_first_layer(model)}"
+        raise CLIError(f"running {name} on {_shapes_text(inputs)} failed: {reason}; {hint}") from e
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dtype: str = "float32",
                   tracer: str = "symbolic", level: float = 0.5, block_shape: tuple[int, int] = (1, 4),
                   tensors: list[str] | None = None, code: bool = False, seed: int = 0) -> str:
@@ -119,6 +164,8 @@ def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dty
     if not isinstance(model, nn.Module):
         raise CLIError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
     example = _example_inputs(shapes, INPUT_DTYPES[input_dtype]) if shapes else None
+    if example is not None:
+        check_inputs_run(model, example)
 
     config = [{"tensor_fqn": t} for t in tensors] if tensors else None
     if config is None and not any(type(m) is nn.Linear for m in model.modules()):

@@ -1,6 +1,18 @@
-"""`python -m fx_sparsity bench --quick`: every case runs and reports ratios (no timing asserted)."""
+"""`python -m fx_sparsity bench --quick`: every case runs and reports ratios (no timing asserted).
+
+The benchmarks are the installed package ``fx_sparsity.benchmarks``; ``tools/bench*.py`` call into it.
+"""
+import ast
+import importlib
 import json
 import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
 
 from fx_sparsity.__main__ import main
 
@@ -21,3 +33,88 @@ def test_quick_bench_all_cases(tmp_path, capsys):
     assert memory["masks, dtype=bool"]["mask / weight bytes"] == 0.25
     printed = capsys.readouterr().out
     assert "## mask_update" in printed and "## inference" in printed
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "fx_sparsity", "benchmarks")
+
+
+@pytest.mark.parametrize("script, module", [("bench", "suite"), ("bench_train_step", "train_step"),
+                                            ("bench_inference", "inference"), ("bench_lowering", "lowering")])
+def test_tools_scripts_call_the_package(script, module):
+    """tools/bench*.py are thin: their main is the installed package's (same flags, same code)."""
+    namespace = runpy.run_path(os.path.join(ROOT, "tools", f"{script}.py"), run_name="not_main")
+    assert namespace["main"] is importlib.import_module(f"fx_sparsity.benchmarks.{module}").main
+
+
+def test_benchmarks_use_only_the_public_api():
+    """The benchmarks measure what users call: ``fx_sparsity``'s public names and ``fx_sparsity.timing``."""
+    import fx_sparsity
+
+    allowed_modules = {"fx_sparsity", "fx_sparsity.timing"}
+    for name in sorted(os.listdir(BENCHMARKS)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(BENCHMARKS, name), encoding="utf-8").read())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("fx_sparsity"):
+                        assert alias.name in allowed_modules, (name, alias.name)
+                        if alias.name == "fx_sparsity":
+                            aliases.add(alias.asname or alias.name)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("fx_sparsity"):
+                if node.module.startswith("fx_sparsity.benchmarks"):
+                    continue
+                assert node.module in allowed_modules, (name, node.module)
+                if node.module == "fx_sparsity":
+                    assert all(a.name in fx_sparsity.__all__ for a in node.names), (name, node.module)
+        for node in ast.walk(tree):  # fxs.<name>: a public name
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                assert node.attr in fx_sparsity.__all__, (name, node.attr)
+
+
+def _copy_source(dest):
+    """The checkout's files without build leftovers (a stale build/ would end up in the wheel)."""
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".benchmarks", "*.pyc"))
+
+
+# Hides an editable install of fx_sparsity from the child processes: its import hook would
+# otherwise fill in, from the checkout, any subpackage the wheel lacks.
+_NO_EDITABLE = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+"""
+
+
+@pytest.mark.slow
+def test_bench_runs_from_an_installed_wheel(tmp_path):
+    """``python -m fx_sparsity bench`` from a (non-editable) wheel install, far from the checkout."""
+    src, wheels, site, hooks, elsewhere = (tmp_path / d for d in ("src", "wheels", "site", "hooks", "elsewhere"))
+    _copy_source(src)
+    elsewhere.mkdir()
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_NO_EDITABLE)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # No build isolation: setuptools from this environment, no index needed.
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("fx_sparsity-*.whl")
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(hooks)])}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    proc = run("-c", "import sys, fx_sparsity, fx_sparsity.benchmarks.suite, fx_sparsity.benchmarks.train_step, "
+                     "fx_sparsity.benchmarks.inference, fx_sparsity.benchmarks.lowering; "
+                     "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('fx_sparsity')))")
+    assert proc.returncode == 0, proc.stderr
+    files = proc.stdout.split()
+    assert len(files) > 10 and all(f.startswith(str(site)) for f in files), proc.stdout  # all from the wheel
+    proc = run("-m", "fx_sparsity", "bench", "--quick", "--cases", "prepare")
+    assert proc.returncode == 0, proc.stderr
+    assert "## prepare" in proc.stdout and "10 Linear layers" in proc.stdout

@@ -83,12 +83,41 @@ class TestInspect:
         (["--block-shape", "1,2,3"], "bad --block-shape '1,2,3': a block has 2 dims"),
         (["--level", "1.5"], "bad --level '1.5': a sparsity level is a fraction of zeros in [0, 1]"),
         (["--tracer", "export"], "--tracer export needs --input-shape"),
-        (["--input-shape", "2,15"], "example inputs do not run through the graph"),
+        (["--input-shape", "2,15"], "running Sequential on an input of shape (2, 15) failed"),
     ])
     def test_bad_arguments(self, capsys, args, message):
         code, _, err = run_main(capsys, "inspect", "models:mlp", *args)
-        assert code == (1 if "run through" in message else 2), err
+        assert code == 2, err
         assert message in err, err
+
+    @pytest.mark.parametrize("args, message", [
+        (["models:mlp", "--input-shape", "2,7"],
+         "running Sequential on an input of shape (2, 7) failed: mat1 and mat2 shapes cannot be multiplied "
+         "(2x7 and 16x32); pass --input-shape matching the model's first layer ('0' is a Linear with "
+         "in_features=16)"),
+        (["models:encoder_layer", "--input-shape", "2,5,31", "--tracer", "export"],
+         "running TransformerEncoderLayer on an input of shape (2, 5, 31) failed: "),
+        (["models:mlp", "--input-shape", "2,16", "--input-dtype", "int64"],
+         "running Sequential on an input of shape (2, 16) (int64) failed: mat1 and mat2 must have the same dtype"),
+        (["models:mlp", "--input-shape", "2,16", "--input-shape", "2,16"],
+         "running Sequential on inputs of shapes (2, 16), (2, 16) failed: "),
+    ], ids=["wrong-width", "export", "wrong-dtype", "two-inputs"])
+    def test_input_that_does_not_fit_is_one_line(self, capsys, args, message):
+        """No traceback (torch's shape propagation prints one): one line naming shape, model and failure."""
+        code, out, err = run_main(capsys, "inspect", *args)
+        assert code == 2 and out == "", err
+        assert err.startswith("fx-sparsity inspect: error: " + message), err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+
+    def test_input_check_leaves_the_model_as_it_was(self):
+        from fx_sparsity.inspect_cli import check_inputs_run
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout())
+        model[2].eval()  # mixed modes survive
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        check_inputs_run(model, (torch.randn(3, 4),))
+        assert [m.training for m in model.modules()] == [True, True, True, False]
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no BatchNorm update
 
     def test_argparse_errors_return_2(self, capsys):
         code, _, err = run_main(capsys, "inspect")
@@ -143,6 +172,29 @@ class TestDemo:
         assert abs(result.lowered_accuracy - result.sparse_accuracy) < 0.05
         assert set(result.latency_ms) == {"dense", "sparse", "lowered", "auto"}
         assert torch.get_num_threads() >= 1
+
+    def test_missing_sklearn(self, capsys, monkeypatch):
+        from fx_sparsity.demo import MissingExtra, load_digits_split
+
+        message = ("the demo's data (scikit-learn's bundled digits) needs scikit-learn: "
+                   'pip install "fx-sparsity[demo]"')
+        for name in ("sklearn", "sklearn.datasets"):  # import sklearn.datasets -> ImportError, cached or not
+            monkeypatch.setitem(sys.modules, name, None)
+        with pytest.raises(MissingExtra) as info:
+            load_digits_split(0)
+        assert str(info.value) == message
+        code, out, err = run_main(capsys, "demo", "--fast", "--no-progress")
+        assert code == 2 and out == ""  # refused before any training
+        assert err == f"fx-sparsity demo: error: {message}\n"
+
+    def test_no_sparse_beta_warning(self):
+        """torch's "Sparse CSR tensor support is in beta" (once per process): not shown by the demo."""
+        proc = subprocess.run([sys.executable, "-W", "always::UserWarning", "-m", "fx_sparsity", "demo", "--fast",
+                               "--no-progress", "--steps", "1"], cwd=TESTS, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "lowered (auto: " in proc.stdout  # the CSR/BSR candidates were built
+        assert "tensor support is in beta" not in proc.stderr, proc.stderr
 
     def test_missing_matplotlib(self, capsys, monkeypatch, tmp_path):
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError

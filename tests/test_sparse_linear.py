@@ -1,5 +1,9 @@
 """SparseCSRLinear / SparseBSRLinear: numbers, state round trips, mappings, torch.compile."""
 import io
+import subprocess
+import sys
+import textwrap
+import warnings
 
 import pytest
 import torch
@@ -11,8 +15,6 @@ import fx_sparsity as fxs
 from fx_sparsity.nn import SparseBSRLinear, SparseCSRLinear
 
 from models import encoder_layer
-
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR|Compressed) tensor support is in beta state")
 
 
 def _block_mask(rows, cols, block, density, seed=0):
@@ -46,8 +48,8 @@ def test_matches_masked_linear(cls, dtype, bias, shape):
     assert out.shape == ref.shape and out.dtype == dtype
     if ref.numel():
         assert _rel(out, ref) <= 1e-5
-    assert module._fx_sparsity_info["lowered_to"] == cls.__name__
-    assert module._fx_sparsity_info["weight_sparsity"] == pytest.approx((linear.weight * mask == 0).float().mean().item())
+    assert module.fx_sparsity_info["lowered_to"] == cls.__name__
+    assert module.fx_sparsity_info["weight_sparsity"] == pytest.approx((linear.weight * mask == 0).float().mean().item())
 
 
 def test_weight_is_the_masked_weight_and_memory_drops():
@@ -68,11 +70,11 @@ def test_bsr_falls_back_to_csr_and_says_why():
     mask = _block_mask(32, 64, (1, 4), 0.2)
     module = SparseBSRLinear.from_masked(weight, mask, bias, sparse_block_shape=(1, 4))
     assert type(module) is SparseCSRLinear
-    assert module._fx_sparsity_info["format"] == "csr"
-    assert module._fx_sparsity_info["requested_block"] == (1, 4)
-    assert module._fx_sparsity_info["detail"] == "CPU BSR needs square blocks: (1, 4) stored as CSR"
+    assert module.fx_sparsity_info["format"] == "csr"
+    assert module.fx_sparsity_info["requested_block"] == (1, 4)
+    assert module.fx_sparsity_info["detail"] == "CPU BSR needs square blocks: (1, 4) stored as CSR"
     assert "does not divide" in SparseBSRLinear.from_masked(weight, mask, bias, sparse_block_shape=(3, 3)
-                                                           )._fx_sparsity_info["detail"]
+                                                           ).fx_sparsity_info["detail"]
     square = SparseBSRLinear.from_masked(weight, mask, bias, sparse_block_shape=(4, 4))
     assert type(square) is SparseBSRLinear and square.blocksize == (4, 4)  # exact, zeros kept inside blocks
     x = torch.randn(3, 64)
@@ -85,7 +87,7 @@ def test_bsr_infers_the_largest_square_block():
     assert SparseBSRLinear.from_dense(linear, _block_mask(32, 64, (4, 4), 0.3)).blocksize == (4, 4)
     unstructured = SparseBSRLinear.from_dense(linear, _block_mask(32, 64, (1, 1), 0.3))
     assert type(unstructured) is SparseCSRLinear
-    assert unstructured._fx_sparsity_info["detail"] == "no square block pattern: stored as CSR"
+    assert unstructured.fx_sparsity_info["detail"] == "no square block pattern: stored as CSR"
 
 
 def test_without_mask_the_weights_own_zeros_count():
@@ -122,7 +124,7 @@ def test_torch_save_module_and_dtype_moves(cls):
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     x = torch.randn(4, 64)
-    assert torch.equal(loaded(x), module(x)) and loaded._fx_sparsity_info == module._fx_sparsity_info
+    assert torch.equal(loaded(x), module(x)) and loaded.fx_sparsity_info == module.fx_sparsity_info
     double = loaded.double()
     assert double(x.double()).dtype == torch.float64 and double.weight_crow_indices.dtype == torch.int64
 
@@ -206,13 +208,13 @@ def forward(self, input):
             self.assertEqual((info["tensor_fqn"], info["lowered_to"], info["format"]),
                              ("2.weight", target.__name__, target._format))
             self.assertGreaterEqual(info["weight_sparsity"], 0.75)
-            self.assertEqual(lowered.get_submodule("2")._fx_sparsity_info, info)
+            self.assertEqual(lowered.get_submodule("2").fx_sparsity_info, info)
 
     def test_bsr_mapping_with_1x4_blocks_is_stored_as_csr(self):
         lowered = fxs.convert_fx_sparse(self._prepared((1, 4)), fxs.get_sparse_bsr_mapping())
         module = lowered.get_submodule("0")
         self.assertIs(type(module), SparseCSRLinear)
-        self.assertEqual(module._fx_sparsity_info["detail"], "CPU BSR needs square blocks: (1, 4) stored as CSR")
+        self.assertEqual(module.fx_sparsity_info["detail"], "CPU BSR needs square blocks: (1, 4) stored as CSR")
         self.assertExpectedInline(fxs.format_sparse_graph(lowered), """\
 node     op           target               sparse tensor    level    block    zeros    lowered to
 -------  -----------  -------------------  ---------------  -------  -------  -------  ------------------------------------------------------------------------
@@ -282,3 +284,71 @@ def test_torch_export_keeps_the_op_in_the_graph():
     ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.fx_sparsity.sparse_linear.default) == 2
     assert torch.equal(program.module()(x), model(x))
+
+
+# torch warns "Sparse CSR/BSR tensor support is in beta state" once per process, at the first
+# sparse tensor built: each case runs in a fresh interpreter where that first tensor is ours,
+# built by a different entry point, with every warning an error.
+_NO_BETA_WARNING = textwrap.dedent("""
+    import io, sys, warnings
+    import torch
+    from torch import nn
+    from fx_sparsity.nn import SparseBSRLinear, SparseCSRLinear
+
+    first = sys.argv[1]
+    state = torch.load(sys.argv[2], weights_only=True)
+    warnings.simplefilter("error")
+    x = torch.randn(3, 8, requires_grad=True)
+    if first == "load_state_dict":
+        csr = SparseCSRLinear(8, 8)
+        csr.load_state_dict(state["csr"])
+    elif first == "forward":  # buffers set directly: the call builds the first sparse tensor
+        csr = SparseCSRLinear(8, 8)
+        for name, tensor in state["csr"].items():
+            setattr(csr, name, tensor)
+        csr(x)
+    linear = nn.Linear(8, 8)
+    modules = [SparseCSRLinear.from_dense(linear), SparseBSRLinear.from_dense(linear, blocksize=(2, 2)),
+               SparseCSRLinear.from_masked(linear.weight, torch.ones(8, 8), linear.bias),
+               SparseBSRLinear.from_masked(linear.weight, torch.ones(8, 8), None, sparse_block_shape=(2, 2))]
+    for module in modules:
+        fresh = type(module)(8, 8, module.bias is not None,
+                             **({"blocksize": module.blocksize} if isinstance(module, SparseBSRLinear) else {}))
+        fresh.load_state_dict(module.state_dict())
+        buffer = io.BytesIO()
+        torch.save(fresh, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        loaded(x).sum().backward()
+        loaded(x[:1])
+        assert loaded.weight.layout in (torch.sparse_csr, torch.sparse_bsr)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("first", ["from_dense", "load_state_dict", "forward"])
+def test_no_beta_warning_leaks(first, tmp_path):
+    linear = nn.Linear(8, 8)
+    state = {"csr": SparseCSRLinear.from_dense(linear).state_dict()}
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    proc = subprocess.run([sys.executable, "-c", _NO_BETA_WARNING, first, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+    assert "beta state" not in proc.stderr
+
+
+def test_beta_warning_filter_is_narrow():
+    """Only torch's beta-state message is ignored while we build sparse tensors, nothing else."""
+    from fx_sparsity.nn import sparse_linear
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sparse_linear._ignore_beta_warning():
+            warnings.warn("Sparse BSR tensor support is in beta state. If you miss...", UserWarning)
+            warnings.warn("something else", UserWarning)
+            warnings.warn("Sparse CSR tensor support is in beta state.", DeprecationWarning)
+        warnings.warn("Sparse CSR tensor support is in beta state.", UserWarning)  # outside: shown
+    assert [(w.category, str(w.message)[:20]) for w in caught] == [
+        (UserWarning, "something else"), (DeprecationWarning, "Sparse CSR tensor su"),
+        (UserWarning, "Sparse CSR tensor su")]

@@ -40,7 +40,7 @@ from tabulate import tabulate  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fx_sparsity as fxs  # noqa: E402
-from fx_sparsity.passes.activation_stats import observer_fqn_for  # noqa: E402
+from fx_sparsity.passes import observer_fqn_for  # noqa: E402
 
 CALIBRATION_EVERY = 5  # line i is a calibration sentence iff i % 5 == 4
 

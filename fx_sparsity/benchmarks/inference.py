@@ -1,6 +1,7 @@
 """Inference latency of sparse MLPs: ``mapping="auto"`` vs dense fp32 vs the seed's dynamic mapping.
 
-    python tools/bench_inference.py [--quick] [--json PATH] [--threads N] [--repeat R]
+    python -m fx_sparsity.benchmarks.inference [--quick] [--json PATH] [--threads N] [--repeat R] [--int8 E]
+    python tools/bench_inference.py ...   (same thing, from a checkout)
 
 Model: 4 × ``nn.Linear(w, w)`` with ReLUs between, ``w`` = 1024 and 4096; every weight
 sparsified by ``WeightNormSparsifier`` at 80/90/95% with (1, 4) blocks and unstructured
@@ -38,6 +39,8 @@ from torch import nn
 import fx_sparsity as fxs
 from fx_sparsity.timing import interleaved_times_ms
 
+__all__ = ["run", "main"]
+
 PATTERNS = {"(1,4) blocks": (1, 4), "unstructured": (1, 1)}
 TARGET = {"sparsity": 0.9, "batch": 64, "speedup": 2.5}
 
@@ -64,8 +67,8 @@ def _prepared(width: int, sparsity: float, block: tuple[int, int]):
 
 
 def _choices(lowered) -> str:
-    counts = Counter(m._fx_sparsity_info.get("auto_choice") for m in lowered.modules()
-                     if "auto_choice" in getattr(m, "_fx_sparsity_info", {}))
+    counts = Counter(m.fx_sparsity_info.get("auto_choice") for m in lowered.modules()
+                     if "auto_choice" in getattr(m, "fx_sparsity_info", {}))
     return " ".join(f"{name}×{n}" for name, n in counts.items())
 
 
@@ -163,7 +166,8 @@ def _verdict(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fx_sparsity.benchmarks.inference",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small size, two batches (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

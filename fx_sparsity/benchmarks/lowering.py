@@ -1,8 +1,9 @@
 """Latency of lowered sparse Linears vs dense fp32 and dense dynamic int8, in one run.
 
-    python tools/bench_lowering.py            # Linear 1024² and 4096², batch 1/16/64, sparsity 0.5/0.8/0.9
-    python tools/bench_lowering.py --quick    # tiny sizes, one repeat (a smoke test of the tool)
-    python tools/bench_lowering.py --json out.json
+    python -m fx_sparsity.benchmarks.lowering            # Linear 1024² and 4096², batch 1/16/64, sparsity 0.5/0.8/0.9
+    python -m fx_sparsity.benchmarks.lowering --quick    # tiny sizes, one repeat (a smoke test of the tool)
+    python -m fx_sparsity.benchmarks.lowering --json out.json
+    python tools/bench_lowering.py ...                   (same thing, from a checkout)
 
 Per row, medians over ``--repeat`` runs of:
 
@@ -23,6 +24,7 @@ error against the float masked model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -36,8 +38,23 @@ from tabulate import tabulate
 from torch import nn
 
 import fx_sparsity as fxs
-from fx_sparsity.quantized_engine import quantized_engine
 from fx_sparsity.timing import interleaved_times_ms
+
+__all__ = ["bench", "table", "main"]
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str):
+    """``torch.backends.quantized.engine = name`` inside the block, the caller's setting restored after.
+
+    What a torch.ao user writes around torch.ao's quantized modules (ours switch engines themselves).
+    """
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def dense_int8(linear: nn.Linear) -> nn.Module:
@@ -116,7 +133,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fx_sparsity.benchmarks.lowering",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat (checks the tool runs)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per cell (median; default 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5)")

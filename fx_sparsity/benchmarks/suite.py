@@ -1,12 +1,14 @@
 """fx_sparsity benchmark suite: every number a ratio measured in one run.
 
-    python tools/bench.py [--quick] [--json PATH] [--cases mask_update,prepare,memory,train_step,inference]
-    python -m fx_sparsity bench ...          (same thing)
+    python -m fx_sparsity bench [--quick] [--json PATH] [--cases mask_update,prepare,memory,train_step,inference]
+    fx-sparsity bench ...  /  python tools/bench.py ...  /  python -m fx_sparsity.benchmarks ...   (same thing)
 
 Cases measured here: ``mask_update`` (sparsifier.step, ours vs torch.ao.pruning, masks
 checked identical in the same run), ``prepare`` (prepare_fx_sparse on chains of Linear
 layers), ``memory`` (mask and lowered-model bytes). ``train_step`` and ``inference`` run
-the sibling tools ``bench_train_step.py`` / ``bench_inference.py`` and fold their JSON in.
+the sibling modules :mod:`fx_sparsity.benchmarks.train_step` /
+:mod:`fx_sparsity.benchmarks.inference` in a child process each (their own torch.compile
+caches, thread count and warning filters) and fold their JSON in.
 Timings are medians from ``torch.utils.benchmark`` (warm-up included).
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.utils.benchmark import Timer
 
 import fx_sparsity as fxs
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
+__all__ = ["CASES", "main"]
 
 
 def median_ms(fn, min_run_time: float) -> float:
@@ -160,16 +162,13 @@ def case_memory(quick: bool) -> list[dict]:
     return rows
 
 
-# -- cases measured by sibling tools ------------------------------------------------------
+# -- cases measured by sibling modules ----------------------------------------------------
 
-def _sibling(script: str, case: str, quick: bool) -> list[dict]:
-    path = os.path.join(TOOLS, script)
-    if not os.path.exists(path):
-        print(f"{case}: {script} not found, skipped", file=sys.stderr)
-        return []
+def _sibling(module: str, case: str, quick: bool) -> list[dict]:
+    """Run ``python -m fx_sparsity.benchmarks.<module> --json ...`` and return its rows."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        cmd = [sys.executable, path, "--json", out] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", f"fx_sparsity.benchmarks.{module}", "--json", out] + (["--quick"] if quick else [])
         subprocess.run(cmd, check=True)
         with open(out) as f:
             data = json.load(f)
@@ -183,8 +182,8 @@ CASES = {
     "mask_update": case_mask_update,
     "prepare": case_prepare,
     "memory": case_memory,
-    "train_step": lambda quick: _sibling("bench_train_step.py", "train_step", quick),
-    "inference": lambda quick: _sibling("bench_inference.py", "inference", quick),
+    "train_step": lambda quick: _sibling("train_step", "train_step", quick),
+    "inference": lambda quick: _sibling("inference", "inference", quick),
 }
 
 
@@ -199,7 +198,7 @@ def _flat(row: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fx_sparsity bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fx-sparsity bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, short timings (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write one JSON object per case row")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")

@@ -1,9 +1,11 @@
 """Training-step overhead of masking: dense vs fx_sparsity vs torch.ao.pruning, eager and compiled.
 
-    python tools/bench_train_step.py [--quick] [--json PATH] [--models mlp,encoder] [--rounds N] [--threads N] [--profile]
+    python -m fx_sparsity.benchmarks.train_step [--quick] [--json PATH] [--models mlp,encoder] [--rounds N]
+                                                [--threads N] [--profile]
+    python tools/bench_train_step.py ...   (same thing, from a checkout)
 
 One training step is forward + loss + backward + ``SGD.step`` (mask updates are measured by
-``tools/bench.py``'s ``mask_update`` case, not here). Every variant trains its own copy of
+``fx-sparsity bench``'s ``mask_update`` case, not here). Every variant trains its own copy of
 the same model on the same batch:
 
 - ``dense``: the plain model;
@@ -38,6 +40,8 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fx_sparsity as fxs
+
+__all__ = ["CASES", "measure", "main"]
 
 SPARSITY = 0.9
 TARGETS = {"eager": 1.10, "compiled": 1.05}
@@ -155,7 +159,8 @@ def measure(case: str, quick: bool, rounds: int, profile: bool = False) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fx_sparsity.benchmarks.train_step",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")

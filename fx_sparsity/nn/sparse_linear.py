@@ -18,7 +18,9 @@ These are inference modules: the weight and bias buffers get no gradient; the in
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -28,11 +30,37 @@ __all__ = ["SparseCSRLinear", "SparseBSRLinear", "sparse_kernel_available"]
 _WEIGHT_BUFFERS = ("weight_crow_indices", "weight_col_indices", "weight_values")
 _BSR_BLOCKS = (16, 8, 4, 2)  # tried largest first when a BSR block size is inferred from the mask
 
+# The first sparse CSR/BSR tensor a process builds makes torch warn "Sparse CSR tensor support
+# is in beta state. If you miss a functionality ..." (TORCH_WARN_ONCE in SparseCsrTensorImpl).
+# Our sparse tensors are an implementation detail of these modules, so every place that builds
+# one ignores exactly that message. torch warns once per process: after our first sparse tensor
+# is built there is nothing left to catch, and the hot path (one tensor per call) skips the
+# warnings machinery (catch_warnings costs ~1.6 µs, as much as the rebuild itself).
+_BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
+_beta_warning_spent = False
+_NO_FILTER = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _ignore_beta_warning():
+    global _beta_warning_spent
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BETA_WARNING, category=UserWarning)
+        yield
+    _beta_warning_spent = True  # only once a sparse tensor was built without an error
+
+
+def _quiet_sparse_beta():
+    """Context for code that builds a sparse CSR/BSR tensor: torch's beta-state warning is not shown."""
+    return _NO_FILTER if _beta_warning_spent else _ignore_beta_warning()
+
 
 def _rebuild(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     layout = torch.sparse_bsr if values.dim() == 3 else torch.sparse_csr
     # Indices come from to_sparse_* or a checked state dict: no per-call invariant check.
-    return torch.sparse_compressed_tensor(crow, col, values, (rows, cols), layout=layout, check_invariants=False)
+    with _quiet_sparse_beta():
+        return torch.sparse_compressed_tensor(crow, col, values, (rows, cols), layout=layout,
+                                              check_invariants=False)
 
 
 def _sparse_linear_2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -62,7 +90,8 @@ def _grad_input_2d(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
                    rows: int, cols: int) -> torch.Tensor:
     # grad @ W as (Wᵀ @ gradᵀ)ᵀ: CPU multiplies only CSR/BSR on the left, so Wᵀ (CSC/BSC) is converted.
     weight_t = _rebuild(crow, col, values, rows, cols).t()
-    weight_t = weight_t.to_sparse_bsr(tuple(values.shape[1:])) if values.dim() == 3 else weight_t.to_sparse_csr()
+    with _quiet_sparse_beta():
+        weight_t = weight_t.to_sparse_bsr(tuple(values.shape[1:])) if values.dim() == 3 else weight_t.to_sparse_csr()
     return torch.mm(weight_t, grad.T).T
 
 
@@ -116,7 +145,8 @@ class _BSRLinearFunction(torch.autograd.Function):
 def _kernel_error(layout: torch.layout, dtype: torch.dtype, device: str) -> str | None:
     try:
         eye = torch.eye(2, dtype=dtype, device=device)
-        weight = eye.to_sparse_bsr((1, 1)) if layout == torch.sparse_bsr else eye.to_sparse_csr()
+        with _quiet_sparse_beta():
+            weight = eye.to_sparse_bsr((1, 1)) if layout == torch.sparse_bsr else eye.to_sparse_csr()
         torch.addmm(torch.zeros(2, 2, dtype=dtype, device=device), weight, eye)
     except (RuntimeError, NotImplementedError) as e:
         return str(e).splitlines()[0]
@@ -151,7 +181,7 @@ class _SparseLinear(nn.Module):
         values_shape = (0,) if blocksize is None else (0, *blocksize)
         self.register_buffer("weight_values", torch.zeros(values_shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None)
-        self._fx_sparsity_info = {"lowered_to": type(self).__name__, "format": self._format}
+        self.fx_sparsity_info = {"lowered_to": type(self).__name__, "format": self._format}
 
     # -- the weight ------------------------------------------------------------------------
 
@@ -215,9 +245,10 @@ class _SparseLinear(nn.Module):
         if col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.in_features // block_cols):
             return f"column indices out of range for in_features={self.in_features}"
         try:  # the rest (ordering, dtypes): calls skip this check, so a bad index must not get in
-            torch.sparse_compressed_tensor(crow, col, values, (self.out_features, self.in_features),
-                                           layout=torch.sparse_bsr if values.dim() == 3 else torch.sparse_csr,
-                                           check_invariants=True)
+            with _quiet_sparse_beta():
+                torch.sparse_compressed_tensor(crow, col, values, (self.out_features, self.in_features),
+                                               layout=torch.sparse_bsr if values.dim() == 3 else torch.sparse_csr,
+                                               check_invariants=True)
         except RuntimeError as e:
             return str(e).splitlines()[0]
         return None
@@ -257,10 +288,12 @@ class _SparseLinear(nn.Module):
                             f"{masked.dtype} ({problem}); lower a float32/float64 weight, or keep the layer dense")
         module = cls(masked.shape[1], masked.shape[0], bias is not None, blocksize=blocksize,
                      device=masked.device, dtype=masked.dtype)
-        module._set_weight(masked.to_sparse_csr() if blocksize is None else masked.to_sparse_bsr(blocksize))
+        with _quiet_sparse_beta():
+            weight = masked.to_sparse_csr() if blocksize is None else masked.to_sparse_bsr(blocksize)
+        module._set_weight(weight)
         if bias is not None:
             module.bias = bias.detach().to(masked.dtype).clone()
-        module._fx_sparsity_info = {**module._fx_sparsity_info, **info, "weight_sparsity": module.weight_sparsity}
+        module.fx_sparsity_info = {**module.fx_sparsity_info, **info, "weight_sparsity": module.weight_sparsity}
         return module
 
     @staticmethod
@@ -331,7 +364,7 @@ class SparseBSRLinear(_SparseLinear):
     """``nn.Linear`` with its weight stored in BSR format (square ``b×b`` blocks), inference only.
 
     CPU BSR kernels need square blocks that divide the weight's shape. The constructors
-    fall back to :class:`SparseCSRLinear` (and say so in ``_fx_sparsity_info["detail"]``)
+    fall back to :class:`SparseCSRLinear` (and say so in ``fx_sparsity_info["detail"]``)
     when the requested block cannot be used, e.g. the ``(1, 4)`` blocks of
     ``WeightNormSparsifier``'s default. Zeros inside a stored block are kept: exact, slower.
     """
