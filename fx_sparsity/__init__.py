@@ -5,17 +5,27 @@ mask buffers those nodes read; lowering rewrites sparse Linear nodes into sparse
 """
 from . import passes
 from .api import prepare_fx_sparse
-from .lowering import convert_fx_sparse
 from .errors import SparsityConfigError, TraceError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
-from .mappings import get_dynamic_sparse_quantized_mapping, get_static_sparse_quantized_mapping
-from .mappings import get_sparse_bsr_mapping, get_sparse_csr_mapping
+from .lowering import convert_fx_sparse
+from .mappings import (
+    get_dynamic_sparse_quantized_mapping,
+    get_sparse_bsr_mapping,
+    get_sparse_csr_mapping,
+    get_static_sparse_quantized_mapping,
+)
 from .nn import SparseBSRLinear, SparseCSRLinear
 from .parametrization import FakeSparsity
 from .printing import format_sparse_code, format_sparse_graph, print_sparse_graph
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
-from .sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier
-from .sparsifier import GlobalMagnitudeSparsifier, NMSparsifier, WandaSparsifier
+from .sparsifier import (
+    BaseSparsifier,
+    GlobalMagnitudeSparsifier,
+    NearlyDiagonalSparsifier,
+    NMSparsifier,
+    WandaSparsifier,
+    WeightNormSparsifier,
+)
 
 __all__ = [
     "get_dynamic_sparse_quantized_mapping",

@@ -74,7 +74,7 @@ def _bench(argv: list[str]) -> int:
     except SystemExit as e:  # its argparse (--help, usage errors) or its own exit
         if isinstance(e.code, str):
             return _error("bench", e.code, 1)
-        code = e.code
+        return int(e.code or 0)
     return int(code or 0)
 
 

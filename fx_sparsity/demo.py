@@ -10,6 +10,7 @@ on held-out accuracy and latency.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 import warnings
@@ -282,7 +283,7 @@ def run_demo(cfg: DemoConfig | None = None, *, out: TextIO | None = None, progre
                 m.eval()
         # Interleaved: a change in machine load hits all three alike, so the ratios hold.
         latency: dict[str, float | None] = {"lowered": None, **interleaved_median_ms(
-            {name: (lambda m=m: m(*sample)) for name, m in models.items() if m is not None},
+            {name: functools.partial(m, *sample) for name, m in models.items() if m is not None},
             repeat=cfg.latency_repeat, number=None)}
 
         if cfg.plot:

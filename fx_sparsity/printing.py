@@ -141,7 +141,8 @@ def _describe_meta(meta: Any) -> str:
 
 
 def _shapes(gm: fx.GraphModule, example_inputs: Any) -> dict[str, str]:
-    """``node name -> "f32[8, 32]"``, from ShapeProp run on a copy (the user's graph, RNG and buffers stay as they are)."""
+    """``node name -> "f32[8, 32]"``, from ShapeProp run on a copy (the user's graph, RNG and buffers
+    stay as they are)."""
     args = graph_inputs(gm, example_inputs)
     with warnings.catch_warnings():
         # torch's own deprecation notices, raised by copying export's pytree specs and quantized weights

@@ -1,6 +1,7 @@
 """Tracing front ends: turn an ``nn.Module`` into a ``torch.fx.GraphModule``."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,10 +15,66 @@ __all__ = ["trace", "TRACERS"]
 TRACERS = ("symbolic", "export")
 
 
-def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None) -> fx.GraphModule:
+class _SeeInside(fx.Tracer):
+    """``symbolic_trace``'s tracer, tracing also into the leaf modules ``see_inside(qualname, module)`` picks."""
+
+    def __init__(self, see_inside: Callable[[str, nn.Module], bool] | None = None):
+        super().__init__()  # no argument needed: torch.fx rebuilds a tracer of this class to unpickle
+        self.see_inside = see_inside or (lambda qualname, module: False)
+        self._parameters_by_name: dict[str, nn.Parameter] | None = None
+        self.seen_inside: dict[str, nn.Module] = {}
+        self._first_names: dict[int, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if not super().is_leaf_module(m, module_qualified_name):
+            return False
+        if self.see_inside(module_qualified_name, m):
+            self.seen_inside[module_qualified_name] = m
+            return False
+        return True
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # The base class searches every parameter of the root for each one read (quadratic when
+        # every layer is traced into) and names a tied one by its first name. We name it by the
+        # module it is read through, so a mask and its state-dict key follow the user's name.
+        if isinstance(attr_val, nn.Parameter):
+            if self._parameters_by_name is None:
+                self._parameters_by_name = dict(self.root.named_parameters(remove_duplicate=False))
+                self._first_names = {id(p): n for n, p in reversed(self._parameters_by_name.items())}
+            path = self.scope.module_path
+            name = f"{path}.{attr}" if path else attr
+            if self._parameters_by_name.get(name) is not attr_val:
+                name = self._first_names.get(id(attr_val), "")
+            if name:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def _symbolic_trace(model: nn.Module, see_inside: Callable[[str, nn.Module], bool] | None) -> fx.GraphModule:
+    if see_inside is not None:
+        try:
+            tracer = _SeeInside(see_inside)
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            # GraphModule keeps only the attributes the graph reads, in plain Modules: put each
+            # layer traced into back, so its class, hooks and other attributes stay (groups' "module").
+            for qualname, module in tracer.seen_inside.items():
+                gm.set_submodule(qualname, module)
+            return gm
+        except Exception:  # a chosen layer that cannot be traced: passes.InlineModules says which, later
+            pass
+    return fx.symbolic_trace(model)
+
+
+def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None,
+          see_inside: Callable[[str, nn.Module], bool] | None = None) -> fx.GraphModule:
     """Trace ``model`` (which the caller owns: the result shares its submodules and tensors).
 
-    ``"symbolic"``: ``torch.fx.symbolic_trace``; standard layers stay ``call_module`` nodes.
+    ``"symbolic"``: ``torch.fx.symbolic_trace``; standard layers stay ``call_module`` nodes,
+    except those ``see_inside(qualname, module)`` picks, whose own forward is traced (one
+    trace for the whole model; if one of them cannot be traced, none is).
     ``"export"``: ``torch.export.export(model, example_inputs).module()``; parameters are
     ``get_attr`` nodes, ops are aten ops, and Python control flow is specialised away.
     A ``GraphModule`` is returned as it is.
@@ -29,7 +86,7 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
     name = type(model).__name__
     if tracer == "symbolic":
         try:
-            return fx.symbolic_trace(model)
+            return _symbolic_trace(model, see_inside)
         except Exception as e:  # symbolic_trace raises many types; all mean "not traceable"
             raise TraceError(
                 f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {e}\n"

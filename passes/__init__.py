@@ -41,7 +41,7 @@ from .observers import (
     observer_fqn_for,
     remove_observers,
 )
-from .prepare_masks import place_tensor, prepare_masks
+from .prepare_masks import owns_one_of, place_tensor, prepare_masks
 
 __all__ = [
     "buffer_or_none", "fetch_attr", "fetch_attr_or_none", "has_submodule", "unique_attr_name",
@@ -55,5 +55,5 @@ __all__ = [
     "run_passes",
     "ChannelNormObserver", "InsertObservers", "Observation", "ObservedNode", "RemoveObservers", "observe_linear_inputs",
     "observe_linears", "observer_fqn_for", "remove_observers",
-    "place_tensor", "prepare_masks",
+    "owns_one_of", "place_tensor", "prepare_masks",
 ]

@@ -19,6 +19,7 @@ mask applied at every use.  ``call_module`` users must have been inlined first
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult

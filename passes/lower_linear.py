@@ -112,8 +112,9 @@ def find_sparse_linears(gm: fx.GraphModule, sparse_tensors: Mapping[str, tuple[i
         if weight in masked:
             use = masked[weight]
             tensor_fqn, weight_node, mask_node = use.tensor_fqn, use.tensor, use.mask
-        elif isinstance(weight, fx.Node) and weight.op == "get_attr" and id(fetch_attr(gm, weight.target)) in by_identity:
-            tensor_fqn, weight_node, mask_node = by_identity[id(fetch_attr(gm, weight.target))], weight, None
+        elif (isinstance(weight, fx.Node) and weight.op == "get_attr"
+              and id(fetch_attr(gm, str(weight.target))) in by_identity):
+            tensor_fqn, weight_node, mask_node = by_identity[id(fetch_attr(gm, str(weight.target)))], weight, None
         else:
             continue
         block_shape = tuple(sparse_tensors.get(tensor_fqn) or default_block_shape)
@@ -194,7 +195,8 @@ class LowerSparseLinears(PassBase):
         sites = self.sites
         self.lowered, self.kept_dense = [], {}
         graph = gm.graph
-        built: dict[int, tuple[nn.Module, str, SparseLinear, list]] = {}  # id(module) -> (module, tmp fqn, site, records)
+        # id(module) -> (module, temporary fqn, first site, records)
+        built: dict[int, tuple[nn.Module, str, SparseLinear, list]] = {}
         maybe_dead: list[fx.Node] = []
         for site in sites:
             weight = fetch_attr(gm, site.weight.target).detach()
@@ -319,7 +321,8 @@ class QuantizeBoundaries(PassBase):
             node.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not dq)
             done += 1
         if done != len(self.qparams):
-            raise ValueError(f"{len(self.qparams) - done} of the nodes {sorted(self.qparams)} are not call_module nodes")
+            raise ValueError(
+                f"{len(self.qparams) - done} of the nodes {sorted(self.qparams)} are not call_module nodes")
         return PassResult(gm, bool(done))
 
 
@@ -359,7 +362,8 @@ class FoldRequantize(PassBase):
             producer = src.args[0]
             upstream = _module(gm, producer, nn.Module)
             if not (upstream is not None and hasattr(upstream, "scale") and hasattr(upstream, "zero_point")
-                    and float(upstream.scale) == float(quantize.scale) and int(upstream.zero_point) == int(quantize.zero_point)
+                    and float(upstream.scale) == float(quantize.scale)
+                    and int(upstream.zero_point) == int(quantize.zero_point)
                     and quantize.dtype == torch.quint8):
                 continue
             value = producer

@@ -19,6 +19,8 @@ graphs, nothing of sparsifiers.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx, nn
 
@@ -27,7 +29,7 @@ from .inline_modules import InlineModules
 from .insert_masks import InsertMasks, MaskSpec
 from .manager import run_passes
 
-__all__ = ["prepare_masks", "place_tensor"]
+__all__ = ["prepare_masks", "place_tensor", "owns_one_of"]
 
 
 def place_tensor(gm: fx.GraphModule, tensor_fqn: str, tensor: torch.Tensor) -> None:
@@ -50,12 +52,26 @@ def place_tensor(gm: fx.GraphModule, tensor_fqn: str, tensor: torch.Tensor) -> N
         owner.register_buffer(name, tensor)
 
 
+def owns_one_of(tensors: list[torch.Tensor]) -> Callable[[str, nn.Module], bool]:
+    """``pred(fqn, module)``: does ``module`` itself hold one of ``tensors``? (what to inline)"""
+    ids = {id(t) for t in tensors}
+
+    def owns(fqn: str, module: nn.Module) -> bool:
+        return any(id(t) in ids for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+
+    return owns
+
+
 def prepare_masks(gm: fx.GraphModule, specs: list[MaskSpec], source: nn.Module) -> fx.GraphModule:
-    """Mask every use of each ``spec.tensor_fqn`` of ``gm`` (tensors looked up in ``source``); in place."""
+    """Mask every use of each ``spec.tensor_fqn`` of ``gm`` (tensors looked up in ``source``); in place.
+
+    Traced by ``fx_sparsity.tracing.trace`` with ``see_inside=owns_one_of(...)``, the owners
+    are inlined already and :class:`InlineModules` finds nothing to do; it serves graphs
+    made elsewhere (a GraphModule passed in, a layer that did not trace with the model).
+    """
     for spec in specs:
         place_tensor(gm, spec.tensor_fqn, fetch_attr(source, spec.tensor_fqn))
-    masked = {id(fetch_attr(gm, spec.tensor_fqn)) for spec in specs}
-    def owns_masked(fqn: str, module: nn.Module) -> bool:
-        return any(id(t) in masked for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
-
-    return run_passes(gm, InlineModules(owns_masked), InsertMasks(specs))
+    owners = owns_one_of([fetch_attr(gm, spec.tensor_fqn) for spec in specs])
+    to_inline = any(n.op == "call_module" and owners(str(n.target), gm.get_submodule(str(n.target)))
+                    for n in gm.graph.nodes)
+    return run_passes(gm, *([InlineModules(owners)] if to_inline else []), InsertMasks(specs))

@@ -11,13 +11,12 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from models import encoder_layer
 from torch import nn
 
 import fx_sparsity as fxs
 from fx_sparsity.lowering import choose_linear_lowering
 from fx_sparsity.nn import DenseDynamicInt8Linear
-
-from models import encoder_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR|Compressed) tensor support is in beta state",
                                         "ignore::DeprecationWarning", "ignore:.*quantiz.*:UserWarning")

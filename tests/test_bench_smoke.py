@@ -17,6 +17,7 @@ import pytest
 from fx_sparsity.__main__ import main
 
 
+@pytest.mark.slow
 def test_quick_bench_all_cases(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--json", str(out)]) == 0

@@ -187,6 +187,7 @@ class TestDemo:
         assert code == 2 and out == ""  # refused before any training
         assert err == f"fx-sparsity demo: error: {message}\n"
 
+    @pytest.mark.slow  # runs the demo in a fresh process
     def test_no_sparse_beta_warning(self):
         """torch's "Sparse CSR tensor support is in beta" (once per process): not shown by the demo."""
         proc = subprocess.run([sys.executable, "-W", "always::UserWarning", "-m", "fx_sparsity", "demo", "--fast",
@@ -213,6 +214,7 @@ class TestDemo:
         assert code == 2 and out == "" and message in err
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_python_dash_m_entry_point():
     """One real process: `python -m fx_sparsity` wires main() to the exit status."""
     proc = subprocess.run([sys.executable, "-m", "fx_sparsity", "inspect", "models"], cwd=TESTS,

@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
+from models import cnn, encoder_layer, mlp, tied
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import fx_sparsity as fxs
-from models import cnn, encoder_layer, mlp, tied
+
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') skips it; CI runs it
 
 
 @pytest.fixture(autouse=True)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import socket
 import time
 
+import _distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import _distributed_worker as worker
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                                   reason="needs torch.distributed with gloo")]
 WORLD = 2
 
 

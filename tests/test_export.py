@@ -6,11 +6,11 @@ import io
 import pytest
 import torch
 from expecttest import TestCase
+from models import encoder_layer, mlp, tied
 from torch import nn
 from torch.export import Dim
 
 import fx_sparsity as fxs
-from models import encoder_layer, mlp, tied
 
 
 def masked_reference(model, prepared):

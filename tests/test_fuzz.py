@@ -29,6 +29,8 @@ from torch import nn
 
 import fx_sparsity as fxs
 
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') skips it; CI runs it
+
 
 
 def fuzz(max_examples: int):

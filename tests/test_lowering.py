@@ -8,17 +8,16 @@ import torch
 import torch.ao.nn.sparse.quantized as ao_sparse
 import torch.ao.pruning as ao_pruning
 from expecttest import TestCase
+from models import cnn, mlp, tied
 from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig, get_default_qconfig
 
 import fx_sparsity as fxs
 from fx_sparsity.nn import (
     SparseQuantizedDynamicLinear,
-    SparseQuantizedLinear,
     block_shape_supported,
     quantized_engine,
 )
-from models import cnn, mlp, tied
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*quantize_per_tensor.*:UserWarning",  # torch deprecates quantized tensors; the kernels need them

@@ -28,6 +28,7 @@ from fx_sparsity.sparsifier.mask_math import (
     weight_norm_mask,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     # The tensors here are tiny; intra-op threads only add spin-wait overhead

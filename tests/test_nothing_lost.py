@@ -14,17 +14,17 @@ import pickle
 import subprocess
 import sys
 
+import _checkpoint_worker as worker
 import pytest
 import torch
 import torch.ao.pruning as ao
 import torch.nn.functional as F
+from models import cnn, encoder_layer, mlp, tied
 from torch import fx, nn
 
-import _checkpoint_worker as worker
 import fx_sparsity as fxs
-from fx_sparsity import passes
+from fx_sparsity import passes, tracing
 from fx_sparsity.passes import find_masked_uses
-from models import cnn, encoder_layer, mlp, tied
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -189,6 +189,8 @@ def test_failure_half_way_leaves_input_and_sparsifier_untouched(name, failure, i
     pass_name, injected = FAILURES[failure]
     if pass_name is not None:
         monkeypatch.setattr(getattr(passes, pass_name), "call", injected)
+        if pass_name == "InlineModules":  # the tracer inlines first; make it leave the work to the pass
+            monkeypatch.setattr(tracing._SeeInside, "trace", _fail_inlining)
         sparsifier = MagnitudeAnyShape()
     else:
         sparsifier = injected()
@@ -427,6 +429,7 @@ def _assert_same_state(a, b, path="state"):
         assert a == b, path
 
 
+@pytest.mark.slow
 def test_checkpoint_restored_in_fresh_process_continues_bit_identically(tmp_path):
     assert torch.get_num_threads() == 1  # as in the worker: the same kernels, the same float rounding
     torch.manual_seed(7)

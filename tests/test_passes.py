@@ -8,6 +8,11 @@ import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import fx, nn
+from torch.ao.nn.quantized import DeQuantize, Quantize
+from torch.ao.quantization import MinMaxObserver
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
 from fx_sparsity.passes import (
     INFO_ATTR,
     ChannelNormObserver,
@@ -33,10 +38,6 @@ from fx_sparsity.passes import (
     remove_observers,
     run_passes,
 )
-from torch import fx, nn
-from torch.ao.nn.quantized import DeQuantize, Quantize
-from torch.ao.quantization import MinMaxObserver
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 
 def ALL(fqn, module):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.ao.pruning as ao
 from expecttest import TestCase
+from models import cnn, encoder_layer, mlp, tied
 from torch import nn
 
 import fx_sparsity as fxs
 from fx_sparsity.passes import fetch_attr, find_masked_uses
-from models import cnn, encoder_layer, mlp, tied
 
 
 def snapshot(model):

@@ -3,14 +3,13 @@ import copy
 import io
 import pickle
 
-import pytest
 import torch
 from expecttest import TestCase
+from models import mlp, tied
 from torch import nn
 
 import fx_sparsity as fxs
 from fx_sparsity.printing import format_sparse_code
-from models import mlp, tied
 
 
 def prepared_mlp(tracer="symbolic", level=0.5):

@@ -343,7 +343,7 @@ def test_step_enables_mask_update():
 
 def _verbose_run(sparsifier, cls, capsys, **kwargs):
     scheduler = cls(sparsifier, verbose=True, **kwargs)
-    for epoch in range(3):
+    for _ in range(3):
         sparsifier.step()
         scheduler.step()
     scheduler.step(epoch=7)

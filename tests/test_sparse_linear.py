@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from expecttest import TestCase
+from models import encoder_layer
 from torch import nn
 
 import fx_sparsity as fxs
 from fx_sparsity.nn import SparseBSRLinear, SparseCSRLinear
-
-from models import encoder_layer
 
 
 def _block_mask(rows, cols, block, density, seed=0):
@@ -326,6 +325,7 @@ _NO_BETA_WARNING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # fresh processes
 @pytest.mark.parametrize("first", ["from_dense", "load_state_dict", "forward"])
 def test_no_beta_warning_leaks(first, tmp_path):
     linear = nn.Linear(8, 8)

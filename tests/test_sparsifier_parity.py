@@ -6,10 +6,10 @@ import pickle
 import pytest
 import torch
 import torch.ao.pruning as ao
+from models import mlp, tied
 from torch import nn
 
 import fx_sparsity as fxs
-from models import mlp, tied
 
 
 def ao_mask(model, fqn):
@@ -56,7 +56,7 @@ def test_weight_norm_masks_identical_through_training(kwargs, config):
     torch.manual_seed(0)
     data = [torch.randn(16, 16) for _ in range(4)]
     sched = dict(init_sl=0.0, init_t=0, delta_t=2, total_t=5)
-    for step, ours, theirs, prepared, ao_model in train_side_by_side(
+    for step, ours, theirs, prepared, ao_model in train_side_by_side(  # noqa: B007 - read after the loop
             lambda: fxs.WeightNormSparsifier(**kwargs), lambda: ao.WeightNormSparsifier(**kwargs),
             mlp(), config, 15, data, sched):
         for group in ours.groups:

@@ -12,6 +12,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fx_sparsity as fxs
 from fx_sparsity.passes import find_masked_uses
 
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') skips it; CI runs it
+
 transformers = pytest.importorskip("transformers")
 
 # Dynamo capture + AOTAutograd by default (inductor's code generation for BERT takes ~30 s on

@@ -89,7 +89,8 @@ def load_minilm():
     return SentenceEncoder(bert).eval(), tokenizer
 
 
-def make_batches(tokenizer, sentences: list[str], batch_size: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def make_batches(tokenizer, sentences: list[str],
+                 batch_size: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Batches of similar length (less padding), each ``(sentence indices, input_ids, attention_mask)``."""
     lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=256)["input_ids"]]
     order = sorted(range(len(sentences)), key=lambda i: lengths[i])
@@ -147,7 +148,8 @@ FAST_METHODS = ("magnitude (per layer)", "Wanda", "magnitude 2:4", "Wanda 2:4")
 
 
 @torch.no_grad()
-def prune(graph: torch.fx.GraphModule, config: list[dict], method: str, calib_batches) -> tuple[torch.fx.GraphModule, float]:
+def prune(graph: torch.fx.GraphModule, config: list[dict], method: str,
+          calib_batches) -> tuple[torch.fx.GraphModule, float]:
     """A pruned, squashed copy of ``graph``; also the fraction of zeros in the pruned weights."""
     _, factory, calibration = METHODS[method]
     sparsifier = factory()
@@ -264,7 +266,8 @@ def main(argv=None) -> int:
     if args.check_st:
         check_against_sentence_transformers()
     result = evaluate(fast=args.fast, batch_size=args.batch_size, repeat=args.repeat)
-    print(f"\nall-MiniLM-L6-v2, one-shot pruning of all {result['n_linear']} Linear weights; cosine similarity to the dense "
+    print(f"\nall-MiniLM-L6-v2, one-shot pruning of all {result['n_linear']} Linear weights; cosine similarity to "
+          f"the dense "
           f"embeddings over {result['n_eval']} sentences (Wanda calibrated on {result['n_calib']} others); "
           f"torch {torch.__version__}, {result['threads']} threads, batch {result['batch_size']}\n")
     print(table(result))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -97,15 +98,15 @@ def run(quick: bool, repeat: int, budget_s: float, int8_bound: float | None = No
                         warnings.simplefilter("ignore")
                         auto = fxs.convert_fx_sparse(prepared, "auto", example_inputs=(x,))
                     convert_s = time.perf_counter() - start
-                    fns = {"dense": lambda: dense(x), "auto": lambda: auto(x)}
+                    fns = {"dense": functools.partial(dense, x), "auto": functools.partial(auto, x)}
                     if int8_bound:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             auto8 = fxs.convert_fx_sparse(prepared, "auto", example_inputs=(x,),
                                                           max_rel_error=int8_bound)
-                        fns["auto int8"] = lambda: auto8(x)
+                        fns["auto int8"] = functools.partial(auto8, x)
                     if seed is not None:
-                        fns["seed"] = lambda: seed(x)
+                        fns["seed"] = functools.partial(seed, x)
                     # one short sample per variant per round: a sample preempted by another
                     # process is an outlier the median drops
                     samples = interleaved_times_ms(fns, warmup=1, repeat=repeat, number=None, min_sample_ms=0.2,

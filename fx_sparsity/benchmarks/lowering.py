@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import warnings
+from typing import Any
 
 import torch
 from tabulate import tabulate
@@ -60,7 +61,7 @@ def quantized_engine(name: str):
 def dense_int8(linear: nn.Linear) -> nn.Module:
     from torch.ao.quantization import default_dynamic_qconfig
 
-    float_linear = copy.deepcopy(linear)
+    float_linear: Any = copy.deepcopy(linear)
     float_linear.qconfig = default_dynamic_qconfig
     with quantized_engine("x86"):
         return torch.ao.nn.quantized.dynamic.Linear.from_float(float_linear)
@@ -69,7 +70,7 @@ def dense_int8(linear: nn.Linear) -> nn.Module:
 def ao_sparse_dynamic(linear: nn.Linear) -> nn.Module:
     from torch.ao.quantization import default_dynamic_qconfig
 
-    float_linear = copy.deepcopy(linear)
+    float_linear: Any = copy.deepcopy(linear)
     float_linear.qconfig = default_dynamic_qconfig
     with quantized_engine("qnnpack"):
         return torch.ao.nn.sparse.quantized.dynamic.Linear.from_float(float_linear)
@@ -118,7 +119,8 @@ def bench(sizes, batches, levels, *, warmup: int, repeat: int, number: int | Non
                              "int8_ms": int8_ms, "lowered_ms": lowered_ms, "ao_raw_ms": raw_ms,
                              "lowered_vs_fp32": lowered_ms / fp32_ms, "lowered_vs_int8": lowered_ms / int8_ms,
                              "rel_err": err,
-                             "all_stats_ms": {k: {name: f(v) for name, f in STATS.items()} for k, v in samples.items()}})
+                             "all_stats_ms": {k: {name: f(v) for name, f in STATS.items()}
+                                              for k, v in samples.items()}})
     rows.sort(key=lambda r: (r["size"], r["batch"], r["sparsity"]))
     return rows
 

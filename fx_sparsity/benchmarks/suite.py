@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import torch
 import torch.ao.pruning as ao
@@ -131,7 +132,8 @@ def case_memory(quick: bool) -> list[dict]:
     rows = []
     for mask_dtype in (None, torch.bool):
         sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.9)
-        config = [{"tensor_fqn": f"{i}.weight", **({"mask_dtype": mask_dtype} if mask_dtype else {})} for i in range(4)]
+        config: list[dict[str, Any]] = [
+            {"tensor_fqn": f"{i}.weight", **({"mask_dtype": mask_dtype} if mask_dtype else {})} for i in range(4)]
         prepared = fxs.prepare_fx_sparse(_stack(width, 4), sparsifier, config)
         sparsifier.step()
         mask_bytes = sum(b.numel() * b.element_size() for n, b in prepared.named_buffers() if n.endswith("_mask"))
@@ -140,7 +142,7 @@ def case_memory(quick: bool) -> list[dict]:
                      "params": {"width": width, "layers": 4},
                      "bytes": {"masks": mask_bytes, "weights": weight_bytes},
                      "ratios": {"mask / weight bytes": mask_bytes / weight_bytes}})
-    lowerings = {}
+    lowerings: dict[str, Any] = {}
     if hasattr(fxs, "convert_fx_sparse"):
         lowerings["dynamic sparse-quantized"] = None
         for name in ("get_sparse_csr_mapping", "get_sparse_bsr_mapping"):

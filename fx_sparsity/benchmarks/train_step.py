@@ -33,8 +33,8 @@ import time
 import warnings
 
 import torch
-import torch.ao.pruning as ao
 import torch._dynamo
+import torch.ao.pruning as ao
 from tabulate import tabulate
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -51,7 +51,7 @@ def mlp_case(quick: bool):
     width, batch = (256, 16) if quick else (1024, 64)
     torch.manual_seed(0)
     layers = []
-    for i in range(4):
+    for _ in range(4):
         layers += [nn.Linear(width, width), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
     config = [{"tensor_fqn": f"{i}.weight"} for i in range(0, 7, 2)]

@@ -1,4 +1,5 @@
-"""The modules lowering produces: sparse fp32 weights (CSR/BSR) and torch.ao's quantized Linears pinned to their engines."""
+"""The modules lowering produces: sparse fp32 weights (CSR/BSR), and torch.ao's quantized Linears
+pinned to their engines."""
 from .quantized import (
     DenseDynamicInt8Linear,
     SparseQuantizedDynamicLinear,

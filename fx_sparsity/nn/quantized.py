@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.ao.nn.sparse.quantized import Linear as _AoStaticLinear
-from torch.ao.nn.sparse.quantized.dynamic import Linear as _AoDynamicLinear
 from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicInt8Linear
 from torch.ao.nn.quantized.modules.linear import LinearPackedParams as _AoLinearPackedParams
+from torch.ao.nn.sparse.quantized import Linear as _AoStaticLinear
+from torch.ao.nn.sparse.quantized.dynamic import Linear as _AoDynamicLinear
 from torch.ao.nn.sparse.quantized.linear import LinearPackedParams as _AoPackedParams
 
 __all__ = [

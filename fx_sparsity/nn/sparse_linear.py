@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -181,7 +182,7 @@ class _SparseLinear(nn.Module):
         values_shape = (0,) if blocksize is None else (0, *blocksize)
         self.register_buffer("weight_values", torch.zeros(values_shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None)
-        self.fx_sparsity_info = {"lowered_to": type(self).__name__, "format": self._format}
+        self.fx_sparsity_info: dict[str, Any] = {"lowered_to": type(self).__name__, "format": self._format}
 
     # -- the weight ------------------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class _SparseLinear(nn.Module):
     # -- constructors ----------------------------------------------------------------------
 
     @classmethod
-    def _build(cls, masked: torch.Tensor, bias: torch.Tensor | None, blocksize, info: dict) -> _SparseLinear:
+    def _build(cls: type[_S], masked: torch.Tensor, bias: torch.Tensor | None, blocksize, info: dict) -> _S:
         layout = torch.sparse_csr if blocksize is None else torch.sparse_bsr
         problem = _kernel_error(layout, masked.dtype, str(masked.device))
         if problem is not None:
@@ -332,6 +333,9 @@ class _SparseLinear(nn.Module):
         raise NotImplementedError
 
 
+_S = TypeVar("_S", bound=_SparseLinear)
+
+
 class SparseCSRLinear(_SparseLinear):
     """``nn.Linear`` with its weight stored in CSR format (any sparsity pattern), inference only.
 
@@ -352,7 +356,7 @@ class SparseCSRLinear(_SparseLinear):
         if blocksize is not None:
             raise ValueError(f"SparseCSRLinear has no blocks (got blocksize={blocksize}); use "
                              f"SparseBSRLinear.from_dense(linear, mask, blocksize=(b, b))")
-        return super().from_dense(linear, mask)
+        return cast(SparseCSRLinear, super().from_dense(linear, mask))
 
     @classmethod
     def _from_weight(cls, masked, bias, blocksize, requested) -> SparseCSRLinear:
@@ -373,7 +377,7 @@ class SparseBSRLinear(_SparseLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  blocksize: tuple[int, int] = (4, 4), device=None, dtype=None):
-        blocksize = tuple(int(b) for b in blocksize)
+        blocksize = cast(tuple[int, int], tuple(int(b) for b in blocksize))
         if len(blocksize) != 2 or blocksize[0] != blocksize[1] or out_features % blocksize[0] or \
                 in_features % blocksize[1]:
             raise ValueError(f"SparseBSRLinear needs a square blocksize dividing ({out_features}, {in_features}), "
@@ -382,7 +386,7 @@ class SparseBSRLinear(_SparseLinear):
 
     @property
     def blocksize(self) -> tuple[int, int]:
-        return tuple(self.weight_values.shape[1:])
+        return cast(tuple[int, int], tuple(self.weight_values.shape[1:]))
 
     @classmethod
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, *,
@@ -391,7 +395,7 @@ class SparseBSRLinear(_SparseLinear):
 
         Returns a :class:`SparseCSRLinear` when no square block fits (see the class doc).
         """
-        return super().from_dense(linear, mask, blocksize=blocksize)
+        return cast("SparseBSRLinear | SparseCSRLinear", super().from_dense(linear, mask, blocksize=blocksize))
 
     @classmethod
     def _from_weight(cls, masked, bias, blocksize, requested) -> SparseBSRLinear | SparseCSRLinear:

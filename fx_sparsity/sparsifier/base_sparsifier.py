@@ -20,7 +20,7 @@ from ..errors import SparsityConfigError, warn_user
 from ..fqn import get_arg_info_from_tensor_fqn
 from ..lowering import convert_fx_sparse
 from ..parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
-from ..passes import MaskSpec, buffer_or_none, fold_masks, mask_fqn_for, prepare_masks
+from ..passes import MaskSpec, buffer_or_none, fold_masks, mask_fqn_for, owns_one_of, prepare_masks
 from ..rollback import snapshot
 from ..tracing import TRACERS, trace
 
@@ -136,7 +136,8 @@ class BaseSparsifier(abc.ABC):
             _warn_nothing_configured(work, config)
         strip_fake_sparsity(work)
 
-        gm = trace(work, tracer, example_inputs)
+        gm = trace(work, tracer, example_inputs,
+                   see_inside=owns_one_of([tensor_at(work, g["tensor_fqn"]) for g in groups]))
         specs = [MaskSpec(g["tensor_fqn"], initial_mask(g, tensor_at(work, g["tensor_fqn"]), imported), {"group": i})
                  for i, g in enumerate(groups)]
         prepare_masks(gm, specs, work)
@@ -235,10 +236,12 @@ class BaseSparsifier(abc.ABC):
                 if keys is not None:
                     sparse_params.update({k: group[k] for k in keys})
             if sparse_params:
-                setattr(model.get_submodule(group["module_fqn"]), "sparse_params", sparse_params)
+                owner: Any = model.get_submodule(group["module_fqn"])
+                owner.sparse_params = sparse_params  # torch.ao's convention; lowering reads it
         return model
 
-    def convert(self, module: nn.Module, mapping: dict | None = None, inplace: bool = False, **kwargs) -> fx.GraphModule:
+    def convert(self, module: nn.Module, mapping: dict | None = None, inplace: bool = False,
+                **kwargs) -> fx.GraphModule:
         """Lower ``module`` (prepared or squashed); delegates to ``fx_sparsity.convert_fx_sparse``."""
         return convert_fx_sparse(cast(fx.GraphModule, module), mapping, inplace=inplace, **kwargs)
 

@@ -35,7 +35,8 @@ class WandaSparsifier(BaseSparsifier):
     def __init__(self, sparsity_level: float = 0.5, semi_structured_block_size: int | None = None):
         m = semi_structured_block_size
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2 or m % 2):
-            raise SparsityConfigError(f"semi_structured_block_size must be an even int >= 2 (4 for 2:4) or None, got {m!r}")
+            raise SparsityConfigError(
+                f"semi_structured_block_size must be an even int >= 2 (4 for 2:4) or None, got {m!r}")
         check_level(sparsity_level, high=0.5 if m else 1.0,
                     where="semi-structured (m/2:m) Wanda" if m else "")
         super().__init__(defaults={"sparsity_level": sparsity_level, "semi_structured_block_size": m})
@@ -46,8 +47,8 @@ class WandaSparsifier(BaseSparsifier):
         if m is not None:
             check_nm_tensor(tensor, m, what=f"Wanda {m // 2}:{m}", where=where)
         elif tensor.dim() != 2:
-            raise SparsityConfigError(f"{where}: Wanda needs a 2-D (out_features, in_features) linear weight, got shape "
-                             f"{tuple(tensor.shape)}")
+            raise SparsityConfigError(f"{where}: Wanda needs a 2-D (out_features, in_features) linear weight, "
+                                      f"got shape {tuple(tensor.shape)}")
         check_level(group["sparsity_level"], high=0.5 if m else 1.0, where=where)
 
     def on_prepared(self, model: fx.GraphModule) -> None:
