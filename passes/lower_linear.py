@@ -225,11 +225,10 @@ class LowerSparseLinears(PassBase):
             graph.erase_node(site.node)
             maybe_dead += [n for n in (site.mul, site.weight, site.mask, site.bias) if n is not None]
 
-        maybe_dead = list(dict.fromkeys(maybe_dead))
-        targets = [n.target for n in maybe_dead if n.op == "get_attr"]
-        for node in sorted(maybe_dead, key=lambda n: n.op == "get_attr"):  # muls before what they read
-            if not node.users:
-                graph.erase_node(node)
+        targets = [str(n.target) for n in dict.fromkeys(maybe_dead) if n.op == "get_attr"]
+        # Only what the lowered linears read may go: other dead nodes (export's guards) are the user's.
+        candidates = set(maybe_dead)
+        graph.eliminate_dead_code(is_impure_node=lambda node: node not in candidates)
         self._delete_dead_tensors(gm, targets)
 
         for module, tmp, site, records in built.values():

@@ -98,15 +98,13 @@ def convert_fx_sparse(prepared: fx.GraphModule, mapping: Mapping[type, type] | s
                         f"sparsifier.squash_mask()), got {type(prepared).__name__}")
     strategy = strategy_for(mapping, LoweringOptions(calibration_data, example_inputs, max_rel_error))
     shapes = sparse_block_shapes(prepared)
-    sites = find_sparse_linears(prepared, shapes, DEFAULT_BLOCK_SHAPE)
-    strategy.check(sites)
-
     gm = prepared if inplace else copy.deepcopy(prepared)
+    sites = find_sparse_linears(gm, shapes, DEFAULT_BLOCK_SHAPE)
+    strategy.check(sites)  # before anything changes (in place, the user's module)
     if not sites:
         warn_user("convert_fx_sparse: no Linear over a sparse weight in this module; nothing was lowered")
         return gm
     remove_observers(gm)  # as torch.ao's convert drops activation_post_process
-    sites = find_sparse_linears(gm, shapes, DEFAULT_BLOCK_SHAPE) if gm is not prepared else sites
     with _eval_mode(gm):
         strategy.observe(gm, sites)
     lowering = LowerSparseLinears(strategy.build, sites)
