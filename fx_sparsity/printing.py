@@ -157,8 +157,9 @@ def _shapes(gm: fx.GraphModule, example_inputs: Any) -> dict[str, str]:
         cause = e.__cause__ or e
         raise RuntimeError(
             f"format_sparse_graph: the example inputs do not run through the graph ({type(cause).__name__}: "
-            f"{cause}). Pass example_inputs the module accepts, as a tuple (for a torch.export graph: the "
-            f"same shapes it was exported with), or leave them out to print without shapes.") from e
+            f"{cause}). Pass example_inputs the module accepts, as a tuple or a dict of keyword inputs (a "
+            f"torch.export graph takes other sizes only in its dynamic dims, e.g. batch), or leave them out to "
+            f"print without shapes.") from e
     return {node.name: _describe_meta(node.meta.get("tensor_meta")) for node in work.graph.nodes}
 
 

@@ -1,6 +1,8 @@
 """Tracing front ends: turn an ``nn.Module`` into a ``torch.fx.GraphModule``."""
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -9,8 +11,9 @@ from torch import fx, nn
 
 from .errors import SparsityConfigError, TraceError
 from .inputs import as_args_kwargs
+from .passes import SetTrainingMode, run_passes
 
-__all__ = ["trace", "TRACERS"]
+__all__ = ["trace", "TRACERS", "export_module", "allow_train_eval"]
 
 TRACERS = ("symbolic", "export")
 
@@ -99,9 +102,61 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
             "inputs) the model can be called with, e.g. example_inputs=(torch.randn(1, 16),)")
     args, kwargs = as_args_kwargs(example_inputs)
     try:
-        return torch.export.export(model, args, kwargs).module()
+        return export_module(model, args, kwargs)
     except Exception as e:
         raise TraceError(
             f"torch.export cannot trace {name}: {type(e).__name__}: {e}\n"
             f"Check that example_inputs match the model's forward; if the model has "
             f"data-dependent control flow, rewrite it with torch.cond or try tracer=\"symbolic\".") from e
+
+
+def _auto_dims(value: Any) -> Any:
+    """``dynamic_shapes`` for one input: every dim of every tensor ``Dim.AUTO``."""
+    if isinstance(value, torch.Tensor):
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_auto_dims(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _auto_dims(v) for k, v in value.items()}
+    return None
+
+
+def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """``torch.export`` of ``module`` on these inputs, as a GraphModule that trains and evaluates.
+
+    Every tensor dim is ``Dim.AUTO``: dims the code does not tie to a constant (batch,
+    sequence) stay dynamic, so the module runs on other shapes; a dim of size 0 or 1 in the
+    example is specialised by torch.export. Inputs torch.export cannot make dynamic are
+    exported static. ``train()``/``eval()`` switch dropout and batch norm in the graph.
+    """
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        dynamic = {name: _auto_dims(value) for name, value in bound.arguments.items()}
+        exported = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
+    except Exception:  # inputs dynamic shapes cannot describe (custom objects): specialise them all
+        exported = torch.export.export(module, args, kwargs)
+    gm = exported.module()
+    allow_train_eval(gm, module.training)
+    return gm
+
+
+def allow_train_eval(gm: fx.GraphModule, training: bool) -> None:
+    """Make ``gm.train(mode)``/``gm.eval()`` work on an exported module (its own refuse)."""
+    for m in gm.modules():
+        m.training = training
+    gm.train = types.MethodType(_train_exported, gm)  # type: ignore[method-assign]
+    gm.eval = types.MethodType(_eval_exported, gm)  # type: ignore[method-assign]
+
+
+def _eval_exported(self: fx.GraphModule) -> fx.GraphModule:
+    return _train_exported(self, False)
+
+
+def _train_exported(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+    if not isinstance(mode, bool):
+        raise ValueError("training mode is expected to be boolean")
+    if mode != self.training:
+        run_passes(self, SetTrainingMode(mode))
+    for m in self.modules():
+        m.training = mode
+    return self

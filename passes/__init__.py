@@ -42,6 +42,7 @@ from .observers import (
     remove_observers,
 )
 from .prepare_masks import owns_one_of, place_tensor, prepare_masks
+from .training_mode import SetTrainingMode
 
 __all__ = [
     "buffer_or_none", "fetch_attr", "fetch_attr_or_none", "has_submodule", "unique_attr_name",
@@ -56,4 +57,5 @@ __all__ = [
     "ChannelNormObserver", "InsertObservers", "Observation", "ObservedNode", "RemoveObservers", "observe_linear_inputs",
     "observe_linears", "observer_fqn_for", "remove_observers",
     "owns_one_of", "place_tensor", "prepare_masks",
+    "SetTrainingMode",
 ]

@@ -44,11 +44,16 @@ def mask_fqn_for(tensor_fqn: str) -> str:
 
 @dataclass
 class MaskSpec:
-    """One tensor to mask: its fqn in the graph module, its initial mask, node metadata."""
+    """One tensor to mask: its fqn in the graph module, its initial mask, node metadata.
+
+    ``persistent=False`` keeps the buffer out of ``state_dict()``: for a second graph that
+    reads a tied tensor whose mask another graph module owns and saves.
+    """
 
     tensor_fqn: str
     mask: torch.Tensor
     meta: dict = field(default_factory=dict)
+    persistent: bool = True
 
 
 @dataclass
@@ -106,7 +111,7 @@ class InsertMasks(PassBase):
             module_fqn, _, tensor_name = spec.tensor_fqn.rpartition(".")
             owner = gm.get_submodule(module_fqn)
             mask_name = tensor_name + MASK_SUFFIX
-            owner.register_buffer(mask_name, spec.mask)
+            owner.register_buffer(mask_name, spec.mask, persistent=spec.persistent)
             mask_fqn = mask_fqn_for(spec.tensor_fqn)
             meta = {"tensor_fqn": spec.tensor_fqn, "mask_fqn": mask_fqn, **spec.meta}
             for attr_node in uses_by_tensor.get(id(fetch_attr(gm, spec.tensor_fqn)), []):

@@ -45,7 +45,7 @@ class TestInspect:
         assert code == 0
         assert "on linear1.weight, linear2.weight" in out
         assert "aten.linear.default" in out and "f32[2, 5, 64]" in out
-        rows = [line.split() for line in out.splitlines() if line.startswith("mul")]
+        rows = [line.split() for line in out.splitlines() if line.startswith("mul") and "torch.mul" in line]
         assert [r[-4:] for r in rows] == [["linear1.weight", "75.0%", "1x2", "75.0%"],
                                           ["linear2.weight", "75.0%", "1x2", "75.0%"]]
         assert "# <- mask linear2.weight: 75.0% zeros (level 75.0%, 1x2)" in out

@@ -191,7 +191,7 @@ class Sequential(torch.nn.Module):
         self.assertExpectedInline(format_sparse_code(prepared), """\
 class GraphModule(torch.nn.Module):
     def forward(self, input):
-        input: "f32[2, 16]";
+        input: "f32[s31, 16]";
 
         input, = fx_pytree.tree_flatten_spec(([input], {}), self._in_spec)
         _0_weight: "f32[32, 16]" = getattr(self, "0").weight
@@ -206,11 +206,11 @@ class GraphModule(torch.nn.Module):
         _4_bias: "f32[10]" = getattr(self, "4").bias
         input_1 = input
         _guards_fn = self._guards_fn(input_1);  _guards_fn = None
-        linear: "f32[2, 32]" = torch.ops.aten.linear.default(input_1, mul, _0_bias);  input_1 = mul = _0_bias = None
-        relu: "f32[2, 32]" = torch.ops.aten.relu.default(linear);  linear = None
-        linear_1: "f32[2, 32]" = torch.ops.aten.linear.default(relu, mul_1, _2_bias);  relu = mul_1 = _2_bias = None
-        relu_1: "f32[2, 32]" = torch.ops.aten.relu.default(linear_1);  linear_1 = None
-        linear_2: "f32[2, 10]" = torch.ops.aten.linear.default(relu_1, _4_weight, _4_bias);  relu_1 = _4_weight = _4_bias = None
+        linear: "f32[s31, 32]" = torch.ops.aten.linear.default(input_1, mul, _0_bias);  input_1 = mul = _0_bias = None
+        relu: "f32[s31, 32]" = torch.ops.aten.relu.default(linear);  linear = None
+        linear_1: "f32[s31, 32]" = torch.ops.aten.linear.default(relu, mul_1, _2_bias);  relu = mul_1 = _2_bias = None
+        relu_1: "f32[s31, 32]" = torch.ops.aten.relu.default(linear_1);  linear_1 = None
+        linear_2: "f32[s31, 10]" = torch.ops.aten.linear.default(relu_1, _4_weight, _4_bias);  relu_1 = _4_weight = _4_bias = None
         return pytree.tree_unflatten((linear_2,), self._out_spec)
 """)
 
@@ -300,9 +300,11 @@ class TestBehaviour(TestCase):
         with self.assertRaisesRegex(TypeError, r"expects a torch.fx.GraphModule .* got Sequential; prepare the model"):
             fxs.format_sparse_graph(mlp())
         prepared, _ = prepared_mlp(tracer="export")
-        with self.assertRaisesRegex(RuntimeError, r"example inputs do not run through the graph .*Guard failed.*"
-                                                  r"same shapes it was exported with"):
-            fxs.format_sparse_graph(prepared, example_inputs=(torch.randn(3, 16),))
+        with self.assertRaisesRegex(RuntimeError, r"example inputs do not run through the graph .*"
+                                                  r"only in its dynamic dims"):
+            fxs.format_sparse_graph(prepared, example_inputs=(torch.randn(3, 17),))
+        # the batch dim is dynamic: another batch size prints
+        assert "f32[3, 32]" in fxs.format_sparse_graph(prepared, example_inputs=(torch.randn(3, 16),))
         # keyword inputs work as well as positional ones
         by_keyword = fxs.format_sparse_graph(prepared, example_inputs={"input": torch.randn(2, 16)})
         assert by_keyword == fxs.format_sparse_graph(prepared, example_inputs=(torch.randn(2, 16),))
