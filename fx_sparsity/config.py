@@ -144,14 +144,13 @@ def initial_mask(group: dict, tensor: torch.Tensor, imported: dict[str, torch.Te
     return mask.detach().to(dtype=dtype, device=tensor.device).clone()
 
 
-def publish_config(gm: fx.GraphModule, groups: list[dict[str, Any]]) -> None:
-    """Record ``gm.fx_sparsity_config = {tensor_fqn: group}`` for printing and lowering.
+def publish_config(gm: fx.GraphModule, config: dict[str, dict[str, Any]]) -> None:
+    """Record ``gm.fx_sparsity_config = {tensor_fqn in gm: group}`` for printing and lowering.
 
     The values are the sparsifier's own group dicts, so a scheduler's in-place level
     changes show up. A GraphModule's deepcopy keeps only what its graph uses, so the
     attribute is also listed among the user-preserved attributes in ``gm.meta``.
     """
-    config = {group["tensor_fqn"]: group for group in groups}
     setattr(gm, CONFIG_ATTR, config)
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[CONFIG_ATTR] = config
 

@@ -31,6 +31,8 @@ class FoldMasks(PassBase):
     """Multiply each masked tensor by its mask in place, then remove mask nodes and buffers.
 
     ``self.folded`` lists the tensor fqns that were folded (each once, tied uses included).
+    A non-persistent mask buffer (a tied tensor whose mask another graph module owns, see
+    ``MaskSpec.persistent``) is removed without multiplying: its owner folds the tensor.
     """
 
     def __init__(self, tensor_fqns: list[str] | None = None):
@@ -44,6 +46,9 @@ class FoldMasks(PassBase):
 
         def fold(tensor_fqn: str, tensor: torch.Tensor, mask_fqn: str) -> None:
             masks[mask_fqn] = mask = fetch_attr(gm, mask_fqn)
+            module_fqn, _, name = mask_fqn.rpartition(".")
+            if name in gm.get_submodule(module_fqn)._non_persistent_buffers_set:
+                return  # a tied tensor's mask that another graph module owns: that one folds it
             with torch.no_grad():
                 # In place: optimizers, tied aliases and compiled graphs keep the same tensor.
                 tensor.mul_(_like(mask, tensor))

@@ -22,6 +22,7 @@ from ..lowering import convert_fx_sparse
 from ..parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
 from ..passes import MaskSpec, buffer_or_none, fold_masks, mask_fqn_for, owns_one_of, prepare_masks
 from ..rollback import snapshot
+from ..scoping import UNITS_ATTR, check_scope, graph_parts, prepare_units, relative, restore_units, units_of
 from ..tracing import TRACERS, trace
 
 __all__ = ["BaseSparsifier"]
@@ -91,16 +92,22 @@ class BaseSparsifier(abc.ABC):
         return "\n".join(lines) + "\n)"
 
     # -- preparing
-    def prepare(self, model: nn.Module, config: list[dict] | None = None, *, example_inputs: Any = None,
-                tracer: str = "symbolic", inplace: bool = False) -> fx.GraphModule:
+    def prepare(self, model: nn.Module, config: list[dict] | None = None, *, scope: Any = "model",
+                example_inputs: Any = None, tracer: str = "symbolic", inplace: bool = False) -> nn.Module:
         """Trace ``model`` and put a mask-multiply node in front of every use of each configured tensor.
 
         Same config semantics as ``torch.ao.pruning.BaseSparsifier.prepare``: each entry is a
         dict with a ``tensor_fqn`` plus overrides of the defaults; ``config=None`` means every
         ``nn.Linear`` weight (or, for a model prepared by torch.ao.pruning, every tensor
         carrying a ``FakeSparsity`` mask — those masks are imported). Unlike torch.ao, the
-        input model is left as it was unless ``inplace=True``: use the returned GraphModule
-        (also ``self.model``). A failure leaves the model and this sparsifier as they were.
+        input model is left as it was unless ``inplace=True``: use the returned module (also
+        ``self.model``). A failure leaves the model and this sparsifier as they were.
+
+        ``scope="model"`` returns one GraphModule for the whole model. ``scope="layers"`` returns
+        the model itself (same class) with each submodule that owns a configured tensor replaced
+        by a GraphModule traced from it; ``scope=<nn.Module subclass or tuple>`` replaces each
+        outermost block of those types (and, as "layers", owners outside them). Mask buffers and
+        state-dict keys are the same for every scope.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -113,6 +120,10 @@ class BaseSparsifier(abc.ABC):
                             f"{type(config).__name__}")
         if tracer not in TRACERS:
             raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
+        block_types = check_scope(scope)
+        if block_types is not None and isinstance(model, fx.GraphModule):
+            raise SparsityConfigError("a GraphModule is prepared as it is: scope applies to an nn.Module to trace; "
+                                      "leave scope=\"model\"")
         if inplace:
             work = model
         else:
@@ -123,12 +134,13 @@ class BaseSparsifier(abc.ABC):
                                 f"place") from e
         restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "state"))
         try:
-            return self._prepare(work, model, config, tracer, example_inputs)
+            return self._prepare(work, model, config, block_types, tracer, example_inputs)
         except BaseException:
             restore()
             raise
 
-    def _prepare(self, work: nn.Module, original: nn.Module, config, tracer: str, example_inputs) -> fx.GraphModule:
+    def _prepare(self, work: nn.Module, original: nn.Module, config, block_types, tracer: str,
+                 example_inputs) -> nn.Module:
         imported = fake_sparsity_masks(work)
         groups = build_groups(work, original, self.defaults, config_or_default(work, config, imported))
         self._validate_groups(groups, work)
@@ -136,20 +148,46 @@ class BaseSparsifier(abc.ABC):
             _warn_nothing_configured(work, config)
         strip_fake_sparsity(work)
 
-        gm = trace(work, tracer, example_inputs,
-                   see_inside=owns_one_of([tensor_at(work, g["tensor_fqn"]) for g in groups]))
         specs = [MaskSpec(g["tensor_fqn"], initial_mask(g, tensor_at(work, g["tensor_fqn"]), imported), {"group": i})
                  for i, g in enumerate(groups)]
-        prepare_masks(gm, specs, work)
+        if block_types is None:
+            prepared: nn.Module = trace(work, tracer, example_inputs,
+                                        see_inside=owns_one_of([tensor_at(work, g["tensor_fqn"]) for g in groups]))
+            prepare_masks(prepared, specs, work)
+        else:
+            prepared = work
+            prepare_units(work, specs, block_types, tracer, example_inputs)
         for group in groups:
-            group["module"] = gm.get_submodule(group["module_fqn"])
-            self.state[group["tensor_fqn"]]["mask"] = gm.get_buffer(mask_fqn_for(group["tensor_fqn"]))
-        self.model = gm
+            group["module"] = prepared.get_submodule(group["module_fqn"])
+            self.state[group["tensor_fqn"]]["mask"] = prepared.get_buffer(mask_fqn_for(group["tensor_fqn"]))
+        self.model = prepared
         self.config = list(config) if config is not None else None
         self.groups = groups
-        publish_config(gm, groups)
-        self.on_prepared(gm)
-        return gm
+        self._publish()
+        self.on_prepared(prepared)
+        return prepared
+
+    def _publish(self) -> None:
+        """Record the live groups on each graph module (printing and lowering read them)."""
+        assert self.model is not None
+        units = units_of(self.model)
+        if not units and isinstance(self.model, fx.GraphModule):
+            publish_config(self.model, {group["tensor_fqn"]: group for group in self.groups})
+            return
+        tensors = {id(tensor_at(self.model, g["tensor_fqn"])): g for g in self.groups}
+        for unit in units:
+            config = {relative(g["tensor_fqn"], unit.fqn): g for g in self.groups
+                      if g["tensor_fqn"].startswith(unit.fqn + ".")}
+            held = [*unit.graph_module.named_parameters(remove_duplicate=False),
+                    *unit.graph_module.named_buffers(remove_duplicate=False)]
+            for name, tensor in held:  # tied tensors this unit reads under its own name
+                if id(tensor) in tensors and name not in config:
+                    config[name] = tensors[id(tensor)]
+            publish_config(unit.graph_module, config)
+
+    def graph_modules(self) -> list[tuple[str, fx.GraphModule]]:
+        """``[(fqn, graph module)]`` of the prepared model: one ``("", gm)`` for scope="model", else its units."""
+        return graph_parts(self._require_prepared("graph_modules"))
 
     def _validate_groups(self, groups: list[dict[str, Any]], model: nn.Module) -> None:
         """Run :meth:`validate_group` on every group; one error naming every group refused."""
@@ -217,8 +255,11 @@ class BaseSparsifier(abc.ABC):
 
     def squash_mask(self, params_to_keep: tuple[str, ...] | None = None,
                     params_to_keep_per_layer: dict[str, tuple[str, ...]] | None = None,
-                    *args, **kwargs) -> fx.GraphModule:
+                    *args, **kwargs) -> nn.Module:
         """Fold the masks into the tensors and remove the mask nodes and buffers.
+
+        On a scoped model (``scope="layers"`` or a block type) the original modules are put
+        back in place of their graph modules: the result is a plain model again.
 
         As in torch.ao.pruning, ``params_to_keep`` (for every group) and
         ``params_to_keep_per_layer`` (by module fqn) name group config keys to keep in a
@@ -226,7 +267,15 @@ class BaseSparsifier(abc.ABC):
         """
         model = self._require_prepared("squash_mask")
         _refuse_unsharded_fsdp(model)
-        fold_masks(model, [group["tensor_fqn"] for group in self.groups])
+        units = units_of(model)
+        for prefix, gm in graph_parts(model):
+            fold_masks(gm, [relative(g["tensor_fqn"], prefix) for g in self.groups
+                            if not prefix or g["tensor_fqn"].startswith(prefix + ".")])
+        if units:  # the user's own modules back, holding the folded tensors
+            restore_units(model, units)
+            delattr(model, UNITS_ATTR)
+            for group in self.groups:
+                group["module"] = model.get_submodule(group["module_fqn"])
         for group in self.groups:
             sparse_params = {}
             if params_to_keep is not None:
@@ -288,7 +337,7 @@ class BaseSparsifier(abc.ABC):
                 raise RuntimeError(f"Error loading group '{group['tensor_fqn']}': no such tensor in the model")
             group.update(info)
         self.groups, self.state = groups, state
-        publish_config(model, groups)  # the module's printed config follows the loaded groups
+        self._publish()  # the module's printed config follows the loaded groups
 
 
 def _warn_nothing_configured(model: nn.Module, config: list | None) -> None:

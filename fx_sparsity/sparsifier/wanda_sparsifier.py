@@ -6,6 +6,7 @@ from torch import fx, nn
 
 from ..errors import SparsityConfigError
 from ..passes import ChannelNormObserver, observe_linear_inputs, observer_fqn_for, remove_observers
+from ..scoping import relative
 from .base_sparsifier import BaseSparsifier
 from .nm_sparsifier import check_level, check_nm_tensor, nm_keep_mask
 
@@ -53,9 +54,12 @@ class WandaSparsifier(BaseSparsifier):
 
     def on_prepared(self, model: fx.GraphModule) -> None:
         """Observe the input of every linear that uses a configured weight (prepare undoes all on error)."""
-        fqns = [g["tensor_fqn"] for g in self.groups]
-        observed = observe_linear_inputs(model, fqns)
-        missing = [fqn for fqn in fqns if fqn not in observed]
+        observed = set()
+        for prefix, gm in self.graph_modules():
+            fqns = [relative(g["tensor_fqn"], prefix) for g in self.groups
+                    if not prefix or g["tensor_fqn"].startswith(prefix + ".")]
+            observed |= {f"{prefix}.{fqn}" if prefix else fqn for fqn in observe_linear_inputs(gm, fqns)}
+        missing = [g["tensor_fqn"] for g in self.groups if g["tensor_fqn"] not in observed]
         if missing:
             raise SparsityConfigError(
                 f"WandaSparsifier scores a weight by the inputs of the linear that uses it, but {missing} "
@@ -101,7 +105,8 @@ class WandaSparsifier(BaseSparsifier):
             keep.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
         mask.copy_(keep)
 
-    def squash_mask(self, *args, **kwargs) -> fx.GraphModule:
+    def squash_mask(self, *args, **kwargs) -> nn.Module:
         """Remove the observers, then fold the masks (see :meth:`BaseSparsifier.squash_mask`)."""
-        remove_observers(self._require_prepared("squash_mask"), ChannelNormObserver)
+        for _, gm in self.graph_modules():
+            remove_observers(gm, ChannelNormObserver)
         return super().squash_mask(*args, **kwargs)

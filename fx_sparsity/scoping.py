@@ -1,0 +1,258 @@
+"""Scoped preparation: graphs for parts of the user's model, each put in place of the part it was traced from.
+
+``scope="model"`` traces the whole model into one GraphModule. Any other scope keeps the
+user's model object and replaces *units* inside it:
+
+- ``"layers"``: every submodule that directly owns a configured tensor;
+- an ``nn.Module`` subclass (or a tuple of them): every outermost submodule of those
+  types, plus, as with ``"layers"``, the owners of configured tensors outside them.
+
+Each unit is traced alone (symbolically, or with ``torch.export`` on the inputs it received
+when the model ran on ``example_inputs``) and put in the model under its own name. The
+originals are kept, so :func:`restore_units` puts them back.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import SparsityConfigError, TraceError
+from .inputs import call_with
+from .passes import MaskSpec, owns_one_of, prepare_masks
+from .passes.insert_masks import mask_fqn_for
+from .tracing import TRACERS, export_module, trace
+
+__all__ = ["Unit", "check_scope", "unit_fqns", "capture_inputs", "trace_unit", "prepare_units", "restore_units",
+           "units_of", "graph_parts", "relative", "UNITS_ATTR"]
+
+#: The attribute on a scoped model that lists its units.
+UNITS_ATTR = "fx_sparsity_units"
+
+
+@dataclass
+class Unit:
+    """One traced part of a scoped model."""
+
+    fqn: str  # where it sits in the model
+    original: nn.Module  # the module it replaced
+    graph_module: fx.GraphModule
+
+
+def check_scope(scope: Any) -> tuple[type[nn.Module], ...] | None:
+    """``None`` for ``"model"``, ``()`` for ``"layers"``, else the block types; ``SparsityConfigError`` otherwise."""
+    if scope == "model":
+        return None
+    if scope == "layers":
+        return ()
+    types = scope if isinstance(scope, tuple) else (scope,)
+    if types and all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        return types
+    raise SparsityConfigError(
+        f"scope={scope!r}: use \"model\" (one graph), \"layers\" (each layer that owns a configured tensor) or "
+        f"an nn.Module subclass / tuple of them (each block of that type, e.g. scope=LlamaDecoderLayer)")
+
+
+def _inside(fqn: str, prefix: str) -> bool:
+    return fqn == prefix or fqn.startswith(prefix + ".")
+
+
+def unit_fqns(model: nn.Module, block_types: tuple[type[nn.Module], ...], owner_fqns: list[str]) -> list[str]:
+    """The fqns of the units, in ``named_modules`` order: outermost blocks, then owners outside them."""
+    blocks: list[str] = []
+    for name, module in model.named_modules():
+        if block_types and isinstance(module, block_types) and not any(_inside(name, b) for b in blocks):
+            blocks.append(name)
+    if "" in blocks:
+        raise SparsityConfigError(
+            f"scope={block_types}: the model itself is a {type(model).__name__}; a block scope replaces "
+            f"submodules, so use scope=\"model\" to trace the whole model")
+    units = set(blocks) | {o for o in owner_fqns if not any(_inside(o, b) for b in blocks)}
+    if "" in units:
+        tensors = [f for f in owner_fqns if f == ""]
+        raise SparsityConfigError(
+            f"scope=\"layers\": the model itself ({type(model).__name__}) owns configured tensors {tensors or ''}"
+            f"; a scoped prepare replaces submodules, so use scope=\"model\" for it")
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(units, key=order.__getitem__)
+
+
+@contextlib.contextmanager
+def _quiet_run(model: nn.Module) -> Iterator[None]:
+    """Run as inference does, leaving no trace: eval mode (no batch-norm updates), no grad, RNG restored."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any) -> dict[str, tuple[tuple, dict]]:
+    """``{fqn: (args, kwargs)}``: what each of those submodules gets when ``model`` runs on ``example_inputs``."""
+    captured: dict[str, tuple[tuple, dict]] = {}
+
+    def hook(fqn: str) -> Callable:
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.setdefault(fqn, (args, kwargs))
+        return record
+
+    handles = [model.get_submodule(fqn).register_forward_pre_hook(hook(fqn), with_kwargs=True) for fqn in fqns]
+    try:
+        with _quiet_run(model):
+            call_with(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [fqn for fqn in fqns if fqn not in captured]
+    if missing:
+        raise SparsityConfigError(
+            f"tracer=\"export\" traces each unit on the inputs it gets when the model runs on example_inputs, but "
+            f"{missing} {'was' if len(missing) == 1 else 'were'} not called; pass inputs that reach them, or use "
+            f"tracer=\"symbolic\"")
+    return captured
+
+
+def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: tuple[tuple, dict] | None,
+               see_inside: Callable[[str, nn.Module], bool]) -> fx.GraphModule:
+    """One unit as a GraphModule; errors name the unit."""
+    if tracer not in TRACERS:
+        raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
+    if tracer == "symbolic":
+        try:
+            return trace(module, "symbolic", see_inside=see_inside)
+        except TraceError as e:
+            raise TraceError(f"'{fqn}': {e}") from e
+    assert inputs is not None
+    try:
+        return export_module(module, *inputs)
+    except Exception as e:
+        raise TraceError(
+            f"torch.export cannot trace '{fqn}' ({type(module).__name__}) on the inputs it got from example_inputs: "
+            f"{type(e).__name__}: {e}\nTry scope=\"layers\" (only the layers that own configured tensors are "
+            f"traced) or tracer=\"symbolic\".") from e
+
+
+def _copy_back(original: nn.Module, graph_module: nn.Module) -> None:
+    """Put the graph module's current values into the original's tensors where they are other objects."""
+    current = dict(graph_module.named_parameters(remove_duplicate=False))
+    current.update(graph_module.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, tensor in [*original.named_parameters(remove_duplicate=False),
+                             *original.named_buffers(remove_duplicate=False)]:
+            value = current.get(name)
+            if value is not None and value is not tensor and value.shape == tensor.shape:
+                tensor.copy_(value)
+
+
+def restore_units(model: nn.Module, units: list[Unit]) -> None:
+    """Put each unit's original module back (with the values it holds now)."""
+    for unit in units:
+        _copy_back(unit.original, unit.graph_module)
+        model.set_submodule(unit.fqn, unit.original)
+
+
+def units_of(model: nn.Module) -> list[Unit]:
+    """The units a scoped prepare recorded on ``model`` (empty for a model-scope GraphModule)."""
+    return list(getattr(model, UNITS_ATTR, None) or [])
+
+
+def relative(fqn: str, prefix: str) -> str:
+    """``fqn`` seen from the module at ``prefix`` (``"a.b.weight"``, ``"a"`` -> ``"b.weight"``)."""
+    return fqn[len(prefix) + 1:] if prefix else fqn
+
+
+def graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """``[(fqn, graph module)]``: the units of a scoped model, or ``[("", model)]`` for one GraphModule."""
+    units = units_of(model)
+    if units:
+        return [(unit.fqn, unit.graph_module) for unit in units]
+    return [("", model)] if isinstance(model, fx.GraphModule) else []
+
+
+def _first_names(module: nn.Module) -> dict[int, str]:
+    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {id(t): name for name, t in reversed(tensors)}
+
+
+def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[type[nn.Module], ...], tracer: str,
+                  example_inputs: Any) -> list[Unit]:
+    """Trace each unit of ``model``, mask the tensors of ``specs`` (model fqns) in it, and put it in place.
+
+    A tensor's mask is a buffer of the unit that owns the tensor; a unit that only reads a
+    tied tensor owned elsewhere multiplies by the same mask, held as a non-persistent buffer
+    (one mask in ``state_dict()``) and linked back to the owner's before each call
+    (:func:`_link_tied_masks`), so ``.to()`` cannot split them.
+    """
+    owners = [spec.tensor_fqn.rpartition(".")[0] for spec in specs]
+    fqns = unit_fqns(model, block_types, owners)
+    if tracer == "export" and example_inputs is None:
+        raise SparsityConfigError(
+            "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword inputs) the model "
+            "can be called with; each unit is traced on the inputs it gets from them")
+    inputs = capture_inputs(model, fqns, example_inputs) if tracer == "export" else {}
+    tensors = {spec.tensor_fqn: model.get_parameter(spec.tensor_fqn) if _is_parameter(model, spec.tensor_fqn)
+               else model.get_buffer(spec.tensor_fqn) for spec in specs}
+    see_inside = owns_one_of(list(tensors.values()))
+    units: list[Unit] = []
+    for fqn in fqns:
+        module = model.get_submodule(fqn)
+        gm = trace_unit(fqn, module, tracer, inputs.get(fqn), see_inside)
+        names = _first_names(module)
+        unit_specs = []
+        for spec in specs:
+            owned = _inside(spec.tensor_fqn.rpartition(".")[0], fqn)
+            if owned:
+                name = relative(spec.tensor_fqn, fqn)
+            elif id(tensors[spec.tensor_fqn]) in names:
+                name = names[id(tensors[spec.tensor_fqn])]
+            else:
+                continue
+            unit_specs.append(MaskSpec(name, spec.mask, {**spec.meta, "model_fqn": spec.tensor_fqn}, persistent=owned))
+        prepare_masks(gm, unit_specs, module)
+        units.append(Unit(fqn, module, gm))
+    for unit in units:
+        model.set_submodule(unit.fqn, unit.graph_module)
+    _tie_masks(model, units, specs)
+    setattr(model, UNITS_ATTR, units)
+    return units
+
+
+def _is_parameter(model: nn.Module, fqn: str) -> bool:
+    try:
+        model.get_parameter(fqn)
+    except AttributeError:
+        return False
+    return True
+
+
+def _tie_masks(model: nn.Module, units: list[Unit], specs: list[MaskSpec]) -> None:
+    """Link each non-persistent (tied) mask buffer of a unit to its owner's, before every call."""
+    owner_mask = {mask_fqn_for(spec.tensor_fqn): spec.mask for spec in specs}
+    for unit in units:
+        links = []
+        for name, buffer in unit.graph_module.named_buffers():
+            module_fqn, _, leaf = name.rpartition(".")
+            holder = unit.graph_module.get_submodule(module_fqn)
+            if leaf in holder._non_persistent_buffers_set:
+                source = next(fqn for fqn, mask in owner_mask.items() if mask is buffer)
+                links.append((name, source))
+        if links:
+            unit.graph_module.__dict__["_fx_sparsity_tied_masks"] = (model, links)
+            unit.graph_module.register_forward_pre_hook(_link_tied_masks)
+
+
+def _link_tied_masks(module: nn.Module, args: Any) -> None:
+    root, links = module.__dict__["_fx_sparsity_tied_masks"]
+    for name, source in links:
+        live = root.get_buffer(source)
+        module_fqn, _, leaf = name.rpartition(".")
+        holder = module.get_submodule(module_fqn)
+        if holder._buffers[leaf] is not live:
+            holder._buffers[leaf] = live
