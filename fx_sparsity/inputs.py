@@ -1,21 +1,33 @@
 """Example and calibration inputs: one way to read them, for every function that takes them.
 
-Inputs are a tuple (or list) of positional inputs, a dict of keyword inputs, or one tensor.
+Inputs are a tuple (or list) of positional inputs, a dict of keyword inputs, one tensor,
+or a :class:`CallInputs` (both kinds, as a forward pre-hook sees them).
 """
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 from torch.fx._pytree import tree_flatten_spec
 
-__all__ = ["as_args_kwargs", "call_with", "graph_inputs"]
+__all__ = ["CallInputs", "as_args_kwargs", "call_with", "graph_inputs"]
+
+
+@dataclass
+class CallInputs:
+    """Positional and keyword inputs of one call."""
+
+    args: tuple
+    kwargs: dict[str, Any]
 
 
 def as_args_kwargs(inputs: Any) -> tuple[tuple, dict[str, Any]]:
     """``(args, kwargs)`` for a call with ``inputs``."""
+    if isinstance(inputs, CallInputs):
+        return tuple(inputs.args), dict(inputs.kwargs)
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):

@@ -31,6 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .config import sparsity_config
 from .inputs import graph_inputs
 from .passes import INFO_ATTR, fetch_attr, find_masked_uses
+from .scoping import capture_inputs, graph_parts
 
 __all__ = ["format_sparse_graph", "print_sparse_graph", "format_sparse_code"]
 
@@ -253,11 +254,13 @@ def _block(group: dict | None) -> str:
     return ""
 
 
-def _footer(gm: fx.GraphModule, tensors: dict[str, _Tensor], masks: dict[str, torch.Tensor]) -> list[str]:
-    lowered = {}
-    for node in gm.graph.nodes:
-        if _lowered_info(gm, node) is not None:
-            lowered[node.target] = gm.get_submodule(node.target)
+def _lowered_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    return {str(node.target): gm.get_submodule(str(node.target)) for node in gm.graph.nodes
+            if _lowered_info(gm, node) is not None}
+
+
+def _footer(gm: nn.Module, lowered: dict[str, nn.Module], tensors: dict[str, _Tensor],
+            masks: dict[str, torch.Tensor]) -> list[str]:
     # A lowered module may keep float parameters (a dense fallback); count those once, as lowered.
     lowered_ids = {id(p) for m in lowered.values() for p in m.parameters()}
     dense_params = sum(p.numel() for p in gm.parameters() if id(p) not in lowered_ids)
@@ -291,7 +294,7 @@ def _footer(gm: fx.GraphModule, tensors: dict[str, _Tensor], masks: dict[str, to
     return lines
 
 
-def format_sparse_graph(gm: fx.GraphModule, *, example_inputs: Any = None) -> str:
+def format_sparse_graph(gm: nn.Module, *, example_inputs: Any = None) -> str:
     """The annotated graph: a table with one row per node, in graph order, and a footer.
 
     Columns: node name, op, target, output shape and dtype (only with ``example_inputs``,
@@ -299,35 +302,63 @@ def format_sparse_graph(gm: fx.GraphModule, *, example_inputs: Any = None) -> st
     its configured level and block, the fraction of zeros actually stored, and what the
     node was lowered to. The footer counts parameters and zeros (each tensor once, tied
     uses included), mask memory, and ``state_dict`` bytes (before/after for lowered modules).
+
+    For a model prepared with ``scope="layers"`` or a block scope, each of its graph modules
+    is a section of the one table (a ``[fqn]`` row, then its nodes, tensors named as in the
+    model), and the footer counts the whole model.
     """
-    if not isinstance(gm, fx.GraphModule):
+    parts = graph_parts(gm)
+    if not parts:
         raise TypeError(
             f"format_sparse_graph expects a torch.fx.GraphModule (what prepare_fx_sparse, squash_mask and "
-            f"convert_fx_sparse return), got {type(gm).__name__}; prepare the model first: "
-            f"fx_sparsity.prepare_fx_sparse(model, sparsifier)")
-    shapes = _shapes(gm, example_inputs) if example_inputs is not None else None
-    notes, tensors, masks = _collect(gm)
-    config = sparsity_config(gm)
-    headers = ["node", "op", "target"] + (["shape"] if shapes is not None else []) + [
+            f"convert_fx_sparse return) or a model prepared with a scope, got {type(gm).__name__}; prepare the "
+            f"model first: fx_sparsity.prepare_fx_sparse(model, sparsifier)")
+    scoped = parts != [("", gm)]
+    if example_inputs is None:
+        inputs: dict[str, Any] = {}
+    elif scoped:
+        inputs = capture_inputs(gm, [fqn for fqn, _ in parts], example_inputs)
+    else:
+        inputs = {"": example_inputs}
+    headers = ["node", "op", "target"] + (["shape"] if example_inputs is not None else []) + [
         "sparse tensor", "level", "block", "zeros", "lowered to"]
-    rows = []
-    for node in gm.graph.nodes:
-        note = notes.get(node)
-        group = config.get(note.tensor_fqn) if note else None
-        row = [node.name, node.op, _target(gm, node)]
-        if shapes is not None:
-            row.append(shapes.get(node.name, ""))
-        if note is None:
-            row += ["", "", "", "", ""]
-        else:
-            tensor = note.tensor_fqn + (" (folded)" if note.stage == "folded" else "")
-            row += [tensor, _level(group), _block(group), _pct(note.zeros), note.lowered_to]
-        rows.append(row)
+    rows: list[list[str]] = []
+    tensors: dict[str, _Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    lowered: dict[str, nn.Module] = {}
+    for prefix, part in parts:
+        if scoped:
+            rows.append([f"[{prefix}]", "graph", type(part).__name__] + [""] * (len(headers) - 3))
+        shapes = _shapes(part, inputs[prefix]) if example_inputs is not None else None
+        notes, part_tensors, part_masks = _collect(part)
+        config = sparsity_config(part)
+
+        def model_fqn(fqn: str) -> str:
+            group = config.get(fqn)
+            return group["tensor_fqn"] if scoped and group else (f"{prefix}.{fqn}" if prefix else fqn)
+
+        tensors.update({model_fqn(fqn): t for fqn, t in part_tensors.items()})
+        for fqn, mask in part_masks.items():  # a tied tensor's mask counts once
+            if not any(mask is m for m in masks.values()):
+                masks[f"{prefix}.{fqn}" if prefix else fqn] = mask
+        lowered.update({f"{prefix}.{fqn}" if prefix else fqn: m for fqn, m in _lowered_modules(part).items()})
+        for node in part.graph.nodes:
+            note = notes.get(node)
+            group = config.get(note.tensor_fqn) if note else None
+            row = [node.name, node.op, _target(part, node)]
+            if shapes is not None:
+                row.append(shapes.get(node.name, ""))
+            if note is None:
+                row += ["", "", "", "", ""]
+            else:
+                tensor = model_fqn(note.tensor_fqn) + (" (folded)" if note.stage == "folded" else "")
+                row += [tensor, _level(group), _block(group), _pct(note.zeros), note.lowered_to]
+            rows.append(row)
     table = tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
-    return table + "\n\n" + "\n".join(_footer(gm, tensors, masks))
+    return table + "\n\n" + "\n".join(_footer(gm, lowered, tensors, masks))
 
 
-def print_sparse_graph(gm: fx.GraphModule, *, example_inputs: Any = None, file: TextIO | None = None) -> None:
+def print_sparse_graph(gm: nn.Module, *, example_inputs: Any = None, file: TextIO | None = None) -> None:
     """Print :func:`format_sparse_graph` to ``file`` (default: stdout)."""
     print(format_sparse_graph(gm, example_inputs=example_inputs), file=file or sys.stdout)
 

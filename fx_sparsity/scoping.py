@@ -14,7 +14,7 @@ originals are kept, so :func:`restore_units` puts them back.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +22,13 @@ import torch
 from torch import fx, nn
 
 from .errors import SparsityConfigError, TraceError
-from .inputs import call_with
+from .inputs import CallInputs, as_args_kwargs, call_with
 from .passes import MaskSpec, owns_one_of, prepare_masks
 from .passes.insert_masks import mask_fqn_for
 from .tracing import TRACERS, export_module, trace
 
-__all__ = ["Unit", "check_scope", "unit_fqns", "capture_inputs", "trace_unit", "prepare_units", "restore_units",
-           "units_of", "graph_parts", "relative", "UNITS_ATTR"]
+__all__ = ["Unit", "check_scope", "unit_fqns", "capture_calls", "capture_inputs", "trace_unit", "prepare_units",
+           "restore_units", "units_of", "graph_parts", "relative", "UNITS_ATTR"]
 
 #: The attribute on a scoped model that lists its units.
 UNITS_ATTR = "fx_sparsity_units"
@@ -94,22 +94,33 @@ def _quiet_run(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any) -> dict[str, tuple[tuple, dict]]:
-    """``{fqn: (args, kwargs)}``: what each of those submodules gets when ``model`` runs on ``example_inputs``."""
-    captured: dict[str, tuple[tuple, dict]] = {}
+def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any]) -> dict[str, list[CallInputs]]:
+    """``{fqn: [inputs of each call]}``: what those submodules get when ``model`` runs on each batch.
+
+    Runs in eval mode without grad, and leaves the RNG and every module's mode as they were.
+    """
+    calls: dict[str, list[CallInputs]] = {fqn: [] for fqn in fqns}
 
     def hook(fqn: str) -> Callable:
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.setdefault(fqn, (args, kwargs))
+            calls[fqn].append(CallInputs(args, kwargs))
         return record
 
     handles = [model.get_submodule(fqn).register_forward_pre_hook(hook(fqn), with_kwargs=True) for fqn in fqns]
     try:
         with _quiet_run(model):
-            call_with(model, example_inputs)
+            for batch in batches:
+                call_with(model, batch)
     finally:
         for handle in handles:
             handle.remove()
+    return calls
+
+
+def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any) -> dict[str, CallInputs]:
+    """``{fqn: inputs}``: what each of those submodules gets (first call) when ``model`` runs on ``example_inputs``."""
+    calls = capture_calls(model, fqns, [example_inputs])
+    captured = {fqn: found[0] for fqn, found in calls.items() if found}
     missing = [fqn for fqn in fqns if fqn not in captured]
     if missing:
         raise SparsityConfigError(
@@ -119,7 +130,7 @@ def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any) -> di
     return captured
 
 
-def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: tuple[tuple, dict] | None,
+def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | None,
                see_inside: Callable[[str, nn.Module], bool]) -> fx.GraphModule:
     """One unit as a GraphModule; errors name the unit."""
     if tracer not in TRACERS:
@@ -131,7 +142,7 @@ def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: tuple[tuple, di
             raise TraceError(f"'{fqn}': {e}") from e
     assert inputs is not None
     try:
-        return export_module(module, *inputs)
+        return export_module(module, *as_args_kwargs(inputs))
     except Exception as e:
         raise TraceError(
             f"torch.export cannot trace '{fqn}' ({type(module).__name__}) on the inputs it got from example_inputs: "
@@ -191,6 +202,10 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
     (:func:`_link_tied_masks`), so ``.to()`` cannot split them.
     """
     owners = [spec.tensor_fqn.rpartition(".")[0] for spec in specs]
+    tied = owns_one_of([model.get_submodule(o).get_parameter(spec.tensor_fqn.rpartition(".")[2])
+                        if _is_parameter(model, spec.tensor_fqn) else model.get_buffer(spec.tensor_fqn)
+                        for o, spec in zip(owners, specs)])
+    owners += [name for name, module in model.named_modules() if name not in owners and tied(name, module)]
     fqns = unit_fqns(model, block_types, owners)
     if tracer == "export" and example_inputs is None:
         raise SparsityConfigError(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 from collections.abc import Callable
 from typing import Any
@@ -129,12 +130,18 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     example is specialised by torch.export. Inputs torch.export cannot make dynamic are
     exported static. ``train()``/``eval()`` switch dropout and batch norm in the graph.
     """
+    # torch.export logs each 0/1-specialised AUTO dim as a warning; the docstring says it once.
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         dynamic = {name: _auto_dims(value) for name, value in bound.arguments.items()}
         exported = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
     except Exception:  # inputs dynamic shapes cannot describe (custom objects): specialise them all
         exported = torch.export.export(module, args, kwargs)
+    finally:
+        logger.setLevel(level)
     gm = exported.module()
     allow_train_eval(gm, module.training)
     return gm

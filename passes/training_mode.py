@@ -4,14 +4,14 @@
 constant argument, and its GraphModule refuses ``.train()``/``.eval()``. This pass
 rewrites those constants. Before (exported in eval mode), ``SetTrainingMode(True)``::
 
-    %batch_norm : call_function[target=torch.ops.aten.batch_norm.default](args = (%x, %w, %b, %mean, %var, False, 0.1, 1e-05, False))
-    %dropout : call_function[target=torch.ops.aten.dropout.default](args = (%batch_norm, 0.5, False))
+    %batch_norm : call_function[target=aten.batch_norm.default](args = (%x, %w, %b, %m, %v, False, 0.1, 1e-05, False))
+    %dropout : call_function[target=aten.dropout.default](args = (%batch_norm, 0.5, False))
 
 After::
 
-    %add_ : call_function[target=torch.ops.aten.add_.Tensor](args = (%bn_num_batches_tracked, 1))
-    %batch_norm : call_function[target=torch.ops.aten.batch_norm.default](args = (%x, %w, %b, %mean, %var, True, 0.1, 1e-05, False))
-    %dropout : call_function[target=torch.ops.aten.dropout.default](args = (%batch_norm, 0.5, True))
+    %add_ : call_function[target=aten.add_.Tensor](args = (%bn_num_batches_tracked, 1))
+    %batch_norm : call_function[target=aten.batch_norm.default](args = (%x, %w, %b, %m, %v, True, 0.1, 1e-05, False))
+    %dropout : call_function[target=aten.dropout.default](args = (%batch_norm, 0.5, True))
 
 In training mode batch norm updates its running statistics in place (as the module does)
 and counts batches in ``num_batches_tracked``; in eval mode the counter adds 0.

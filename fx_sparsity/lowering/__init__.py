@@ -25,6 +25,7 @@ from ..passes import (
     run_passes,
     tensor_readers,
 )
+from ..scoping import capture_calls, capture_inputs, units_of
 from .auto import Auto, choose_linear_lowering
 from .strategies import STRATEGIES, LoweringOptions, LoweringStrategy, register_lowering, strategy_for
 
@@ -66,13 +67,15 @@ def _eval_mode(gm: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def convert_fx_sparse(prepared: fx.GraphModule, mapping: Mapping[type, type] | str | None = None, *,
+def convert_fx_sparse(prepared: nn.Module, mapping: Mapping[type, type] | str | None = None, *,
                       calibration_data: Any = None, example_inputs: Any = None, max_rel_error: float = 1e-4,
-                      inplace: bool = False) -> fx.GraphModule:
+                      inplace: bool = False) -> nn.Module:
     """Rewrite every Linear over a sparse weight into a ``call_module`` of the mapped target.
 
     ``prepared`` is what ``prepare_fx_sparse`` returned, with masks still in the graph or
-    squashed (``sparsifier.squash_mask()``). ``mapping``:
+    squashed (``sparsifier.squash_mask()``); for a model prepared with ``scope="layers"`` or a
+    block scope (masks in place), each of its graph modules is lowered, on the inputs it gets
+    when the model runs on ``example_inputs`` / ``calibration_data``. ``mapping``:
 
     - ``None`` / ``get_dynamic_sparse_quantized_mapping()`` / ``"dynamic"``: int8 weights,
       activations quantized per call; float in, float out.
@@ -93,10 +96,14 @@ def convert_fx_sparse(prepared: fx.GraphModule, mapping: Mapping[type, type] | s
     unless ``inplace=True``. Sparse tensors that stay unlowered (not read by a linear in
     this graph, or also read elsewhere) are named in a warning.
     """
+    options = LoweringOptions(calibration_data, example_inputs, max_rel_error)
+    if units_of(prepared):
+        return _convert_units(prepared, mapping, options, inplace)
     if not isinstance(prepared, fx.GraphModule):
         raise TypeError(f"convert_fx_sparse lowers the GraphModule returned by prepare_fx_sparse (or "
-                        f"sparsifier.squash_mask()), got {type(prepared).__name__}")
-    strategy = strategy_for(mapping, LoweringOptions(calibration_data, example_inputs, max_rel_error))
+                        f"sparsifier.squash_mask()), or a model prepared with scope=\"layers\" or a block scope "
+                        f"(before squash_mask(), which puts its plain modules back); got {type(prepared).__name__}")
+    strategy = strategy_for(mapping, options)
     shapes = sparse_block_shapes(prepared)
     gm = prepared if inplace else copy.deepcopy(prepared)
     sites = find_sparse_linears(gm, shapes, DEFAULT_BLOCK_SHAPE)
@@ -112,6 +119,27 @@ def convert_fx_sparse(prepared: fx.GraphModule, mapping: Mapping[type, type] | s
     strategy.finish(gm, lowering)
     _warn_unlowered(gm, shapes, lowering)
     return gm
+
+
+def _convert_units(prepared: nn.Module, mapping: Any, options: LoweringOptions, inplace: bool) -> nn.Module:
+    """Lower each graph module of a scoped model on the inputs it gets from the user's."""
+    strategy_for(mapping, options)  # the options are checked before anything else happens
+    model = prepared if inplace else copy.deepcopy(prepared)
+    todo = [unit for unit in units_of(model)
+            if find_sparse_linears(unit.graph_module, sparse_block_shapes(unit.graph_module), DEFAULT_BLOCK_SHAPE)]
+    if not todo:
+        warn_user("convert_fx_sparse: no Linear over a sparse weight in this module; nothing was lowered")
+        return model
+    fqns = [unit.fqn for unit in todo]
+    examples = capture_inputs(model, fqns, options.example_inputs) if options.example_inputs is not None else {}
+    calibration = (capture_calls(model, fqns, options.calibration_data)
+                   if options.calibration_data is not None and not isinstance(options.calibration_data, torch.Tensor)
+                   else {})
+    for unit in todo:
+        convert_fx_sparse(unit.graph_module, mapping, calibration_data=calibration.get(unit.fqn,
+                          options.calibration_data), example_inputs=examples.get(unit.fqn),
+                          max_rel_error=options.max_rel_error, inplace=True)
+    return model
 
 
 def _warn_unlowered(gm: fx.GraphModule, shapes: Mapping[str, Any], lowering: LowerSparseLinears) -> None:

@@ -74,7 +74,7 @@ class BaseSparsifier(abc.ABC):
         self.state: dict[str, dict] = defaultdict(dict)
         self.groups: list[dict[str, Any]] = []
         self.enable_mask_update = True
-        self.model: fx.GraphModule | None = None
+        self.model: nn.Module | None = None
 
     # -- pickling: the scheduler's step wrapper is a closure; everything else travels.
     def __getstate__(self) -> dict[str, Any]:
@@ -215,7 +215,7 @@ class BaseSparsifier(abc.ABC):
         """
 
     # -- masks
-    def _require_prepared(self, what: str) -> fx.GraphModule:
+    def _require_prepared(self, what: str) -> nn.Module:
         if self.model is None:
             raise RuntimeError(
                 f"{type(self).__name__}.{what}() called before prepare: call "
@@ -290,7 +290,7 @@ class BaseSparsifier(abc.ABC):
         return model
 
     def convert(self, module: nn.Module, mapping: dict | None = None, inplace: bool = False,
-                **kwargs) -> fx.GraphModule:
+                **kwargs) -> nn.Module:
         """Lower ``module`` (prepared or squashed); delegates to ``fx_sparsity.convert_fx_sparse``."""
         return convert_fx_sparse(cast(fx.GraphModule, module), mapping, inplace=inplace, **kwargs)
 
