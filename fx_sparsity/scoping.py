@@ -73,10 +73,9 @@ def unit_fqns(model: nn.Module, block_types: tuple[type[nn.Module], ...], owner_
             f"submodules, so use scope=\"model\" to trace the whole model")
     units = set(blocks) | {o for o in owner_fqns if not any(_inside(o, b) for b in blocks)}
     if "" in units:
-        tensors = [f for f in owner_fqns if f == ""]
         raise SparsityConfigError(
-            f"scope=\"layers\": the model itself ({type(model).__name__}) owns configured tensors {tensors or ''}"
-            f"; a scoped prepare replaces submodules, so use scope=\"model\" for it")
+            f"scope=\"layers\": the model itself ({type(model).__name__}) owns configured tensors; a scoped prepare "
+            f"replaces submodules, so use scope=\"model\" for it")
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(units, key=order.__getitem__)
 

@@ -61,6 +61,15 @@ def narrow_mlp():
     return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
+class UsesOnlyA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x)
+
+
 class Locked(nn.Module):
     def __init__(self):
         super().__init__()
@@ -246,6 +255,17 @@ CATALOG: list[Row] = [
         "torch.fx.symbolic_trace cannot trace TransformerEncoderLayer: …\nSymbolic tracing fails on Python control "
         "flow that depends on tensor values or shapes, and on non-tensor inputs. Use tracer=\"export\" with "
         "example_inputs=(...) (torch.export specialises such code on the example inputs)."),
+    Row(PREPARE, "`scope` not a scope", lambda: prep(scope="block"), fxs.SparsityConfigError,
+        "scope='block': use \"model\" (one graph), \"layers\" (each layer that owns a configured tensor) or an "
+        "nn.Module subclass / tuple of them (each block of that type, e.g. scope=LlamaDecoderLayer)"),
+    Row(PREPARE, "`scope=\"layers\"` on a bare layer",
+        lambda: prep([{"tensor_fqn": "weight"}], model=nn.Linear(4, 4), scope="layers"),
+        fxs.SparsityConfigError, "scope=\"layers\": the model itself (Linear) owns configured tensors; a scoped "
+        "prepare replaces submodules, so use scope=\"model\" for it"),
+    Row(PREPARE, "`tracer=\"export\"` with a scope: a layer the inputs never reach",
+        lambda: prep(model=UsesOnlyA(), scope="layers", tracer="export", example_inputs=(torch.randn(2, 4),)),
+        fxs.SparsityConfigError, "tracer=\"export\" traces each unit on the inputs it gets when the model runs on "
+        "example_inputs, but ['b'] was not called; pass inputs that reach them, or use tracer=\"symbolic\""),
     Row(PREPARE, "tensor used inside a leaf module", lambda: prep([{"tensor_fqn": "attn.in_proj_weight"}], model=WithMHA()),
         MaskInsertionError, "'attn.in_proj_weight' is used inside the leaf module 'attn' (MultiheadAttention), which "
         "fx_sparsity cannot inline, so no mask can be put in front of that use. Trace with tracer=\"export\" (and "
@@ -316,8 +336,9 @@ CATALOG: list[Row] = [
         ValueError, "state_dict has 1 sl_lambdas entries, but this scheduler has 3"),
     # lowering
     Row("`convert_fx_sparse`", "not a GraphModule", lambda: fxs.convert_fx_sparse(mlp()), TypeError,
-        "convert_fx_sparse lowers the GraphModule returned by prepare_fx_sparse (or sparsifier.squash_mask()), got "
-        "Sequential"),
+        "convert_fx_sparse lowers the GraphModule returned by prepare_fx_sparse (or sparsifier.squash_mask()), or a "
+        "model prepared with scope=\"layers\" or a block scope (before squash_mask(), which puts its plain modules "
+        "back); got Sequential"),
     Row("`convert_fx_sparse`", "unknown mapping name", lambda: fxs.convert_fx_sparse(stepped(), "fast"),
         fxs.SparsityConfigError, "mapping='fast': use a dict such as get_dynamic_sparse_quantized_mapping(), None "
         "(dynamic), or one of the names ['auto', 'bsr', 'csr', 'dynamic', 'static']"),
