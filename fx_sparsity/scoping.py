@@ -162,9 +162,10 @@ def _copy_back(original: nn.Module, graph_module: nn.Module) -> None:
 
 
 def restore_units(model: nn.Module, units: list[Unit]) -> None:
-    """Put each unit's original module back (with the values it holds now)."""
+    """Put each unit's original module back (with the values and the train/eval mode it has now)."""
     for unit in units:
         _copy_back(unit.original, unit.graph_module)
+        unit.original.train(unit.graph_module.training)
         model.set_submodule(unit.fqn, unit.original)
 
 
