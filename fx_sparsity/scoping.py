@@ -14,6 +14,7 @@ originals are kept, so :func:`restore_units` puts them back.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -161,12 +162,26 @@ def _copy_back(original: nn.Module, graph_module: nn.Module) -> None:
                 tensor.copy_(value)
 
 
-def restore_units(model: nn.Module, units: list[Unit]) -> None:
-    """Put each unit's original module back (with the values and the train/eval mode it has now)."""
+def _sharded(module: nn.Module) -> bool:
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters(recurse=False))
+
+
+def restore_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
+    """Put each unit's original module back (with the values and the train/eval mode it has now).
+
+    A unit that FSDP2's ``fully_shard`` wrapped holds DTensor shards the original cannot run
+    with: it stays a (mask-free) GraphModule. Returns the units that stayed.
+    """
+    kept = []
     for unit in units:
+        if _sharded(unit.graph_module):
+            kept.append(unit)
+            continue
         _copy_back(unit.original, unit.graph_module)
         unit.original.train(unit.graph_module.training)
         model.set_submodule(unit.fqn, unit.original)
+    return kept
 
 
 def units_of(model: nn.Module) -> list[Unit]:

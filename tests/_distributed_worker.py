@@ -23,14 +23,14 @@ LEVEL = 0.75
 CONFIG = [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}, {"tensor_fqn": "4.weight", "sparsity_level": 0.5}]
 
 
-def make(bool_mask: bool = False):
+def make(bool_mask: bool = False, scope="model"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     config = [dict(entry) for entry in CONFIG]
     if bool_mask:
         config[1]["mask_dtype"] = torch.bool
     sparsifier = fxs.WeightNormSparsifier(sparsity_level=LEVEL, sparse_block_shape=(1, 4))
-    prepared = fxs.prepare_fx_sparse(model, sparsifier, config)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, config, scope=scope)
     scheduler = fxs.CubicSL(sparsifier, init_sl=0.0, delta_t=1, total_t=3)
     return prepared, sparsifier, scheduler
 
@@ -146,6 +146,38 @@ def fsdp2_run(rank: int) -> dict:
             prepared.reshard()
 
     out["fsdp2"] = train(rank, prepared, prepared, sparsifier, scheduler, step)
+
+    # scope="layers": each layer is its own GraphModule, so fully_shard per layer (as per transformer
+    # block) works: FSDP2 gathers a layer's weight when the layer runs, and the graph masks it there.
+    layered, layered_sparsifier, layered_scheduler = make(scope="layers")
+    shards = [layered.get_submodule(name) for name in ("0", "2", "4")]
+    for layer in shards:
+        fully_shard(layer)
+    fully_shard(layered)
+
+    def step_layers():
+        for module in (*shards, layered):
+            module.unshard()
+        try:
+            layered_sparsifier.step()
+        finally:
+            for module in (*shards, layered):
+                module.reshard()
+
+    out["fsdp2_layers"] = train(rank, layered, layered, layered_sparsifier, layered_scheduler, step_layers)
+    out["fsdp2_layers_bytes"] = {
+        "mask": sum(b.numel() * b.element_size() for n, b in layered.named_buffers() if n.endswith("_mask")),
+        "weight_shard": sum(p.to_local().numel() * p.element_size() for n, p in layered.named_parameters()
+                            if n.endswith("weight")),
+    }
+    for module in (*shards, layered):
+        module.reshard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # they stay GraphModules, and squash says so
+        layered_sparsifier.squash_mask()
+    out["fsdp2_layers_squashed"] = {"classes": [type(layered.get_submodule(n)).__name__ for n in ("0", "2", "4")],
+                                    "output": layered(batch(0, 99)[0]).detach(),
+                                    "has_masks": any("_mask" in n for n, _ in layered.named_buffers())}
 
     prepared.unshard()
     try:

@@ -74,7 +74,7 @@ def assert_close_to_single_process(records, reference) -> None:
             assert agree >= 0.99, (step, k, agree)
 
 
-@pytest.mark.parametrize("recipe", ["ddp_every_rank", "ddp_bool_broadcast", "fsdp2"])
+@pytest.mark.parametrize("recipe", ["ddp_every_rank", "ddp_bool_broadcast", "fsdp2", "fsdp2_layers"])
 def test_masks_and_weights_identical_on_every_rank_at_every_step(ranks, single_process, recipe):
     zero, one = ranks[0][recipe], ranks[1][recipe]
     assert len(zero) == len(one) == worker.STEPS
@@ -129,3 +129,16 @@ def test_fsdp2_findings(ranks):
         assert not squashed["has_masks"]
         assert_equal_dicts(squashed["weights"], squashed["expected"], "squashed shards")
     torch.testing.assert_close(ranks[0]["squashed"]["output"], ranks[1]["squashed"]["output"], rtol=0, atol=0)
+
+
+def test_fsdp2_per_layer_on_scope_layers(ranks):
+    """fully_shard on each layer GraphModule and the root: masks whole on every rank, layers put back by squash."""
+    for rank in ranks:
+        sizes = rank["fsdp2_layers_bytes"]
+        # masks are whole (float32, like the weights); each rank holds half of every weight
+        assert sizes["mask"] == 2 * sizes["weight_shard"] == (32 * 16 + 32 * 32 + 10 * 32) * 4
+        # sharded layers stay (mask-free) GraphModules: the original Linear cannot run on DTensor shards
+        assert rank["fsdp2_layers_squashed"]["classes"] == ["FSDPLinear"] * 3
+        assert not rank["fsdp2_layers_squashed"]["has_masks"]
+    torch.testing.assert_close(ranks[0]["fsdp2_layers_squashed"]["output"], ranks[1]["fsdp2_layers_squashed"]["output"],
+                               rtol=0, atol=0)

@@ -272,8 +272,13 @@ class BaseSparsifier(abc.ABC):
             fold_masks(gm, [relative(g["tensor_fqn"], prefix) for g in self.groups
                             if not prefix or g["tensor_fqn"].startswith(prefix + ".")])
         if units:  # the user's own modules back, holding the folded tensors
-            restore_units(model, units)
-            delattr(model, UNITS_ATTR)
+            kept = restore_units(model, units)
+            if kept:
+                setattr(model, UNITS_ATTR, kept)
+                warn_user(f"squash_mask: {[u.fqn for u in kept]} are sharded by FSDP2 (fully_shard) and stay "
+                          f"GraphModules (without masks); squash before sharding to get the original layers back")
+            else:
+                delattr(model, UNITS_ATTR)
             for group in self.groups:
                 group["module"] = model.get_submodule(group["module_fqn"])
         for group in self.groups:
