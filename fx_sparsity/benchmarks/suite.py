@@ -32,6 +32,8 @@ from torch.utils.benchmark import Timer
 
 import fx_sparsity as fxs
 
+from .scopes import case_scopes
+
 __all__ = ["CASES", "main"]
 
 
@@ -184,6 +186,7 @@ CASES = {
     "mask_update": case_mask_update,
     "prepare": case_prepare,
     "memory": case_memory,
+    "scopes": case_scopes,
     "train_step": lambda quick: _sibling("train_step", "train_step", quick),
     "inference": lambda quick: _sibling("inference", "inference", quick),
 }
