@@ -14,7 +14,7 @@ from .errors import SparsityConfigError, TraceError
 from .inputs import as_args_kwargs
 from .passes import SetTrainingMode, run_passes
 
-__all__ = ["trace", "TRACERS", "export_module", "allow_train_eval"]
+__all__ = ["trace", "TRACERS", "export_module", "allow_train_eval", "SameNoneInputs"]
 
 TRACERS = ("symbolic", "export")
 
@@ -130,6 +130,10 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     example is specialised by torch.export. Inputs torch.export cannot make dynamic are
     exported static. ``train()``/``eval()`` switch dropout and batch norm in the graph.
     """
+    # A None keyword input is not exported (its dynamic shape cannot be described) and torch.export
+    # would not notice a tensor passed there later: leave it out and check every call instead.
+    absent = sorted(k for k, v in kwargs.items() if v is None)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     # torch.export logs each 0/1-specialised AUTO dim as a warning; the docstring says it once.
     logger = logging.getLogger("torch._export.non_strict_utils")
     level = logger.level
@@ -144,7 +148,29 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
         logger.setLevel(level)
     gm = exported.module()
     allow_train_eval(gm, module.training)
+    gm.register_forward_pre_hook(SameNoneInputs(type(module).__name__, absent, sorted(kwargs)), with_kwargs=True,
+                                 prepend=True)
     return gm
+
+
+class SameNoneInputs:
+    """Forward pre-hook of an exported module: the keyword inputs that were None when it was exported
+    must be None (and are dropped), the others must not be; anything else would run the wrong graph."""
+
+    def __init__(self, name: str, absent: list[str], present: list[str]):
+        self.name, self.absent, self.present = name, absent, present
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        given = [k for k in self.absent if kwargs.get(k) is not None]
+        missing = [k for k in self.present if k in kwargs and kwargs[k] is None]
+        if given or missing:
+            what = (f"{given} {'was' if len(given) == 1 else 'were'} None" if given else
+                    f"{missing} {'was a tensor' if len(missing) == 1 else 'were tensors'}")
+            raise TraceError(
+                f"{self.name} was exported (tracer=\"export\") on inputs where {what}; torch.export fixed that "
+                f"into the graph, which would compute something else now. Prepare with example_inputs like the "
+                f"ones it will get (e.g. with a padding attention_mask), or use scope=\"layers\".")
+        return args, {k: v for k, v in kwargs.items() if k not in self.absent}
 
 
 def allow_train_eval(gm: fx.GraphModule, training: bool) -> None:

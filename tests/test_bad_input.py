@@ -70,6 +70,21 @@ class UsesOnlyA(nn.Module):
         return self.a(x)
 
 
+class MaybeMasked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        y = self.fc(x)
+        return y if mask is None else y * mask
+
+
+def export_then_call_with_mask():
+    prepared = prep(model=MaybeMasked(), tracer="export", example_inputs={"x": torch.randn(2, 4), "mask": None})
+    return prepared(x=torch.randn(3, 4), mask=torch.zeros(3, 4))
+
+
 class Locked(nn.Module):
     def __init__(self):
         super().__init__()
@@ -266,6 +281,10 @@ CATALOG: list[Row] = [
         lambda: prep(model=UsesOnlyA(), scope="layers", tracer="export", example_inputs=(torch.randn(2, 4),)),
         fxs.SparsityConfigError, "tracer=\"export\" traces each unit on the inputs it gets when the model runs on "
         "example_inputs, but ['b'] was not called; pass inputs that reach them, or use tracer=\"symbolic\""),
+    Row("an exported module", "a tensor where the example inputs had None", export_then_call_with_mask,
+        fxs.TraceError, "MaybeMasked was exported (tracer=\"export\") on inputs where ['mask'] was None; torch.export "
+        "fixed that into the graph, which would compute something else now. Prepare with example_inputs like the ones "
+        "it will get (e.g. with a padding attention_mask), or use scope=\"layers\"."),
     Row(PREPARE, "tensor used inside a leaf module", lambda: prep([{"tensor_fqn": "attn.in_proj_weight"}], model=WithMHA()),
         MaskInsertionError, "'attn.in_proj_weight' is used inside the leaf module 'attn' (MultiheadAttention), which "
         "fx_sparsity cannot inline, so no mask can be put in front of that use. Trace with tracer=\"export\" (and "

@@ -2,6 +2,9 @@
 its links into docs/ resolve, and it stays short."""
 import pathlib
 import re
+import warnings
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README_PATH = ROOT / "README.md"
@@ -80,3 +83,17 @@ def test_links_between_pages_resolve():
             assert dest.is_file(), f"{page.name}: link {target} points at no file"
             if anchor and dest.suffix == ".md":
                 assert anchor in _anchors(dest), f"{page.name}: link {target}: no such heading in {dest.name}"
+
+
+@pytest.mark.slow  # builds and fine-tunes a tiny Llama
+def test_which_scope_example_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.mkdtemp", lambda *a, **k: str(tmp_path))
+    blocks = re.findall(r"```python\n(.*?)```", _section(README, "Which scope?"), re.S)
+    assert len(blocks) == 1
+    namespace = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile("import torch\nimport fx_sparsity as fxs\n" + blocks[0], "README.md (Which scope?)", "exec"),
+             namespace)
+    assert isinstance(namespace["prepared"], namespace["LlamaForCausalLM"])
+    assert capsys.readouterr().out.strip().endswith("tensor(0.5000)")
