@@ -5,6 +5,7 @@ mask buffers those nodes read; lowering rewrites sparse Linear nodes into sparse
 """
 from . import passes
 from .api import prepare_fx_sparse
+from .distributed import masks_as_parameters
 from .errors import SparsityConfigError, TraceError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
 from .lowering import convert_fx_sparse
@@ -52,6 +53,7 @@ __all__ = [
     "print_sparse_graph",
     "format_sparse_code",
     "convert_fx_sparse",
+    "masks_as_parameters",
     "SparsityConfigError",
     "TraceError",
     "passes",

@@ -4,7 +4,7 @@ Passes know graphs, not training: nothing here imports a sparsifier or a schedul
 Each pass changes ``gm.graph``; :func:`run_passes` (torch.fx's ``PassManager``) runs
 them and recompiles and lints after each, and every functional form uses it.
 """
-from .attrs import buffer_or_none, fetch_attr, fetch_attr_or_none, has_submodule, unique_attr_name
+from .attrs import buffer_or_none, fetch_attr, fetch_attr_or_none, has_submodule, mask_or_none, unique_attr_name
 from .fold_masks import FoldMasks, fold_masks
 from .inline_modules import InlineError, InlineModules, inline_modules, splice_module
 from .insert_masks import (
@@ -45,7 +45,7 @@ from .prepare_masks import owns_one_of, place_tensor, prepare_masks
 from .training_mode import SetTrainingMode
 
 __all__ = [
-    "buffer_or_none", "fetch_attr", "fetch_attr_or_none", "has_submodule", "unique_attr_name",
+    "buffer_or_none", "fetch_attr", "fetch_attr_or_none", "has_submodule", "mask_or_none", "unique_attr_name",
     "FoldMasks", "fold_masks",
     "InlineError", "InlineModules", "inline_modules", "splice_module",
     "MASK_SUFFIX", "InsertMasks", "MaskedUse", "MaskInsertionError", "MaskSpec", "find_masked_uses", "insert_masks",

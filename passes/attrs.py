@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fetch_attr", "fetch_attr_or_none", "buffer_or_none", "has_submodule", "unique_attr_name"]
+__all__ = ["fetch_attr", "fetch_attr_or_none", "buffer_or_none", "mask_or_none", "has_submodule", "unique_attr_name"]
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:
@@ -38,6 +38,17 @@ def buffer_or_none(root: nn.Module | None, fqn: str) -> torch.Tensor | None:
         return root.get_buffer(fqn)
     except AttributeError:
         return None
+
+
+def mask_or_none(root: nn.Module | None, fqn: str) -> torch.Tensor | None:
+    """The mask at ``fqn``: a buffer, or a frozen parameter (masks sharded with the weights by FSDP2)."""
+    mask = buffer_or_none(root, fqn)
+    if mask is None and root is not None:
+        try:
+            mask = root.get_parameter(fqn)
+        except AttributeError:
+            return None
+    return mask
 
 
 def has_submodule(root: nn.Module, fqn: str) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .attrs import buffer_or_none, fetch_attr
+from .attrs import fetch_attr, mask_or_none
 from .insert_masks import find_masked_uses, mask_fqn_for
 from .manager import run_passes
 
@@ -64,7 +64,7 @@ class FoldMasks(PassBase):
         # Tensors the graph never reads have a mask but no mul node; fold them too.
         for tensor_fqn in self.tensor_fqns:
             mask_fqn = mask_fqn_for(tensor_fqn)
-            if mask_fqn not in masks and buffer_or_none(gm, mask_fqn) is not None:
+            if mask_fqn not in masks and mask_or_none(gm, mask_fqn) is not None:
                 fold(tensor_fqn, fetch_attr(gm, tensor_fqn), mask_fqn)
         for mask_fqn in masks:
             module_fqn, _, name = mask_fqn.rpartition(".")

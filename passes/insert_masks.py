@@ -148,8 +148,9 @@ def find_masked_uses(gm: fx.GraphModule) -> list[MaskedUse]:
         if not mask.target.endswith(MASK_SUFFIX):
             continue
         module_fqn, _, name = mask.target.rpartition(".")
-        if name not in dict(gm.get_submodule(module_fqn).named_buffers(recurse=False)):
-            continue
+        owner = gm.get_submodule(module_fqn)
+        if name not in owner._buffers and not (name in owner._parameters and not owner._parameters[name].requires_grad):
+            continue  # a mask is a buffer, or a frozen parameter (fx_sparsity.masks_as_parameters)
         use = MaskedUse(node, tensor, mask)
         node.meta.setdefault("sparsity", {"tensor_fqn": use.tensor_fqn, "mask_fqn": use.mask_fqn})
         mask.meta.setdefault("sparsity_mask", use.mask_fqn)

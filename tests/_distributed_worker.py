@@ -41,7 +41,11 @@ def batch(rank: int, step: int):
 
 
 def masks(prepared) -> dict[str, torch.Tensor]:
-    return {e["tensor_fqn"]: prepared.get_buffer(e["tensor_fqn"] + "_mask").clone() for e in CONFIG}
+    out = {}
+    for e in CONFIG:
+        mask = fxs.passes.mask_or_none(prepared, e["tensor_fqn"] + "_mask")
+        out[e["tensor_fqn"]] = (mask.full_tensor() if hasattr(mask, "full_tensor") else mask).detach().clone()
+    return out
 
 
 def weights(prepared) -> dict[str, torch.Tensor]:
@@ -132,11 +136,13 @@ def fsdp2_run(rank: int) -> dict:
     fully_shard(prepared)
     out["param_types"] = sorted({type(p).__name__ for p in prepared.parameters()})
     out["mask_types"] = sorted({type(prepared.get_buffer(e["tensor_fqn"] + "_mask")).__name__ for e in CONFIG})
-    try:
-        sparsifier.step()
-        out["sharded_step_error"] = None
-    except RuntimeError as e:
-        out["sharded_step_error"] = str(e)
+    probe, probe_sparsifier, _ = make()
+    fully_shard(probe)
+    for group in probe_sparsifier.groups:
+        group["sparsity_level"] = 0.5
+    probe_sparsifier.step()  # on the shards: step() gathers the whole weights itself
+    out["sharded_step"] = {"zeros": [(m == 0).float().mean().item() for m in masks(probe).values()],
+                           "param_types": sorted({type(p).__name__ for p in probe.parameters()})}
 
     def step():
         prepared.unshard()
@@ -172,6 +178,24 @@ def fsdp2_run(rank: int) -> dict:
     }
     for module in (*shards, layered):
         module.reshard()
+
+    # Masks sharded like the weights: each rank keeps its shard of every mask.
+    sharded, sharded_sparsifier, sharded_scheduler = make(scope="layers")
+    out["masks_as_parameters"] = fxs.masks_as_parameters(sharded)
+    for name in ("0", "2", "4"):
+        fully_shard(sharded.get_submodule(name))
+    fully_shard(sharded)
+    out["fsdp2_sharded_masks"] = train(rank, sharded, sharded, sharded_sparsifier, sharded_scheduler,
+                                       sharded_sparsifier.step)  # step() gathers and writes the shards itself
+    out["fsdp2_sharded_masks_bytes"] = sum(
+        p.to_local().numel() * p.element_size() for n, p in sharded.named_parameters() if n.endswith("_mask"))
+    out["fsdp2_sharded_masks_keys"] = sorted(k for k in sharded.state_dict() if k.endswith("_mask"))
+    try:
+        sharded_sparsifier.squash_mask()
+        out["sharded_masks_squash_error"] = None
+    except RuntimeError as e:
+        out["sharded_masks_squash_error"] = str(e).split(", which")[0]
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # they stay GraphModules, and squash says so
         layered_sparsifier.squash_mask()

@@ -74,7 +74,8 @@ def assert_close_to_single_process(records, reference) -> None:
             assert agree >= 0.99, (step, k, agree)
 
 
-@pytest.mark.parametrize("recipe", ["ddp_every_rank", "ddp_bool_broadcast", "fsdp2", "fsdp2_layers"])
+@pytest.mark.parametrize("recipe", ["ddp_every_rank", "ddp_bool_broadcast", "fsdp2", "fsdp2_layers",
+                                    "fsdp2_sharded_masks"])
 def test_masks_and_weights_identical_on_every_rank_at_every_step(ranks, single_process, recipe):
     zero, one = ranks[0][recipe], ranks[1][recipe]
     assert len(zero) == len(one) == worker.STEPS
@@ -114,11 +115,9 @@ def test_fsdp2_findings(ranks):
     for rank in ranks:
         # fully_shard shards parameters into DTensors; masks are buffers and stay whole tensors.
         assert rank["param_types"] == ["DTensor"] and rank["mask_types"] == ["Tensor"]
-        # step() on the shards is refused with the recipe in the message ...
-        assert rank["sharded_step_error"] == (
-            "['0.weight', '2.weight', '4.weight'] are DTensor shards (FSDP2 fully_shard); masks are computed from "
-            "whole tensors: call prepared.unshard() before sparsifier.step() and prepared.reshard() after it")
-        # ... and so is squash_mask() between unshard() and reshard(), which would lose the fold.
+        # step() on the shards gathers the whole weights itself (and leaves them sharded) ...
+        assert rank["sharded_step"] == {"zeros": [0.5, 0.5, 0.5], "param_types": ["DTensor"]}
+        # ... and squash_mask() between unshard() and reshard(), which would lose the fold, is refused.
         assert rank["unsharded_squash_error"] == (
             "squash_mask() on an unsharded FSDP2 module: reshard() would drop the folded weights; call "
             "prepared.reshard() first (squash_mask works on the DTensor shards)")
@@ -142,3 +141,20 @@ def test_fsdp2_per_layer_on_scope_layers(ranks):
         assert not rank["fsdp2_layers_squashed"]["has_masks"]
     torch.testing.assert_close(ranks[0]["fsdp2_layers_squashed"]["output"], ranks[1]["fsdp2_layers_squashed"]["output"],
                                rtol=0, atol=0)
+
+
+def test_fsdp2_masks_sharded_like_the_weights(ranks):
+    """masks_as_parameters before fully_shard: each rank holds half of every mask, same training."""
+    full = (32 * 16 + 32 * 32 + 10 * 32) * 4
+    for rank in ranks:
+        assert rank["masks_as_parameters"] == ["0.weight_mask", "2.weight_mask", "4.weight_mask"]
+        assert rank["fsdp2_sharded_masks_bytes"] == full // 2  # was `full` on every rank with mask buffers
+        assert rank["fsdp2_sharded_masks_keys"] == ["0.weight_mask", "2.weight_mask", "4.weight_mask"]
+        assert rank["sharded_masks_squash_error"] == (
+            "squash_mask(): ['0.weight_mask', '2.weight_mask', '4.weight_mask'] are masks FSDP2 shards as parameters "
+            "(masks_as_parameters)")
+    # the same masks and weights as whole masks give, step by step
+    for got, want in zip(ranks[0]["fsdp2_sharded_masks"], ranks[0]["fsdp2_layers"]):
+        assert_equal_dicts(got["masks"], want["masks"], "sharded vs whole masks")
+        for k in want["weights"]:
+            torch.testing.assert_close(got["weights"][k], want["weights"][k], rtol=1e-6, atol=1e-7)

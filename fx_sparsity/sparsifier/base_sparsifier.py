@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import sys
 from collections import defaultdict
 from typing import Any, cast
 
@@ -16,11 +15,12 @@ import torch
 from torch import fx, nn
 
 from ..config import build_groups, config_or_default, initial_mask, publish_config
+from ..distributed import refuse_unsharded_fsdp, whole_tensors
 from ..errors import SparsityConfigError, warn_user
 from ..fqn import get_arg_info_from_tensor_fqn
 from ..lowering import convert_fx_sparse
 from ..parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
-from ..passes import MaskSpec, buffer_or_none, fold_masks, mask_fqn_for, owns_one_of, prepare_masks
+from ..passes import MaskSpec, fold_masks, mask_fqn_for, mask_or_none, owns_one_of, prepare_masks
 from ..rollback import snapshot
 from ..scoping import UNITS_ATTR, check_scope, graph_parts, prepare_units, relative, restore_units, units_of
 from ..tracing import TRACERS, trace
@@ -29,35 +29,6 @@ __all__ = ["BaseSparsifier"]
 
 # Group keys that refer to the model rather than describe the config (as torch.ao.pruning).
 KEYS_NOT_IN_STATE_DICT = ["module", "module_fqn", "tensor_name"]
-
-
-def _dtensor_type():
-    # No DTensor exists unless its module was imported (by fully_shard); importing it here costs seconds.
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-
-
-def _refuse_shards(model: nn.Module, groups: list[dict[str, Any]]) -> None:
-    """A mask is computed from the whole tensor; under FSDP2 a parameter is a shard between forwards."""
-    dtensor = _dtensor_type()
-    sharded = [g["tensor_fqn"] for g in groups if dtensor is not None
-               and isinstance(getattr(model.get_submodule(g["module_fqn"]), g["tensor_name"], None), dtensor)]
-    if sharded:
-        raise RuntimeError(
-            f"{sharded} are DTensor shards (FSDP2 fully_shard); masks are computed from whole tensors: call "
-            f"prepared.unshard() before sparsifier.step() and prepared.reshard() after it")
-
-
-def _refuse_unsharded_fsdp(model: nn.Module) -> None:
-    """Between FSDP2's unshard() and reshard(), in-place writes to parameters are dropped at reshard."""
-    dtensor = _dtensor_type()
-    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
-    if dtensor is None or fsdp_module is None:
-        return
-    if any(isinstance(m, fsdp_module) for m in model.modules()) and not all(
-            isinstance(p, dtensor) for p in model.parameters()):
-        raise RuntimeError(
-            "squash_mask() on an unsharded FSDP2 module: reshard() would drop the folded weights; call "
-            "prepared.reshard() first (squash_mask works on the DTensor shards)")
 
 
 class BaseSparsifier(abc.ABC):
@@ -220,8 +191,6 @@ class BaseSparsifier(abc.ABC):
             raise RuntimeError(
                 f"{type(self).__name__}.{what}() called before prepare: call "
                 f"fx_sparsity.prepare_fx_sparse(model, sparsifier, config) (or sparsifier.prepare) first")
-        if what == "step":
-            _refuse_shards(self.model, self.groups)
         return self.model
 
     def get_mask(self, tensor_fqn: str) -> torch.Tensor:
@@ -230,7 +199,7 @@ class BaseSparsifier(abc.ABC):
         Looked up each time: ``.to()``/``.half()`` replace buffer objects, so a kept
         reference would go stale.
         """
-        mask = buffer_or_none(self._require_prepared("get_mask"), mask_fqn_for(tensor_fqn))
+        mask = mask_or_none(self._require_prepared("get_mask"), mask_fqn_for(tensor_fqn))
         if mask is None:
             raise RuntimeError(
                 f"'{tensor_fqn}' has no mask in the prepared module (was squash_mask() called? masks are "
@@ -242,12 +211,17 @@ class BaseSparsifier(abc.ABC):
         if not self.enable_mask_update:
             return
         model = self._require_prepared("step")
-        with torch.no_grad():
+        with torch.no_grad(), whole_tensors(model, [group["tensor_fqn"] for group in self.groups]):
+            self.plan_masks()
             for group in self.groups:
                 mask = self.get_mask(group["tensor_fqn"])
                 module = model.get_submodule(group["module_fqn"])
                 self.update_mask(**{**group, "module": module, "mask": mask})
                 self.state[group["tensor_fqn"]]["mask"] = mask
+
+    def plan_masks(self) -> None:
+        """Called by :meth:`step` before the groups' :meth:`update_mask`, with whole tensors (also under
+        FSDP2): for sparsifiers that decide over all groups at once (a global threshold)."""
 
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, **kwargs) -> None:
@@ -266,7 +240,7 @@ class BaseSparsifier(abc.ABC):
         ``sparse_params`` dict on each owner module; lowering reads it.
         """
         model = self._require_prepared("squash_mask")
-        _refuse_unsharded_fsdp(model)
+        refuse_unsharded_fsdp(model)
         units = units_of(model)
         for prefix, gm in graph_parts(model):
             fold_masks(gm, [relative(g["tensor_fqn"], prefix) for g in self.groups
@@ -307,7 +281,7 @@ class BaseSparsifier(abc.ABC):
         state = {}
         for fqn, s in self.state.items():
             state[fqn] = dict(s)
-            live = buffer_or_none(self.model, mask_fqn_for(fqn))
+            live = mask_or_none(self.model, mask_fqn_for(fqn))
             if live is not None:
                 state[fqn]["mask"] = live
         return {"state": state, "groups": groups}
@@ -320,7 +294,7 @@ class BaseSparsifier(abc.ABC):
         for fqn, s in state_dict["state"].items():
             state[fqn] = {k: v for k, v in s.items() if k != "mask"}
             mask = s.get("mask")
-            live = buffer_or_none(model, mask_fqn_for(fqn))
+            live = mask_or_none(model, mask_fqn_for(fqn))
             if live is None:
                 if strict:
                     raise RuntimeError(

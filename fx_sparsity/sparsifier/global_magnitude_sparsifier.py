@@ -105,21 +105,21 @@ class GlobalMagnitudeSparsifier(BaseSparsifier):
                 f"with per-group settings?); give the scheduler one setting for every group")
         return check_level(levels.pop())
 
-    def step(self, use_path: bool = True) -> None:
-        if not self.enable_mask_update:
-            return
+    def plan_masks(self) -> None:
+        """One threshold over every group: each group's keep-mask, before the groups are updated."""
         model = self._require_prepared("step")
-        with torch.no_grad():
-            scores, limits = [], []
-            for group in self.groups:
-                weight = getattr(model.get_submodule(group["module_fqn"]), group["tensor_name"])
-                scores.append((weight * self.get_mask(group["tensor_fqn"])).abs())
-                cap = group.get("max_layer_sparsity")
-                # The tolerance keeps e.g. 0.29 * 100 at 29 despite float error.
-                limits.append(weight.numel() if cap is None else math.floor(cap * weight.numel() + 1e-6))
-            keeps = global_magnitude_keep(scores, self._level(), limits)
-            del scores
-            self._planned = {g["tensor_fqn"]: keep for g, keep in zip(self.groups, keeps)}
+        scores, limits = [], []
+        for group in self.groups:
+            weight = getattr(model.get_submodule(group["module_fqn"]), group["tensor_name"])
+            scores.append((weight * self.get_mask(group["tensor_fqn"])).abs())
+            cap = group.get("max_layer_sparsity")
+            # The tolerance keeps e.g. 0.29 * 100 at 29 despite float error.
+            limits.append(weight.numel() if cap is None else math.floor(cap * weight.numel() + 1e-6))
+        keeps = global_magnitude_keep(scores, self._level(), limits)
+        del scores
+        self._planned = {g["tensor_fqn"]: keep for g, keep in zip(self.groups, keeps)}
+
+    def step(self, use_path: bool = True) -> None:
         try:
             super().step(use_path)
         finally:
