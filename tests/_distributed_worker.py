@@ -102,6 +102,10 @@ def ddp_runs(rank: int) -> dict:
     prepared, sparsifier, scheduler = make()
     out["ddp_every_rank"] = train(rank, DDP(prepared, broadcast_buffers=False), prepared, sparsifier, scheduler,
                                   sparsifier.step)
+    # The same on scope="layers" (the user's Sequential with a GraphModule per masked layer).
+    prepared, sparsifier, scheduler = make(scope="layers")
+    out["ddp_layers"] = train(rank, DDP(prepared, broadcast_buffers=False), prepared, sparsifier, scheduler,
+                              sparsifier.step)
     # The same with bool masks and broadcast_buffers=True (gloo broadcasts bool buffers).
     prepared, sparsifier, scheduler = make(bool_mask=True)
     out["ddp_bool_broadcast"] = train(rank, DDP(prepared, broadcast_buffers=True), prepared, sparsifier,

@@ -74,7 +74,7 @@ def assert_close_to_single_process(records, reference) -> None:
             assert agree >= 0.99, (step, k, agree)
 
 
-@pytest.mark.parametrize("recipe", ["ddp_every_rank", "ddp_bool_broadcast", "fsdp2", "fsdp2_layers",
+@pytest.mark.parametrize("recipe", ["ddp_every_rank", "ddp_layers", "ddp_bool_broadcast", "fsdp2", "fsdp2_layers",
                                     "fsdp2_sharded_masks"])
 def test_masks_and_weights_identical_on_every_rank_at_every_step(ranks, single_process, recipe):
     zero, one = ranks[0][recipe], ranks[1][recipe]

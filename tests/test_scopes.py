@@ -126,8 +126,10 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
             group["sparsity_level"] = 0.9
         sparsifier.step()
         x = torch.randn(8, 16)
+        calibration = [(torch.randn(8, 16),) for _ in range(4)]
         for mapping, kwargs, tol in ((fxs.get_sparse_csr_mapping(), {}, 1e-5), (None, {}, 5e-2),
-                                     ("auto", {"example_inputs": (x,)}, 1e-5)):
+                                     ("auto", {"example_inputs": (x,)}, 1e-5),
+                                     ("static", {"calibration_data": calibration}, 1e-1)):
             lowered = fxs.convert_fx_sparse(prepared, mapping, **kwargs)
             assert type(lowered) is nn.Sequential and lowered is not prepared
             assert graph_modules(prepared) == ["0", "2", "4"]  # left as it was
