@@ -24,6 +24,7 @@ from .sparsifier import (
     GlobalMagnitudeSparsifier,
     NearlyDiagonalSparsifier,
     NMSparsifier,
+    SparseGPTSparsifier,
     WandaSparsifier,
     WeightNormSparsifier,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "GlobalMagnitudeSparsifier",
     "NMSparsifier",
     "WandaSparsifier",
+    "SparseGPTSparsifier",
     "FakeSparsity",
     "fqn_to_module",
     "get_arg_info_from_tensor_fqn",

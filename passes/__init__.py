@@ -32,6 +32,7 @@ from .lower_linear import (
 from .manager import run_passes
 from .observers import (
     ChannelNormObserver,
+    GramObserver,
     InsertObservers,
     Observation,
     ObservedNode,
@@ -54,7 +55,8 @@ __all__ = [
     "DEFAULT_BLOCK_SHAPE", "INFO_ATTR", "FoldRequantize", "LoweredLinear", "LowerSparseLinears", "QuantizeBoundaries",
     "SparseLinear", "find_sparse_linears", "tensor_readers",
     "run_passes",
-    "ChannelNormObserver", "InsertObservers", "Observation", "ObservedNode", "RemoveObservers", "observe_linear_inputs",
+    "ChannelNormObserver", "GramObserver", "InsertObservers", "Observation", "ObservedNode", "RemoveObservers",
+    "observe_linear_inputs",
     "observe_linears", "observer_fqn_for", "remove_observers",
     "owns_one_of", "place_tensor", "prepare_masks",
     "SetTrainingMode",

@@ -46,7 +46,7 @@ from .insert_masks import find_masked_uses
 from .linear import is_linear, linear_args
 from .manager import run_passes
 
-__all__ = ["ChannelNormObserver", "Observation", "ObservedNode", "InsertObservers", "RemoveObservers",
+__all__ = ["ChannelNormObserver", "GramObserver", "Observation", "ObservedNode", "InsertObservers", "RemoveObservers",
            "observe_linears", "observe_linear_inputs", "remove_observers", "observer_fqn_for", "quant_transparent",
            "is_relu", "OBSERVER_PREFIX"]
 
@@ -100,6 +100,49 @@ class ChannelNormObserver(ObserverBase):
         raise RuntimeError(
             f"{type(self).__name__} collects activation norms for sparsity, not quantization parameters; "
             f"remove it (fx_sparsity.passes.remove_observers, or the sparsifier's squash_mask()) before quantizing")
+
+    def extra_repr(self) -> str:
+        return f"num_channels={self.num_channels}, num_rows={int(self.num_rows)}"
+
+
+class GramObserver(ObserverBase):
+    """Accumulates the Gram matrix ``Σ xᵀx`` of the inputs (last dim = channels), over all calls.
+
+    What SparseGPT (Frantar & Alistarh 2023) needs: ``H = X Xᵀ`` of a linear layer's inputs.
+    Buffers (in ``state_dict``): ``gram`` (float64, ``num_channels²``) and ``num_rows``.
+    """
+
+    gram: torch.Tensor
+    num_rows: torch.Tensor
+
+    def __init__(self, num_channels: int, device: torch.device | str | None = None):
+        super().__init__(dtype=torch.float)
+        self.num_channels = int(num_channels)
+        self.register_buffer("gram", torch.zeros(self.num_channels, self.num_channels, dtype=torch.float64,
+                                                 device=device))
+        self.register_buffer("num_rows", torch.zeros((), dtype=torch.int64, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.num_channels:
+            raise RuntimeError(f"{type(self).__name__} expects {self.num_channels} input channels, got input of "
+                               f"shape {tuple(x.shape)}")
+        with torch.no_grad():
+            flat = x.detach().reshape(-1, self.num_channels).double()
+            self.gram += flat.T @ flat
+            self.num_rows += flat.shape[0]
+        return x
+
+    def channel_norms(self) -> torch.Tensor:
+        """``‖X_j‖₂`` (the diagonal's square root), as :class:`ChannelNormObserver` gives."""
+        return self.gram.diagonal().sqrt().float()
+
+    def reset(self) -> None:
+        self.gram.zero_()
+        self.num_rows.zero_()
+
+    def calculate_qparams(self, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} collects input statistics for sparsity, not quantization "
+                           f"parameters; remove it before quantizing")
 
     def extra_repr(self) -> str:
         return f"num_channels={self.num_channels}, num_rows={int(self.num_rows)}"

@@ -1,8 +1,10 @@
 """``WandaSparsifier``: prune by |W|·‖X‖₂ (Sun et al. 2023), with activation norms observed in the graph."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..errors import SparsityConfigError
 from ..passes import ChannelNormObserver, observe_linear_inputs, observer_fqn_for, remove_observers
@@ -52,30 +54,34 @@ class WandaSparsifier(BaseSparsifier):
                                       f"got shape {tuple(tensor.shape)}")
         check_level(group["sparsity_level"], high=0.5 if m else 1.0, where=where)
 
-    def on_prepared(self, model: fx.GraphModule) -> None:
+    #: What is observed on each sparsified linear's input.
+    observer_type: type[nn.Module] = ChannelNormObserver
+
+    def on_prepared(self, model: nn.Module) -> None:
         """Observe the input of every linear that uses a configured weight (prepare undoes all on error)."""
         observed = set()
         for prefix, gm in self.graph_modules():
             fqns = [relative(g["tensor_fqn"], prefix) for g in self.groups
                     if not prefix or g["tensor_fqn"].startswith(prefix + ".")]
-            observed |= {f"{prefix}.{fqn}" if prefix else fqn for fqn in observe_linear_inputs(gm, fqns)}
+            found = observe_linear_inputs(gm, fqns, self.observer_type)
+            observed |= {f"{prefix}.{fqn}" if prefix else fqn for fqn in found}
         missing = [g["tensor_fqn"] for g in self.groups if g["tensor_fqn"] not in observed]
         if missing:
             raise SparsityConfigError(
-                f"WandaSparsifier scores a weight by the inputs of the linear that uses it, but {missing} "
+                f"{type(self).__name__} scores a weight by the inputs of the linear that uses it, but {missing} "
                 f"{'is' if len(missing) == 1 else 'are'} not the weight of any linear (F.linear / aten.linear) in "
                 f"the traced graph; leave {'it' if len(missing) == 1 else 'them'} out of the config (use "
                 f"GlobalMagnitudeSparsifier or WeightNormSparsifier for such tensors)")
 
-    def _observer(self, tensor_fqn: str) -> ChannelNormObserver:
+    def _observer(self, tensor_fqn: str) -> Any:
         try:
             observer = self._require_prepared("step").get_submodule(observer_fqn_for(tensor_fqn))
         except AttributeError:
             observer = None
-        if not isinstance(observer, ChannelNormObserver):
+        if not isinstance(observer, self.observer_type):
             raise RuntimeError(
                 f"no activation observer for '{tensor_fqn}' in the prepared module (removed by squash_mask()?); "
-                f"Wanda needs one: prepare the model again and run calibration data through it")
+                f"{type(self).__name__} needs one: prepare the model again and run calibration data through it")
         return observer
 
     def step(self, use_path: bool = True) -> None:
@@ -85,7 +91,7 @@ class WandaSparsifier(BaseSparsifier):
         unseen = [g["tensor_fqn"] for g in self.groups if int(self._observer(g["tensor_fqn"]).num_rows) == 0]
         if unseen:
             raise RuntimeError(
-                f"WandaSparsifier.step() before calibration: no activations were observed for {unseen}. Run "
+                f"{type(self).__name__}.step() before calibration: no activations were observed for {unseen}. Run "
                 f"calibration inputs through the prepared module first (with torch.no_grad(): "
                 f"sparsifier.model(*batch) for a few batches), then call step()")
         super().step(use_path)
@@ -108,5 +114,5 @@ class WandaSparsifier(BaseSparsifier):
     def squash_mask(self, *args, **kwargs) -> nn.Module:
         """Remove the observers, then fold the masks (see :meth:`BaseSparsifier.squash_mask`)."""
         for _, gm in self.graph_modules():
-            remove_observers(gm, ChannelNormObserver)
+            remove_observers(gm, self.observer_type)
         return super().squash_mask(*args, **kwargs)
