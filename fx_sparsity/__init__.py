@@ -16,6 +16,7 @@ from .mappings import (
     get_static_sparse_quantized_mapping,
 )
 from .nn import SparseBSRLinear, SparseCSRLinear
+from .one_shot import one_shot
 from .parametrization import FakeSparsity
 from .printing import format_sparse_code, format_sparse_graph, print_sparse_graph
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
@@ -56,6 +57,7 @@ __all__ = [
     "format_sparse_code",
     "convert_fx_sparse",
     "masks_as_parameters",
+    "one_shot",
     "SparsityConfigError",
     "TraceError",
     "passes",

@@ -77,7 +77,7 @@ def test_reconstruction_error_below_wanda_at_the_same_level():
     dense = layer(x).detach()
     errors = {}
     for name, sparsifier in (("wanda", fxs.WandaSparsifier(0.6)), ("sparsegpt", fxs.SparseGPTSparsifier(0.6))):
-        prepared = calibrated(sparsifier, nn.Sequential(layer), batches)
+        calibrated(sparsifier, nn.Sequential(layer), batches)
         sparsifier.step()
         squashed = sparsifier.squash_mask()
         assert not any("observer" in name for name, _ in squashed.named_modules())
@@ -102,7 +102,7 @@ def test_same_masks_and_weights_in_every_scope():
     results = {}
     for scope in ("model", "layers", Block):
         sparsifier = fxs.SparseGPTSparsifier(0.5, block_size=16)
-        prepared = calibrated(sparsifier, model, batches, scope=scope)
+        calibrated(sparsifier, model, batches, scope=scope)
         sparsifier.step()
         results[scope] = sparsifier.squash_mask().state_dict()
     for scope in ("layers", Block):
@@ -121,3 +121,77 @@ def test_step_before_calibration_and_config_errors():
         fxs.SparseGPTSparsifier(block_size=0)
     with pytest.raises(fxs.SparsityConfigError, match="percdamp must be a number > 0"):
         fxs.SparseGPTSparsifier(percdamp=0)
+
+
+# -- one_shot: block by block --------------------------------------------------------------
+
+def manual_block_by_block(model, make_sparsifier, batches):
+    """What one_shot does, written out: each block pruned on the outputs of the pruned blocks before it."""
+    inputs = list(batches)
+    for block in model:
+        sparsifier = make_sparsifier()
+        prepared = fxs.prepare_fx_sparse(block, sparsifier, inplace=True, scope="layers")
+        with torch.no_grad():
+            for x in inputs:
+                prepared(x)
+            sparsifier.step()
+            sparsifier.squash_mask()
+            inputs = [block(x) for x in inputs]
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda: fxs.SparseGPTSparsifier(0.5, block_size=16),
+                                  lambda: fxs.WandaSparsifier(0.5)], ids=["sparsegpt", "wanda"])
+def test_one_shot_prunes_each_block_on_the_pruned_outputs_before_it(make):
+    torch.manual_seed(3)
+    model = nn.Sequential(Block(), Block(), Block())
+    batches = [torch.randn(16, 32) for _ in range(3)]
+    import copy
+
+    expected = manual_block_by_block(copy.deepcopy(model), make, batches)
+    pruned = fxs.one_shot(model, make(), [(x,) for x in batches], scope=Block, progress=False)
+    assert type(pruned) is nn.Sequential and pruned is not model
+    assert all(type(b.up) is nn.Linear for b in pruned)  # plain layers, no masks or observers left
+    assert not any(k.endswith("_mask") for k in pruned.state_dict())
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert (pruned[2].down.weight == 0).float().mean().item() == 0.5
+    # in place, and with a config naming some tensors only
+    config = [{"tensor_fqn": "1.up.weight"}]
+    same = fxs.one_shot(model, make(), [(x,) for x in batches], scope=Block, config=config, inplace=True,
+                        progress=False)
+    assert same is model and (model[1].up.weight == 0).float().mean().item() == 0.5
+    assert (model[0].up.weight == 0).float().mean().item() == 0.0
+
+
+@pytest.mark.slow
+def test_one_shot_on_a_llama_keeps_the_class_and_saves(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    torch.manual_seed(4)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    calibration = [{"input_ids": torch.randint(3, 64, (2, 12))} for _ in range(3)]
+    pruned = fxs.one_shot(model, fxs.SparseGPTSparsifier(0.5, block_size=16), calibration, scope=LlamaDecoderLayer,
+                          progress=False)
+    assert type(pruned) is LlamaForCausalLM
+    linears = [m for m in pruned.model.layers.modules() if type(m) is nn.Linear]
+    assert len(linears) == 14 and all((m.weight == 0).float().mean().item() == 0.5 for m in linears)
+    assert (pruned.lm_head.weight == 0).float().mean().item() == 0.0  # outside the blocks
+    pruned.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 64, (1, 7))
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, pruned(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_one_shot_errors():
+    model = nn.Sequential(Block())
+    with pytest.raises(fxs.SparsityConfigError, match="pass scope=<block class>"):
+        fxs.one_shot(model, fxs.WandaSparsifier(), [(torch.randn(2, 32),)], scope="layers")
+    with pytest.raises(fxs.SparsityConfigError, match="calibration_data is empty"):
+        fxs.one_shot(model, fxs.WandaSparsifier(), [], scope=Block)
+    with pytest.raises(fxs.SparsityConfigError, match=r"\['lm_head.weight'\] lie outside every block"):
+        fxs.one_shot(model, fxs.WandaSparsifier(), [(torch.randn(2, 32),)], scope=Block,
+                     config=[{"tensor_fqn": "lm_head.weight"}])

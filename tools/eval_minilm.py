@@ -143,14 +143,52 @@ METHODS = {
     "Wanda": ("50%", lambda: fxs.WandaSparsifier(0.5), "calib"),
     "magnitude 2:4": ("2:4", lambda: fxs.NMSparsifier(2, 4), None),
     "Wanda 2:4": ("2:4", lambda: fxs.WandaSparsifier(0.5, semi_structured_block_size=4), "calib"),
+    "SparseGPT": ("50%", lambda: fxs.SparseGPTSparsifier(0.5), "calib"),
+    "SparseGPT block by block": ("50%", lambda: fxs.SparseGPTSparsifier(0.5), "blocks"),
+    "SparseGPT 2:4": ("2:4", lambda: fxs.SparseGPTSparsifier(0.5, semi_structured_block_size=4), "calib"),
+    "SparseGPT 2:4 block by block": ("2:4", lambda: fxs.SparseGPTSparsifier(0.5, semi_structured_block_size=4),
+                                     "blocks"),
+    "Wanda 70%": ("70%", lambda: fxs.WandaSparsifier(0.7), "calib"),
+    "SparseGPT 70%": ("70%", lambda: fxs.SparseGPTSparsifier(0.7), "calib"),
+    "SparseGPT 70% block by block": ("70%", lambda: fxs.SparseGPTSparsifier(0.7), "blocks"),
 }
 FAST_METHODS = ("magnitude (per layer)", "Wanda", "magnitude 2:4", "Wanda 2:4")
 
 
+def _statistics_bytes(model: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "observer" in n)
+
+
+@torch.no_grad()
+def prune_blocks(encoder: nn.Module, method: str, calib_batches) -> tuple[nn.Module, float, int]:
+    """``fx_sparsity.one_shot`` over the encoder's BertLayers: a pruned copy of the eager encoder, its
+    zeros fraction, and the most observer-statistics bytes held at once (one block's)."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    _, factory, _ = METHODS[method]
+    held = [0]
+    original_step = fxs.BaseSparsifier.step
+
+    def step(self, *args, **kwargs):  # measure what each block holds when it steps
+        held[0] = max(held[0], _statistics_bytes(self.model))
+        return original_step(self, *args, **kwargs)
+
+    fxs.BaseSparsifier.step = step
+    try:
+        pruned = fxs.one_shot(encoder, factory(), [(ids, mask) for _, ids, mask in calib_batches], scope=BertLayer,
+                              progress=False)
+    finally:
+        fxs.BaseSparsifier.step = original_step
+    weights = [m.weight for m in pruned.bert.encoder.modules() if isinstance(m, nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return pruned, zeros, held[0]
+
+
 @torch.no_grad()
 def prune(graph: torch.fx.GraphModule, config: list[dict], method: str,
-          calib_batches) -> tuple[torch.fx.GraphModule, float]:
-    """A pruned, squashed copy of ``graph``; also the fraction of zeros in the pruned weights."""
+          calib_batches) -> tuple[torch.fx.GraphModule, float, int]:
+    """A pruned, squashed copy of ``graph``; the fraction of zeros in the pruned weights; the observer
+    statistics' bytes (all layers at once)."""
     _, factory, calibration = METHODS[method]
     sparsifier = factory()
     with warnings.catch_warnings():  # torch's own deepcopy of an exported module warns about its pytree specs
@@ -161,10 +199,11 @@ def prune(graph: torch.fx.GraphModule, config: list[dict], method: str,
             prepared(ids, mask)
     elif calibration == "unit":
         _unit_norms(sparsifier)
+    held = _statistics_bytes(prepared)
     sparsifier.step()
     zeros = sum(int((sparsifier.get_mask(g["tensor_fqn"]) == 0).sum()) for g in sparsifier.groups)
     total = sum(sparsifier.get_mask(g["tensor_fqn"]).numel() for g in sparsifier.groups)
-    return sparsifier.squash_mask(), zeros / total
+    return sparsifier.squash_mask(), zeros / total, held
 
 
 @torch.no_grad()
@@ -207,14 +246,17 @@ def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=
     rows, pruned_graphs = [], []
     for method in methods:
         start = time.perf_counter()
-        pruned, sparsity = prune(graph, config, method, calib_batches)
+        if METHODS[method][2] == "blocks":
+            pruned, sparsity, held = prune_blocks(encoder, method, calib_batches)
+        else:
+            pruned, sparsity, held = prune(graph, config, method, calib_batches)
         cos = (embed(pruned, eval_batches) * dense).sum(1)  # both unit vectors
         pruned_graphs.append(pruned)
         rows.append({
             "pattern": METHODS[method][0], "method": method, "sparsity": sparsity,
             "mean_cos": cos.mean().item(), "min_cos": cos.min().item(),
             "dense_sent_per_s": None, "pruned_sent_per_s": None, "speed_vs_dense": None,
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start, "statistics_mib": held / 2**20,
         })
         log(f"  {method}: mean cos {rows[-1]['mean_cos']:.4f} ({rows[-1]['seconds']:.1f} s)")
     if repeat:
@@ -249,8 +291,9 @@ def table(result: dict) -> str:
         return [f"{r['dense_sent_per_s']:.0f}", f"{r['pruned_sent_per_s']:.0f}", f"{r['speed_vs_dense']:.2f}x"]
 
     rows = [[r["pattern"], r["method"], f"{r['sparsity']:.1%}", f"{r['mean_cos']:.4f}", f"{r['min_cos']:.4f}",
-             *speed(r)] for r in result["rows"]]
-    headers = ["pattern", "method", "zeros", "mean cos", "min cos", "dense sent/s", "pruned sent/s", "speed vs dense"]
+             f"{r['seconds']:.1f}", f"{r.get('statistics_mib', 0):.1f}", *speed(r)] for r in result["rows"]]
+    headers = ["pattern", "method", "zeros", "mean cos", "min cos", "prune s", "statistics MiB", "dense sent/s",
+               "pruned sent/s", "speed vs dense"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
