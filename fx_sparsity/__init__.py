@@ -28,6 +28,7 @@ from .sparsifier import (
     SparseGPTSparsifier,
     WandaSparsifier,
     WeightNormSparsifier,
+    owl_levels,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "NMSparsifier",
     "WandaSparsifier",
     "SparseGPTSparsifier",
+    "owl_levels",
     "FakeSparsity",
     "fqn_to_module",
     "get_arg_info_from_tensor_fqn",

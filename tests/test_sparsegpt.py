@@ -195,3 +195,29 @@ def test_one_shot_errors():
     with pytest.raises(fxs.SparsityConfigError, match=r"\['lm_head.weight'\] lie outside every block"):
         fxs.one_shot(model, fxs.WandaSparsifier(), [(torch.randn(2, 32),)], scope=Block,
                      config=[{"tensor_fqn": "lm_head.weight"}])
+
+
+# -- OWL levels ------------------------------------------------------------------------------
+
+def test_owl_levels_keep_the_overall_sparsity_and_spare_outlier_layers():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    with torch.no_grad():
+        model[2].weight[:, :4] *= 40  # a few huge weights: layer 2 is the outlier layer
+    sparsifier = fxs.WandaSparsifier(0.7)
+    calibrated(sparsifier, model, [torch.randn(64, 32) for _ in range(2)])
+    levels = fxs.owl_levels(sparsifier, lam=0.08)
+    sizes = {"0.weight": 32 * 32, "2.weight": 64 * 32, "4.weight": 16 * 64}
+    overall = sum(levels[k] * n for k, n in sizes.items()) / sum(sizes.values())
+    assert overall == pytest.approx(0.7, abs=1e-9)
+    assert levels["2.weight"] == min(levels.values()) and max(levels.values()) - min(levels.values()) == \
+        pytest.approx(0.16)
+    sparsifier.step()
+    zeros = sum(int((sparsifier.get_mask(k) == 0).sum()) for k in sizes) / sum(sizes.values())
+    assert zeros == pytest.approx(0.7, abs=0.01)
+    with pytest.raises(fxs.SparsityConfigError, match="one target level"):
+        fxs.owl_levels(sparsifier)  # the levels differ now
+    nm = fxs.WandaSparsifier(0.5, semi_structured_block_size=4)
+    calibrated(nm, nn.Sequential(nn.Linear(8, 8)), [torch.randn(4, 8)])
+    with pytest.raises(fxs.SparsityConfigError, match="unstructured"):
+        fxs.owl_levels(nm)

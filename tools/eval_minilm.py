@@ -151,7 +151,16 @@ METHODS = {
     "Wanda 70%": ("70%", lambda: fxs.WandaSparsifier(0.7), "calib"),
     "SparseGPT 70%": ("70%", lambda: fxs.SparseGPTSparsifier(0.7), "calib"),
     "SparseGPT 70% block by block": ("70%", lambda: fxs.SparseGPTSparsifier(0.7), "blocks"),
+    "Wanda 70% OWL": ("70%", lambda: fxs.WandaSparsifier(0.7), "owl"),
+    "SparseGPT 70% OWL": ("70%", lambda: fxs.SparseGPTSparsifier(0.7), "owl"),
 }
+OWL_LAMBDA, OWL_THRESHOLD = 0.08, 5.0  # the paper's defaults
+
+
+def _encoder_layer(tensor_fqn: str) -> str:
+    """OWL's layer: the transformer block a weight belongs to."""
+    parts = tensor_fqn.split(".")
+    return ".".join(parts[:parts.index("layer") + 2]) if "layer" in parts else tensor_fqn
 FAST_METHODS = ("magnitude (per layer)", "Wanda", "magnitude 2:4", "Wanda 2:4")
 
 
@@ -194,9 +203,11 @@ def prune(graph: torch.fx.GraphModule, config: list[dict], method: str,
     with warnings.catch_warnings():  # torch's own deepcopy of an exported module warns about its pytree specs
         warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
         prepared = fxs.prepare_fx_sparse(graph, sparsifier, copy.deepcopy(config))
-    if calibration == "calib":
+    if calibration in ("calib", "owl"):
         for _, ids, mask in calib_batches:
             prepared(ids, mask)
+    if calibration == "owl":
+        fxs.owl_levels(sparsifier, layer_of=_encoder_layer, lam=OWL_LAMBDA, outlier_threshold=OWL_THRESHOLD)
     elif calibration == "unit":
         _unit_norms(sparsifier)
     held = _statistics_bytes(prepared)
