@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .errors import SparsityConfigError, TraceError
 from .inputs import CallInputs, as_args_kwargs, call_with
-from .passes import MaskSpec, owns_one_of, prepare_masks
+from .passes import MaskSpec, fetch_attr, owns_one_of, prepare_masks
 from .passes.insert_masks import mask_fqn_for
 from .tracing import TRACERS, export_module, trace
 
@@ -216,24 +216,21 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
     (one mask in ``state_dict()``) and linked back to the owner's before each call
     (:func:`_link_tied_masks`), so ``.to()`` cannot split them.
     """
+    tensors = {spec.tensor_fqn: fetch_attr(model, spec.tensor_fqn) for spec in specs}
+    owns_masked = owns_one_of(list(tensors.values()))
     owners = [spec.tensor_fqn.rpartition(".")[0] for spec in specs]
-    tied = owns_one_of([model.get_submodule(o).get_parameter(spec.tensor_fqn.rpartition(".")[2])
-                        if _is_parameter(model, spec.tensor_fqn) else model.get_buffer(spec.tensor_fqn)
-                        for o, spec in zip(owners, specs)])
-    owners += [name for name, module in model.named_modules() if name not in owners and tied(name, module)]
+    # and the modules that hold a configured tensor under another name (tied): they read it too
+    owners += [name for name, module in model.named_modules() if name not in owners and owns_masked(name, module)]
     fqns = unit_fqns(model, block_types, owners)
     if tracer == "export" and example_inputs is None:
         raise SparsityConfigError(
             "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword inputs) the model "
             "can be called with; each unit is traced on the inputs it gets from them")
     inputs = capture_inputs(model, fqns, example_inputs) if tracer == "export" else {}
-    tensors = {spec.tensor_fqn: model.get_parameter(spec.tensor_fqn) if _is_parameter(model, spec.tensor_fqn)
-               else model.get_buffer(spec.tensor_fqn) for spec in specs}
-    see_inside = owns_one_of(list(tensors.values()))
     units: list[Unit] = []
     for fqn in fqns:
         module = model.get_submodule(fqn)
-        gm = trace_unit(fqn, module, tracer, inputs.get(fqn), see_inside)
+        gm = trace_unit(fqn, module, tracer, inputs.get(fqn), owns_masked)
         names = _first_names(module)
         unit_specs = []
         for spec in specs:
@@ -252,14 +249,6 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
     _tie_masks(model, units, specs)
     setattr(model, UNITS_ATTR, units)
     return units
-
-
-def _is_parameter(model: nn.Module, fqn: str) -> bool:
-    try:
-        model.get_parameter(fqn)
-    except AttributeError:
-        return False
-    return True
 
 
 def _tie_masks(model: nn.Module, units: list[Unit], specs: list[MaskSpec]) -> None:
