@@ -13,9 +13,10 @@ from .mappings import (
     get_dynamic_sparse_quantized_mapping,
     get_sparse_bsr_mapping,
     get_sparse_csr_mapping,
+    get_sparse_semi_structured_mapping,
     get_static_sparse_quantized_mapping,
 )
-from .nn import SparseBSRLinear, SparseCSRLinear
+from .nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear
 from .one_shot import one_shot
 from .parametrization import FakeSparsity
 from .printing import format_sparse_code, format_sparse_graph, print_sparse_graph
@@ -36,8 +37,10 @@ __all__ = [
     "get_static_sparse_quantized_mapping",
     "get_sparse_csr_mapping",
     "get_sparse_bsr_mapping",
+    "get_sparse_semi_structured_mapping",
     "SparseCSRLinear",
     "SparseBSRLinear",
+    "SemiStructuredSparseLinear",
     "BaseScheduler",
     "CubicSL",
     "LambdaSL",

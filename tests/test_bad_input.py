@@ -360,7 +360,7 @@ CATALOG: list[Row] = [
         "back); got Sequential"),
     Row("`convert_fx_sparse`", "unknown mapping name", lambda: fxs.convert_fx_sparse(stepped(), "fast"),
         fxs.SparsityConfigError, "mapping='fast': use a dict such as get_dynamic_sparse_quantized_mapping(), None "
-        "(dynamic), or one of the names ['auto', 'bsr', 'csr', 'dynamic', 'static']"),
+        "(dynamic), or one of the names ['auto', 'bsr', 'csr', 'dynamic', 'semi_structured', 'static']"),
     Row("`convert_fx_sparse`", "mapping without an `nn.Linear` entry", lambda: fxs.convert_fx_sparse(stepped(), {}),
         fxs.SparsityConfigError, "mapping has no torch.nn.Linear entry; nothing to lower to (e.g. "
         "fx_sparsity.get_dynamic_sparse_quantized_mapping())"),

@@ -391,7 +391,7 @@ def test_to_device_and_meta():
     assert meta(torch.randn(2, 16, device="meta")).shape == (2, 10)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_to_cuda_keeps_masks_and_steps_on_device():
     sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
     prepared = fxs.prepare_fx_sparse(mlp(), sparsifier, [{"tensor_fqn": "0.weight", "mask_dtype": torch.bool},

@@ -10,6 +10,8 @@ dense time / its time in the same round (load changes between rounds cancel out)
 - ``bsr<b>x<b>``: :class:`~fx_sparsity.nn.SparseBSRLinear` for square blocks ``b`` of 4, 8,
   16 and the group's own block when square, when ``b`` divides the weight and the stored
   blocks hold at most half of the weight (zeros inside a stored block cost time);
+- ``2:4``: :class:`~fx_sparsity.nn.SemiStructuredSparseLinear` on CUDA, for float16/bfloat16
+  weights whose mask is 2:4 (``NMSparsifier(2, 4)``);
 - ``int8`` (dense dynamic int8, x86 engine) and ``sparse_int8`` (torch.ao's
   ``torch.ao.nn.sparse.quantized.dynamic.Linear``, qnnpack): float32 weights only, and
   only when ``max_rel_error`` is at least :data:`INT8_ERROR_FLOOR`, since 8-bit weights do
@@ -36,8 +38,9 @@ from torch import fx, nn
 
 from ..errors import SparsityConfigError
 from ..inputs import graph_inputs
-from ..nn import SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
+from ..nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
 from ..nn.quantized import DYNAMIC_ENGINE, DenseDynamicInt8Linear, SparseQuantizedDynamicLinear, block_shape_supported
+from ..nn.semi_structured import semi_structured_problem
 from ..passes import INFO_ATTR
 from ..timing import interleaved_times_ms
 from .strategies import LoweringOptions, LoweringStrategy, register_lowering
@@ -119,6 +122,12 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | N
                 skipped[name] = f"{b}x{b} blocks would store {stored:.0%} of the weight"
                 continue
             build[name] = functools.partial(SparseBSRLinear.from_masked, weight, mask, bias, sparse_block_shape=(b, b))
+    if masked.device.type == "cuda":  # 2:4 tensor cores; a CPU build has no kernel, so no line in the record
+        problem = semi_structured_problem(masked)
+        if problem is None:
+            build["2:4"] = functools.partial(SemiStructuredSparseLinear.from_masked, weight, mask, bias)
+        else:
+            skipped["2:4"] = problem
     if masked.dtype != torch.float32:
         skipped["int8"] = skipped["sparse_int8"] = f"int8 kernels take float32 weights, this one is {masked.dtype}"
     elif max_rel_error < INT8_ERROR_FLOOR:

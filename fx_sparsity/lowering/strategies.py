@@ -21,7 +21,7 @@ from torch.ao.quantization import get_default_qconfig
 
 from ..errors import SparsityConfigError
 from ..inputs import call_with
-from ..nn import SparseBSRLinear, SparseCSRLinear
+from ..nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear
 from ..nn.quantized import (
     DYNAMIC_ENGINE,
     STATIC_ENGINE,
@@ -29,6 +29,7 @@ from ..nn.quantized import (
     SparseQuantizedLinear,
     block_shape_supported,
 )
+from ..nn.semi_structured import semi_structured_problem
 from ..passes import (
     FoldRequantize,
     LowerSparseLinears,
@@ -40,7 +41,7 @@ from ..passes import (
     run_passes,
 )
 
-__all__ = ["LoweringOptions", "LoweringStrategy", "DynamicQuantized", "StaticQuantized", "FromMasked",
+__all__ = ["LoweringOptions", "LoweringStrategy", "DynamicQuantized", "StaticQuantized", "FromMasked", "SemiStructured",
            "STRATEGIES", "register_lowering", "strategy_for"]
 
 # Block shapes torch documents for its sparse kernels; which of them work is measured per build.
@@ -217,6 +218,26 @@ class FromMasked(LoweringStrategy):
         return self.target.from_masked(weight, mask, bias, sparse_block_shape=site.block_shape)
 
 
+class SemiStructured(FromMasked):
+    """2:4 semi-structured weights (:class:`~fx_sparsity.nn.SemiStructuredSparseLinear`): CUDA, fp16/bf16."""
+
+    name, target = "semi_structured", SemiStructuredSparseLinear
+
+    def check(self, sites: list[SparseLinear]) -> None:
+        super().check(sites)
+        problems = []
+        for site in sites:
+            gm = site.node.graph.owning_module
+            weight = fetch_attr(gm, site.weight.target)
+            mask = fetch_attr(gm, site.mask.target) if site.mask is not None else (weight != 0)
+            problem = semi_structured_problem(weight.detach() * mask.detach().to(weight.dtype))
+            if problem is not None:
+                problems.append(f"  '{site.tensor_fqn}': {problem}")
+        if problems:
+            raise SparsityConfigError("these sparse Linear layers cannot be stored 2:4 semi-structured:\n"
+                                      + "\n".join(problems))
+
+
 class _CSR(FromMasked):
     name, target = "csr", SparseCSRLinear
 
@@ -227,7 +248,8 @@ class _BSR(FromMasked):
 
 #: Strategies by name, for ``convert_fx_sparse(gm, mapping=<name>)``; "auto" is added by its module.
 STRATEGIES: dict[str, Callable[[LoweringOptions], LoweringStrategy]] = {
-    "dynamic": DynamicQuantized, "static": StaticQuantized, "csr": _CSR, "bsr": _BSR}
+    "dynamic": DynamicQuantized, "static": StaticQuantized, "csr": _CSR, "bsr": _BSR,
+    "semi_structured": SemiStructured}
 
 
 def register_lowering(name: str, factory: Callable[[LoweringOptions], LoweringStrategy]) -> None:
@@ -269,6 +291,8 @@ def strategy_for(mapping: Mapping[type, type] | str | None, options: LoweringOpt
         return StaticQuantized(options)
     if issubclass(target, _AoDynamicLinear):
         return DynamicQuantized(options)
+    if issubclass(target, SemiStructuredSparseLinear):
+        return SemiStructured(options)
     if callable(getattr(target, "from_masked", None)):
         return FromMasked(options, target)
     raise SparsityConfigError(

@@ -7,7 +7,9 @@ from .quantized import (
     block_shape_supported,
     quantized_engine,
 )
+from .semi_structured import SemiStructuredSparseLinear
 from .sparse_linear import SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
 
 __all__ = ["SparseCSRLinear", "SparseBSRLinear", "sparse_kernel_available", "SparseQuantizedDynamicLinear",
-           "SparseQuantizedLinear", "DenseDynamicInt8Linear", "block_shape_supported", "quantized_engine"]
+           "SparseQuantizedLinear", "DenseDynamicInt8Linear", "block_shape_supported", "quantized_engine",
+           "SemiStructuredSparseLinear"]
