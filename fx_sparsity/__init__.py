@@ -31,6 +31,7 @@ from .sparsifier import (
     WeightNormSparsifier,
     owl_levels,
 )
+from .structured import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner
 
 __all__ = [
     "get_dynamic_sparse_quantized_mapping",
@@ -52,6 +53,9 @@ __all__ = [
     "WandaSparsifier",
     "SparseGPTSparsifier",
     "owl_levels",
+    "BaseStructuredSparsifier",
+    "SaliencyPruner",
+    "FPGMPruner",
     "FakeSparsity",
     "fqn_to_module",
     "get_arg_info_from_tensor_fqn",

@@ -22,7 +22,7 @@ def test_quick_bench_all_cases(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert {r["case"] for r in rows} == {"mask_update", "prepare", "memory", "scopes", "train_step", "inference"}
+    assert {r["case"] for r in rows} == {"mask_update", "prepare", "memory", "scopes", "structured", "train_step", "inference"}
     mask_rows = [r for r in rows if r["case"] == "mask_update"]
     assert len(mask_rows) == 3 and all(r["masks_identical"] for r in mask_rows)
     for row in rows:

@@ -33,6 +33,7 @@ from torch.utils.benchmark import Timer
 import fx_sparsity as fxs
 
 from .scopes import case_scopes
+from .structured import case_structured
 
 __all__ = ["CASES", "main"]
 
@@ -187,6 +188,7 @@ CASES = {
     "prepare": case_prepare,
     "memory": case_memory,
     "scopes": case_scopes,
+    "structured": case_structured,
     "train_step": lambda quick: _sibling("train_step", "train_step", quick),
     "inference": lambda quick: _sibling("inference", "inference", quick),
 }

@@ -1,0 +1,227 @@
+"""Structured pruners (torch.ao's ``_experimental.pruner`` names): mask channel groups, then cut them out.
+
+``prepare`` traces the model, finds the channel groups (:mod:`.groups`) and, per group, adds
+one channel-mask buffer (``<first producer>.out_channel_mask``) and a multiply of every
+consumer's input by it, so the masked model computes exactly what the pruned one will.
+``step()`` chooses each group's channels; ``prune()`` returns a physically smaller copy:
+producers lose output channels, norms and depthwise convolutions their channels, consumers
+their input channels (a flattened map: ``h·w`` features per channel), and the mask nodes go.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..errors import SparsityConfigError
+from ..inputs import as_args_kwargs
+from ..passes import run_passes
+from ..sparsifier.base_sparsifier import BaseSparsifier
+from ..sparsifier.nm_sparsifier import check_level
+from ..tracing import trace
+from .groups import ChannelGroup, find_channel_groups
+
+__all__ = ["BaseStructuredSparsifier", "SaliencyPruner", "FPGMPruner"]
+
+MASK_NAME = "out_channel_mask"
+
+
+class BaseStructuredSparsifier(BaseSparsifier):
+    """Prune whole channels of coupled layers; subclasses score channels in :meth:`channel_scores`."""
+
+    def __init__(self, sparsity_level: float = 0.5):
+        check_level(sparsity_level)
+        super().__init__(defaults={"sparsity_level": sparsity_level})
+
+    def prepare(self, model: nn.Module, config: list[dict] | None = None, *, example_inputs: Any = None,
+                inplace: bool = False, **kwargs: Any) -> fx.GraphModule:  # type: ignore[override]
+        """Trace ``model`` (symbolically), find its channel groups, and mask the configured ones.
+
+        ``example_inputs`` (required) gives the spatial sizes. A config entry names any weight of a
+        group (``{"tensor_fqn": "layer1.0.conv1.weight"}``); ``config=None`` takes every group that
+        can be pruned exactly.
+        """
+        if self.model is not None:
+            raise SparsityConfigError(f"{type(self).__name__} is already prepared; use a new one for each model")
+        if kwargs.get("scope", "model") != "model" or kwargs.get("tracer", "symbolic") != "symbolic":
+            raise SparsityConfigError("structured pruning traces the whole model symbolically: use scope=\"model\" "
+                                      "and tracer=\"symbolic\" (other scopes and export are not supported yet)")
+        if example_inputs is None:
+            raise SparsityConfigError("structured pruning needs example_inputs (the spatial sizes decide how a "
+                                      "flattened map feeds a Linear), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)")
+        work = model if inplace else copy.deepcopy(model)
+        gm = trace(work, "symbolic")
+        args, _ = as_args_kwargs(example_inputs)
+        with torch.no_grad():
+            found = find_channel_groups(gm, args)
+        chosen = self._choose(gm, found, config)
+        self.groups = []
+        for index, (group, entry) in enumerate(chosen):
+            producer = gm.get_submodule(group.producers[0])
+            producer.register_buffer(MASK_NAME, torch.ones(group.size, device=_device(producer)))
+            settings = {**copy.deepcopy(self.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
+            check_level(settings["sparsity_level"], where=f"group of '{group.producers[0]}'")
+            self.groups.append({**settings, "tensor_fqn": f"{group.producers[0]}.weight",
+                                "module_fqn": group.producers[0], "tensor_name": "weight", "module": producer,
+                                "channel_group": group, "group_index": index})
+        run_passes(gm, _MaskConsumers([(g["channel_group"], f"{g['module_fqn']}.{MASK_NAME}") for g in self.groups]))
+        self.model, self.config = gm, config
+        return gm
+
+    def _choose(self, gm: fx.GraphModule, found: list[ChannelGroup],
+                config: list[dict] | None) -> list[tuple[ChannelGroup, dict]]:
+        if config is None:
+            return [(g, {}) for g in found if g.problem is None and g.producers]
+        chosen = []
+        for i, entry in enumerate(config):
+            fqn = entry.get("tensor_fqn", "")
+            module_fqn = fqn.rpartition(".")[0]
+            group = next((g for g in found if module_fqn in g.producers), None)
+            if group is None:
+                raise SparsityConfigError(f"config[{i}]: '{fqn}' is not the weight of a Conv2d/Linear whose output "
+                                          f"channels fx_sparsity can follow")
+            if group.problem is not None:
+                raise SparsityConfigError(f"config[{i}]: the channels of '{fqn}' cannot be pruned exactly: "
+                                          f"{group.problem}")
+            chosen.append((group, entry))
+        return chosen
+
+    def get_mask(self, tensor_fqn: str) -> torch.Tensor:
+        return self._require_prepared("get_mask").get_buffer(f"{tensor_fqn.rpartition('.')[0]}.{MASK_NAME}")
+
+    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float = 0.5,
+                    channel_group: ChannelGroup | None = None, **kwargs: Any) -> None:
+        assert channel_group is not None
+        scores = self.channel_scores(self._require_prepared("step"), channel_group)
+        drop = round(check_level(sparsity_level) * channel_group.size)
+        keep = torch.ones_like(mask, dtype=torch.bool)
+        if drop:
+            keep[torch.topk(scores, drop, largest=False).indices] = False
+        mask.copy_(keep)
+
+    def squash_mask(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """For structured pruners: :meth:`prune` (the channels are cut out, not folded)."""
+        return self.prune()
+
+    @torch.no_grad()
+    def prune(self) -> fx.GraphModule:
+        """A physically smaller copy of the prepared model, computing what the masked one does."""
+        gm = copy.deepcopy(self._require_prepared("prune"))
+        assert isinstance(gm, fx.GraphModule)
+        for group in self.groups:
+            keep = gm.get_buffer(f"{group['module_fqn']}.{MASK_NAME}").bool().nonzero().flatten()
+            _cut(gm, group["channel_group"], keep)
+        run_passes(gm, _RemoveChannelMasks())
+        for group in self.groups:
+            delattr(gm.get_submodule(group["module_fqn"]), MASK_NAME)
+        return gm
+
+
+class SaliencyPruner(BaseStructuredSparsifier):
+    """Drop the channels of smallest L1 norm, summed over every producer of the group."""
+
+    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
+        scores = [gm.get_submodule(p).weight.detach().abs().flatten(1).sum(1).float() for p in group.producers]
+        return torch.stack(scores).sum(0)
+
+
+class FPGMPruner(BaseStructuredSparsifier):
+    """Drop the channels nearest the geometric median of the filters (He et al. 2019), summed over producers."""
+
+    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
+        total = None
+        for p in group.producers:
+            filters = gm.get_submodule(p).weight.detach().flatten(1).float()
+            distance = torch.cdist(filters, filters).sum(1)
+            total = distance if total is None else total + distance
+        assert total is not None
+        return total
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class _MaskConsumers(PassBase):
+    """Multiply the input of each group's consumers by the group's channel mask (``h·w`` times per channel
+    for a flattened map)."""
+
+    def __init__(self, groups: list[tuple[ChannelGroup, str]]):
+        super().__init__()
+        self.groups = groups
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for group, mask_fqn in self.groups:
+            consumers = dict(group.consumers)
+            for node in list(gm.graph.nodes):
+                if node.op != "call_module" or node.target not in consumers:
+                    continue
+                x = node.args[0]
+                per_channel = consumers[node.target]
+                with gm.graph.inserting_before(node):
+                    mask = gm.graph.get_attr(mask_fqn)
+                    if per_channel > 1:
+                        mask = gm.graph.call_method("repeat_interleave", (mask, per_channel))
+                    shape = (1, -1, 1, 1) if isinstance(gm.get_submodule(node.target), nn.Conv2d) else (1, -1)
+                    mask = gm.graph.call_method("view", (mask, shape))
+                    masked = gm.graph.call_function(torch.mul, (x, mask))
+                masked.meta["channel_mask"] = mask_fqn
+                node.update_arg(0, masked)
+        return PassResult(gm, True)
+
+
+class _RemoveChannelMasks(PassBase):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for node in list(gm.graph.nodes):
+            if node.meta.get("channel_mask"):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+        return PassResult(gm, True)
+
+
+def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.contiguous())
+
+
+def _cut(gm: fx.GraphModule, group: ChannelGroup, keep: torch.Tensor) -> None:
+    """Cut the group's channels down to ``keep`` in every module that holds them."""
+    n = len(keep)
+    m: Any
+    for fqn in group.producers:
+        m = gm.get_submodule(fqn)
+        m.weight = _param(m.weight[keep])
+        if m.bias is not None:
+            m.bias = _param(m.bias[keep])
+        if isinstance(m, nn.Conv2d):
+            m.out_channels = n
+        else:
+            m.out_features = n
+    for fqn in group.norms:
+        m = gm.get_submodule(fqn)
+        if m.weight is not None:
+            m.weight, m.bias = _param(m.weight[keep]), _param(m.bias[keep])
+        if m.running_mean is not None:
+            m.running_mean, m.running_var = m.running_mean[keep].clone(), m.running_var[keep].clone()
+        m.num_features = n
+    for fqn in group.depthwise:
+        m = gm.get_submodule(fqn)
+        m.weight = _param(m.weight[keep])
+        if m.bias is not None:
+            m.bias = _param(m.bias[keep])
+        m.in_channels = m.out_channels = m.groups = n
+    for fqn, per_channel in group.consumers:
+        m = gm.get_submodule(fqn)
+        if type(m) is nn.Conv2d or hasattr(m, "in_channels"):
+            m.weight = _param(m.weight[:, keep])
+            m.in_channels = n
+        else:
+            features = (keep[:, None] * per_channel + torch.arange(per_channel, device=keep.device)).flatten()
+            m.weight = _param(m.weight[:, features])
+            m.in_features = n * per_channel

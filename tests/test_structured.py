@@ -1,0 +1,106 @@
+"""Structured pruning: channel groups through the graph, masked, then physically cut out."""
+import pytest
+import torch
+from models import Bottleneck, ResNet50Shaped, SmallMobileNet, resnet_like
+from torch import nn
+
+import fx_sparsity as fxs
+from fx_sparsity.structured import FPGMPruner, SaliencyPruner, find_channel_groups
+
+
+def params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def prune(model, pruner, x, config=None):
+    prepared = pruner.prepare(model, config, example_inputs=(x,))
+    pruner.step()
+    prepared.eval()
+    pruned = pruner.prune().eval()
+    return prepared, pruned
+
+
+def bottleneck_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), Bottleneck(16, 8, stride=2),
+                         Bottleneck(32, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+MODELS = {
+    "resnet_basic": (resnet_like, (2, 3, 16, 16)),
+    "resnet_bottleneck": (bottleneck_net, (2, 3, 16, 16)),
+    "mobilenet_v2": (lambda: (torch.manual_seed(0), SmallMobileNet())[1], (2, 3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("pruner_cls", [SaliencyPruner, FPGMPruner])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pruned_model_equals_the_masked_one(name, pruner_cls):
+    make, shape = MODELS[name]
+    model = make().eval()
+    x = torch.randn(*shape)
+    masked, pruned = prune(model, pruner_cls(0.5), x)
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    assert params(pruned) < 0.6 * params(model)
+    assert not any(n.endswith("out_channel_mask") for n, _ in pruned.named_buffers())
+    other = torch.randn(3, *shape[1:])
+    torch.testing.assert_close(pruned(other), masked(other), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_groups_follow_the_residual_adds():
+    model = resnet_like().eval()
+    groups = find_channel_groups(torch.fx.symbolic_trace(model), (torch.randn(1, 3, 16, 16),))
+    by_first = {g.producers[0]: g for g in groups if g.problem is None}
+    shared = next(g for g in by_first.values() if "stem.0" in g.producers)
+    assert sorted(shared.producers) == ["layer1.0.conv2", "layer1.1.conv2", "stem.0"]  # all added together
+    assert sorted(shared.norms) == ["layer1.0.bn2", "layer1.1.bn2", "stem.1"]
+    refused = [g for g in groups if g.problem]
+    assert [(g.producers, g.problem) for g in refused] == [(["fc"], "its channels are a model output")]
+
+
+def test_compile_and_export_the_pruned_model():
+    model = resnet_like().eval()
+    x = torch.randn(2, 3, 16, 16)
+    _, pruned = prune(model, SaliencyPruner(0.5), x)
+    torch.testing.assert_close(torch.compile(pruned)(x), pruned(x), rtol=1e-4, atol=1e-4)
+    exported = torch.export.export(pruned, (x,)).module()
+    torch.testing.assert_close(exported(x), pruned(x), rtol=1e-5, atol=1e-5)
+
+
+def test_config_names_a_group_and_refusals_say_why():
+    model = resnet_like().eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    prepared = pruner.prepare(model, [{"tensor_fqn": "layer2.0.conv1.weight", "sparsity_level": 0.25}],
+                              example_inputs=(x,))
+    pruner.step()
+    assert [g["module_fqn"] for g in pruner.groups] == ["layer2.0.conv1"]
+    assert (pruner.get_mask("layer2.0.conv1.weight") == 0).sum().item() == 4  # 25% of 16
+    assert prepared.get_submodule("layer2.0.conv2").in_channels == 16  # masked, not cut yet
+    with pytest.raises(fxs.SparsityConfigError, match="the channels of 'fc.weight' cannot be pruned exactly: its "
+                                                      "channels are a model output"):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "fc.weight"}], example_inputs=(x,))
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 4, 1))
+    with pytest.raises(fxs.SparsityConfigError, match=r"grouped convolution '1' \(groups=2\)"):
+        SaliencyPruner().prepare(grouped, [{"tensor_fqn": "0.weight"}], example_inputs=(torch.randn(1, 3, 4, 4),))
+
+
+def test_schedulers_drive_structured_pruners():
+    model = resnet_like().eval()
+    pruner = SaliencyPruner(0.5)
+    pruner.prepare(model, example_inputs=(torch.randn(2, 3, 16, 16),))
+    scheduler = fxs.CubicSL(pruner, init_sl=0.0, init_t=0, delta_t=1, total_t=3)
+    for _ in range(4):
+        pruner.step()
+        scheduler.step()
+    mask = pruner.get_mask(pruner.groups[0]["tensor_fqn"])
+    assert (mask == 0).float().mean().item() == 0.5
+
+
+@pytest.mark.slow
+def test_resnet50_shaped_at_half_the_channels():
+    model = ResNet50Shaped(scale=0.25, classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    masked, pruned = prune(model, SaliencyPruner(0.5), x)
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-4)
+    assert params(model) / params(pruned) > 3.5
