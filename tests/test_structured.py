@@ -104,3 +104,18 @@ def test_resnet50_shaped_at_half_the_channels():
     masked, pruned = prune(model, SaliencyPruner(0.5), x)
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-4)
     assert params(model) / params(pruned) > 3.5
+
+
+@pytest.mark.slow
+def test_digits_cnn_keeps_its_accuracy_at_half_the_channels():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "structured_digits.py"
+    spec = importlib.util.spec_from_file_location("structured_digits", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    result = tool.run(0, dense_epochs=12, finetune_epochs=6)
+    assert result["pruned"] >= result["dense"] - 0.02
+    assert result["pruned"] == result["masked"]  # the pruned model computes what the masked one did
+    assert result["dense_params"] / result["pruned_params"] > 3.5
