@@ -163,3 +163,32 @@ class SmallMobileNet(nn.Module):
 
     def forward(self, x):
         return self.head(torch.flatten(self.blocks(self.stem(x)), 1))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's layer: BN-ReLU-conv1x1-BN-ReLU-conv3x3 on the concatenation of every earlier feature map."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 * growth), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features):
+        x = torch.cat(features, 1)
+        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+
+
+class SmallDenseNet(nn.Module):
+    def __init__(self, growth=8, layers=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.layers = nn.ModuleList(DenseLayer(16 + i * growth, growth) for i in range(layers))
+        width = 16 + layers * growth
+        self.norm, self.fc = nn.BatchNorm2d(width), nn.Linear(width, 10)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        x = F.relu(self.norm(torch.cat(features, 1)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -1,7 +1,7 @@
 """Structured pruning: channel groups through the graph, masked, then physically cut out."""
 import pytest
 import torch
-from models import Bottleneck, ResNet50Shaped, SmallMobileNet, resnet_like
+from models import Bottleneck, ResNet50Shaped, SmallDenseNet, SmallMobileNet, resnet_like
 from torch import nn
 
 import fx_sparsity as fxs
@@ -30,6 +30,7 @@ MODELS = {
     "resnet_basic": (resnet_like, (2, 3, 16, 16)),
     "resnet_bottleneck": (bottleneck_net, (2, 3, 16, 16)),
     "mobilenet_v2": (lambda: (torch.manual_seed(0), SmallMobileNet())[1], (2, 3, 16, 16)),
+    "densenet": (lambda: (torch.manual_seed(0), SmallDenseNet())[1], (2, 3, 8, 8)),
 }
 
 
@@ -53,9 +54,23 @@ def test_resnet_groups_follow_the_residual_adds():
     by_first = {g.producers[0]: g for g in groups if g.problem is None}
     shared = next(g for g in by_first.values() if "stem.0" in g.producers)
     assert sorted(shared.producers) == ["layer1.0.conv2", "layer1.1.conv2", "stem.0"]  # all added together
-    assert sorted(shared.norms) == ["layer1.0.bn2", "layer1.1.bn2", "stem.1"]
+    assert sorted(shared.norms) == [("layer1.0.bn2", 0), ("layer1.1.bn2", 0), ("stem.1", 0)]
     refused = [g for g in groups if g.problem]
     assert [(g.producers, g.problem) for g in refused] == [(["fc"], "its channels are a model output")]
+
+
+def test_densenet_concat_groups_are_cut_at_their_offsets():
+    model = SmallDenseNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = find_channel_groups(torch.fx.symbolic_trace(model), (x,))
+    stem = next(g for g in groups if g.producers == ["stem"])
+    # the stem's 16 channels start every concatenation: every layer's norm1 and conv1 read them at offset 0
+    assert sorted(stem.norms) == [("layers.0.norm1", 0), ("layers.1.norm1", 0), ("layers.2.norm1", 0), ("norm", 0)]
+    second = next(g for g in groups if g.producers == ["layers.1.conv2"])
+    assert sorted(second.consumers) == [("fc", 24, 1), ("layers.2.conv1", 24, 1)]  # after 16 + 8 channels
+    masked, pruned = prune(model, SaliencyPruner(0.5), x)
+    assert pruned.get_submodule("fc").in_features == 20  # 40 channels, each group halved
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_and_export_the_pruned_model():

@@ -1,12 +1,14 @@
 """Channel dependency groups of a traced CNN: which channels must be removed together.
 
 A *channel space* is the channel dim of a value in the graph (dim 1 of NCHW, the last dim of a
-Linear's output). A Conv2d (not grouped) or Linear starts a new space for its output and
-*consumes* its input's; BatchNorm, activations, pooling, dropout and depthwise convolutions
-carry the space through; ``add`` makes its operands' spaces one (a residual block's producers
-share their channels); ``flatten`` after global pooling carries the space into a Linear (each
-channel is ``h·w`` features when the map is not 1×1). A *group* is a set of joined spaces:
-its producers' output channels, its norm layers' channels and its consumers' input channels
+Linear's output); a value's channels are one or more spaces side by side (*segments*: ``cat``
+along channels puts its inputs' segments end to end). A Conv2d (not grouped) or Linear starts a
+new space for its output and *consumes* its input's segments; BatchNorm, activations, pooling,
+dropout and depthwise convolutions carry the segments through; ``add`` makes its operands'
+spaces one (a residual block's producers share their channels); ``flatten`` after pooling
+carries them into a Linear (each channel is ``h·w`` features when the map is not 1×1). A
+*group* is a set of joined spaces: its producers' output channels, and the matching channels
+(at each segment's offset) of its norm layers, depthwise convolutions and consumers' inputs
 are removed together. A group is prunable when every op touching it is one of these and
 none of its values is a graph output; otherwise it is left out, with the reason.
 """
@@ -22,8 +24,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = ["ChannelGroup", "find_channel_groups"]
 
-_PASS_MODULES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid,
-                 nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Dropout, nn.Identity,
+                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _PASS_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, torch.sigmoid, F.dropout,
                    F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d)
 _ADD = (operator.add, torch.add, operator.iadd)
@@ -31,15 +33,18 @@ _ADD = (operator.add, torch.add, operator.iadd)
 
 @dataclass
 class ChannelGroup:
-    """Channels removed together; ``size`` of them."""
+    """Channels removed together; ``size`` of them. Positions are ``(fqn, offset)``: the group's channels
+    start at ``offset`` in that module's channels (more than 0 after a ``cat``)."""
 
     size: int
     producers: list[str] = field(default_factory=list)  # Conv2d/Linear fqns whose output channels these are
-    norms: list[str] = field(default_factory=list)  # BatchNorm fqns over them
-    consumers: list[tuple[str, int]] = field(default_factory=list)  # (Conv2d/Linear fqn, features per channel)
-    depthwise: list[str] = field(default_factory=list)  # depthwise convs carrying them
-    values: list[fx.Node] = field(default_factory=list)  # graph values whose channel dim this is
+    norms: list[tuple[str, int]] = field(default_factory=list)  # BatchNorm fqns over them
+    depthwise: list[tuple[str, int]] = field(default_factory=list)  # depthwise convs carrying them
+    consumers: list[tuple[str, int, int]] = field(default_factory=list)  # (fqn, offset, features per channel)
     problem: str | None = None  # why the group cannot be pruned, if it cannot
+
+
+Segments = list[tuple[int, int]]  # (space key, size), in channel order
 
 
 class _Spaces:
@@ -66,7 +71,7 @@ class _Spaces:
         ga, gb = self.groups.pop(b), self.groups[a]
         if ga.size != gb.size:
             gb.problem = gb.problem or f"joins {gb.size} and {ga.size} channels"
-        for name in ("producers", "norms", "consumers", "depthwise", "values"):
+        for name in ("producers", "norms", "consumers", "depthwise"):
             getattr(gb, name).extend(getattr(ga, name))
         gb.problem = gb.problem or ga.problem
         self.parent[b] = a
@@ -75,68 +80,94 @@ class _Spaces:
     def group(self, key: int) -> ChannelGroup:
         return self.groups[self.find(key)]
 
+    def refuse(self, segments: Segments, why: str) -> None:
+        for key, _ in segments:
+            group = self.group(key)
+            group.problem = group.problem or why
+
+
+def _with_offsets(segments: Segments) -> list[tuple[int, int, int]]:
+    out, offset = [], 0
+    for key, size in segments:
+        out.append((key, offset, size))
+        offset += size
+    return out
+
 
 def find_channel_groups(gm: fx.GraphModule, example_inputs: tuple) -> list[ChannelGroup]:
     """The channel groups of ``gm`` (a ``symbolic_trace`` with standard layers as ``call_module``)."""
     ShapeProp(gm).propagate(*example_inputs)
     spaces = _Spaces()
-    space_of: dict[fx.Node, int] = {}
+    segments_of: dict[fx.Node, Segments] = {}
     features_per_channel: dict[fx.Node, int] = {}  # a flattened map: each channel is h*w features
 
     def shape(node) -> tuple:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
 
-    def refuse(node: fx.Node, why: str) -> None:
+    def refuse_inputs(node: fx.Node, why: str) -> None:
         for arg in node.all_input_nodes:
-            if arg in space_of:
-                group = spaces.group(space_of[arg])
-                group.problem = group.problem or why
+            if arg in segments_of:
+                spaces.refuse(segments_of[arg], why)
 
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or node.op == "get_attr":
+        if node.op in ("placeholder", "get_attr"):
             continue
         if node.op == "output":
-            for arg in node.all_input_nodes:
-                if arg in space_of:
-                    group = spaces.group(space_of[arg])
-                    group.problem = group.problem or "its channels are a model output"
+            refuse_inputs(node, "its channels are a model output")
             continue
         module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        incoming = space_of.get(source) if source is not None else None
+        incoming = segments_of.get(source) if source is not None else None
+        fqn = str(node.target)
         if isinstance(module, nn.Conv2d):
             if incoming is not None and module.groups == module.in_channels == module.out_channels:
-                spaces.group(incoming).depthwise.append(str(node.target))
-                space_of[node] = incoming
+                for key, offset, _ in _with_offsets(incoming):
+                    spaces.group(key).depthwise.append((fqn, offset))
+                segments_of[node] = incoming
                 continue
             if module.groups != 1:
-                refuse(node, f"grouped convolution '{node.target}' (groups={module.groups})")
+                refuse_inputs(node, f"grouped convolution '{fqn}' (groups={module.groups})")
             elif incoming is not None:
-                spaces.group(incoming).consumers.append((str(node.target), 1))
-            space_of[node] = spaces.new(module.out_channels)
-            spaces.group(space_of[node]).producers.append(str(node.target))
+                for key, offset, _ in _with_offsets(incoming):
+                    spaces.group(key).consumers.append((fqn, offset, 1))
+            out = spaces.new(module.out_channels)
+            spaces.group(out).producers.append(fqn)
+            segments_of[node] = [(out, module.out_channels)]
         elif isinstance(module, nn.Linear):
             if incoming is not None:
                 per_channel = features_per_channel.get(source, 1)
-                spaces.group(incoming).consumers.append((str(node.target), per_channel))
-            space_of[node] = spaces.new(module.out_features)
-            spaces.group(space_of[node]).producers.append(str(node.target))
+                for key, offset, _ in _with_offsets(incoming):
+                    spaces.group(key).consumers.append((fqn, offset, per_channel))
+            out = spaces.new(module.out_features)
+            spaces.group(out).producers.append(fqn)
+            segments_of[node] = [(out, module.out_features)]
         elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)) and incoming is not None:
-            spaces.group(incoming).norms.append(str(node.target))
-            space_of[node] = incoming
+            for key, offset, _ in _with_offsets(incoming):
+                spaces.group(key).norms.append((fqn, offset))
+            segments_of[node] = incoming
         elif (isinstance(module, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
               or (node.op == "call_method" and node.target in ("relu", "relu_"))) and incoming is not None:
-            space_of[node] = incoming
+            segments_of[node] = incoming
         elif node.op == "call_function" and node.target in _ADD and incoming is not None:
             others = [a for a in node.args[1:] if isinstance(a, fx.Node)]
-            key = incoming
+            joined = list(incoming)
             for other in others:
-                if other in space_of:
-                    key = spaces.union(key, space_of[other])
-                else:
-                    refuse(node, f"adds a value whose channels are not tracked ({other.name})")
-            space_of[node] = key
+                theirs = segments_of.get(other)
+                if theirs is None or [s for _, s in theirs] != [s for _, s in joined]:
+                    spaces.refuse(joined + (theirs or []), f"'{node.name}' adds values whose channels do not line up")
+                    continue
+                joined = [(spaces.union(a, b), size) for (a, size), (b, _) in zip(joined, theirs)]
+            segments_of[node] = joined
+        elif node.op == "call_function" and node.target is torch.cat:
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            parts = [segments_of.get(t) for t in tensors] if isinstance(tensors, (list, tuple)) else [None]
+            if dim not in (1, -3) or len(shape(node)) != 4 or any(p is None for p in parts):
+                refuse_inputs(node, f"'{node.name}' concatenates along a dim other than channels, or values "
+                                    f"whose channels are not followed")
+                continue
+            segments_of[node] = [segment for part in parts for segment in part]  # type: ignore[union-attr]
         elif ((node.op == "call_function" and node.target is torch.flatten) or isinstance(module, nn.Flatten)
               or (node.op == "call_method" and node.target in ("flatten", "view", "reshape"))) \
                 and incoming is not None and len(shape(source)) == 4:
@@ -146,15 +177,12 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: tuple) -> list[Chann
             elif node.op == "call_method" and node.target != "flatten":
                 start = 1 if len(shape(node)) == 2 and shape(node)[0] == shape(source)[0] else None
             if start != 1:
-                refuse(node, f"'{node.name}' reshapes the channels")
+                refuse_inputs(node, f"'{node.name}' reshapes the channels")
                 continue
             _, _, h, w = shape(source)
-            space_of[node] = incoming
+            segments_of[node] = incoming
             features_per_channel[node] = h * w
-        else:
-            if any(arg in space_of for arg in node.all_input_nodes):
-                refuse(node, f"'{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) is not an "
-                             f"op whose channel coupling fx_sparsity follows")
-    for node, key in space_of.items():
-        spaces.group(key).values.append(node)
+        elif any(arg in segments_of for arg in node.all_input_nodes):
+            refuse_inputs(node, f"'{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) is not an "
+                                f"op whose channel coupling fx_sparsity follows")
     return [group for group in spaces.groups.values() if group.producers or group.problem]

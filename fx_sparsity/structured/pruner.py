@@ -67,7 +67,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
             self.groups.append({**settings, "tensor_fqn": f"{group.producers[0]}.weight",
                                 "module_fqn": group.producers[0], "tensor_name": "weight", "module": producer,
                                 "channel_group": group, "group_index": index})
-        run_passes(gm, _MaskConsumers([(g["channel_group"], f"{g['module_fqn']}.{MASK_NAME}") for g in self.groups]))
+        masks = {id(g["channel_group"]): f"{g['module_fqn']}.{MASK_NAME}" for g in self.groups}
+        run_passes(gm, _MaskConsumers(found, masks))
         self.model, self.config = gm, config
         return gm
 
@@ -114,9 +115,9 @@ class BaseStructuredSparsifier(BaseSparsifier):
         """A physically smaller copy of the prepared model, computing what the masked one does."""
         gm = copy.deepcopy(self._require_prepared("prune"))
         assert isinstance(gm, fx.GraphModule)
-        for group in self.groups:
-            keep = gm.get_buffer(f"{group['module_fqn']}.{MASK_NAME}").bool().nonzero().flatten()
-            _cut(gm, group["channel_group"], keep)
+        cuts = [(g["channel_group"], (gm.get_buffer(f"{g['module_fqn']}.{MASK_NAME}") == 0).nonzero().flatten().cpu())
+                for g in self.groups]
+        _cut_all(gm, cuts)
         run_passes(gm, _RemoveChannelMasks())
         for group in self.groups:
             delattr(gm.get_submodule(group["module_fqn"]), MASK_NAME)
@@ -149,30 +150,36 @@ def _device(module: nn.Module) -> torch.device:
 
 
 class _MaskConsumers(PassBase):
-    """Multiply the input of each group's consumers by the group's channel mask (``h·w`` times per channel
-    for a flattened map)."""
+    """Multiply the input of each consumer of a masked group by its channel mask: the group's mask at the
+    group's offset, ones for the other segments, ``h·w`` times per channel for a flattened map."""
 
-    def __init__(self, groups: list[tuple[ChannelGroup, str]]):
+    def __init__(self, groups: list[ChannelGroup], masks: dict[int, str]):
         super().__init__()
-        self.groups = groups
+        self.groups, self.masks = groups, masks
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        for group, mask_fqn in self.groups:
-            consumers = dict(group.consumers)
-            for node in list(gm.graph.nodes):
-                if node.op != "call_module" or node.target not in consumers:
-                    continue
-                x = node.args[0]
-                per_channel = consumers[node.target]
-                with gm.graph.inserting_before(node):
-                    mask = gm.graph.get_attr(mask_fqn)
-                    if per_channel > 1:
-                        mask = gm.graph.call_method("repeat_interleave", (mask, per_channel))
-                    shape = (1, -1, 1, 1) if isinstance(gm.get_submodule(node.target), nn.Conv2d) else (1, -1)
-                    mask = gm.graph.call_method("view", (mask, shape))
-                    masked = gm.graph.call_function(torch.mul, (x, mask))
-                masked.meta["channel_mask"] = mask_fqn
-                node.update_arg(0, masked)
+        layout: dict[str, list[tuple[int, ChannelGroup, int]]] = {}  # consumer -> (offset, group, per channel)
+        for group in self.groups:
+            for fqn, offset, per_channel in group.consumers:
+                layout.setdefault(fqn, []).append((offset, group, per_channel))
+        for node in list(gm.graph.nodes):
+            segments = sorted(layout.get(str(node.target), []), key=lambda s: s[0]) if node.op == "call_module" else []
+            masked_here = [g for _, g, _ in segments if id(g) in self.masks]
+            if not masked_here:
+                continue
+            with gm.graph.inserting_before(node):
+                some_mask = gm.graph.get_attr(self.masks[id(masked_here[0])])
+                parts = [gm.graph.get_attr(self.masks[id(g)]) if id(g) in self.masks
+                         else gm.graph.call_method("new_ones", (some_mask, g.size)) for _, g, _ in segments]
+                mask = parts[0] if len(parts) == 1 else gm.graph.call_function(torch.cat, (parts,))
+                per_channel = segments[0][2]
+                if per_channel > 1:
+                    mask = gm.graph.call_method("repeat_interleave", (mask, per_channel))
+                shape = (1, -1, 1, 1) if isinstance(gm.get_submodule(str(node.target)), nn.Conv2d) else (1, -1)
+                mask = gm.graph.call_method("view", (mask, shape))
+                masked = gm.graph.call_function(torch.mul, (node.args[0], mask))
+            masked.meta["channel_mask"] = True
+            node.update_arg(0, masked)
         return PassResult(gm, True)
 
 
@@ -190,38 +197,53 @@ def _param(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t.contiguous())
 
 
-def _cut(gm: fx.GraphModule, group: ChannelGroup, keep: torch.Tensor) -> None:
-    """Cut the group's channels down to ``keep`` in every module that holds them."""
-    n = len(keep)
-    m: Any
-    for fqn in group.producers:
-        m = gm.get_submodule(fqn)
-        m.weight = _param(m.weight[keep])
+def _cut_all(gm: fx.GraphModule, cuts: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
+    """Cut every group's dropped channels out of every module that holds them, one slice per module and dim."""
+    keep: dict[tuple[str, str], torch.Tensor] = {}  # (fqn, "out" | "in" | "channels") -> keep vector
+
+    def drop(fqn: str, dim: str, size: int, positions: torch.Tensor) -> None:
+        vector = keep.setdefault((fqn, dim), torch.ones(size, dtype=torch.bool))
+        vector[positions] = False
+
+    for group, dropped in cuts:
+        for fqn in group.producers:
+            m = gm.get_submodule(fqn)
+            drop(fqn, "out", m.weight.shape[0], dropped)
+        for fqn, offset in group.norms:
+            drop(fqn, "channels", gm.get_submodule(fqn).num_features, offset + dropped)
+        for fqn, offset in group.depthwise:
+            drop(fqn, "channels", gm.get_submodule(fqn).out_channels, offset + dropped)
+        for fqn, offset, per_channel in group.consumers:
+            positions = ((offset + dropped)[:, None] * per_channel + torch.arange(per_channel)).flatten()
+            drop(fqn, "in", gm.get_submodule(fqn).weight.shape[1], positions)
+    for (fqn, dim), vector in keep.items():
+        _slice(gm.get_submodule(fqn), dim, vector.nonzero().flatten())
+
+
+def _slice(m: Any, dim: str, idx: torch.Tensor) -> None:
+    n = len(idx)
+    if hasattr(m, "num_features"):  # a batch norm
+        if m.weight is not None:
+            m.weight, m.bias = _param(m.weight[idx]), _param(m.bias[idx])
+        if m.running_mean is not None:
+            m.running_mean, m.running_var = m.running_mean[idx].clone(), m.running_var[idx].clone()
+        m.num_features = n
+    elif dim == "channels":  # a depthwise conv
+        m.weight = _param(m.weight[idx])
         if m.bias is not None:
-            m.bias = _param(m.bias[keep])
+            m.bias = _param(m.bias[idx])
+        m.in_channels = m.out_channels = m.groups = n
+    elif dim == "out":
+        m.weight = _param(m.weight[idx])
+        if m.bias is not None:
+            m.bias = _param(m.bias[idx])
         if isinstance(m, nn.Conv2d):
             m.out_channels = n
         else:
             m.out_features = n
-    for fqn in group.norms:
-        m = gm.get_submodule(fqn)
-        if m.weight is not None:
-            m.weight, m.bias = _param(m.weight[keep]), _param(m.bias[keep])
-        if m.running_mean is not None:
-            m.running_mean, m.running_var = m.running_mean[keep].clone(), m.running_var[keep].clone()
-        m.num_features = n
-    for fqn in group.depthwise:
-        m = gm.get_submodule(fqn)
-        m.weight = _param(m.weight[keep])
-        if m.bias is not None:
-            m.bias = _param(m.bias[keep])
-        m.in_channels = m.out_channels = m.groups = n
-    for fqn, per_channel in group.consumers:
-        m = gm.get_submodule(fqn)
-        if type(m) is nn.Conv2d or hasattr(m, "in_channels"):
-            m.weight = _param(m.weight[:, keep])
+    else:
+        m.weight = _param(m.weight[:, idx])
+        if isinstance(m, nn.Conv2d):
             m.in_channels = n
         else:
-            features = (keep[:, None] * per_channel + torch.arange(per_channel, device=keep.device)).flatten()
-            m.weight = _param(m.weight[:, features])
-            m.in_features = n * per_channel
+            m.in_features = n
