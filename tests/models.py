@@ -192,3 +192,30 @@ class SmallDenseNet(nn.Module):
             features.append(layer(features))
         x = F.relu(self.norm(torch.cat(features, 1)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt's bottleneck: 1x1 reduce, 3x3 grouped (cardinality), 1x1 expand, residual."""
+
+    def __init__(self, cin, width, cardinality=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cin, 1, bias=False), nn.BatchNorm2d(cin)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + x)
+
+
+class SmallResNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.Sequential(ResNeXtBlock(32, 16), ResNeXtBlock(32, 16))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))

@@ -1,7 +1,7 @@
 """Structured pruning: channel groups through the graph, masked, then physically cut out."""
 import pytest
 import torch
-from models import Bottleneck, ResNet50Shaped, SmallDenseNet, SmallMobileNet, resnet_like
+from models import Bottleneck, ResNet50Shaped, SmallDenseNet, SmallMobileNet, SmallResNeXt, resnet_like
 from torch import nn
 
 import fx_sparsity as fxs
@@ -31,6 +31,7 @@ MODELS = {
     "resnet_bottleneck": (bottleneck_net, (2, 3, 16, 16)),
     "mobilenet_v2": (lambda: (torch.manual_seed(0), SmallMobileNet())[1], (2, 3, 16, 16)),
     "densenet": (lambda: (torch.manual_seed(0), SmallDenseNet())[1], (2, 3, 8, 8)),
+    "resnext": (lambda: (torch.manual_seed(0), SmallResNeXt())[1], (2, 3, 8, 8)),
 }
 
 
@@ -73,6 +74,20 @@ def test_densenet_concat_groups_are_cut_at_their_offsets():
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
+def test_resnext_grouped_convs_lose_the_same_channels_in_every_group():
+    model = SmallResNeXt().eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruner = SaliencyPruner(0.5)
+    masked, pruned = prune(model, pruner, x)
+    group = next(g for g in pruner.groups if g["module_fqn"] == "blocks.0.conv1")
+    assert group["channel_group"].balance == 4 and group["channel_group"].grouped == ["blocks.0.conv2"]
+    kept = pruner.get_mask("blocks.0.conv1.weight").reshape(4, 4).sum(1)
+    assert kept.tolist() == [2, 2, 2, 2]
+    conv = pruned.get_submodule("blocks.0.conv2")
+    assert (conv.in_channels, conv.out_channels, conv.groups, tuple(conv.weight.shape[:2])) == (8, 8, 4, (8, 2))
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
 def test_compile_and_export_the_pruned_model():
     model = resnet_like().eval()
     x = torch.randn(2, 3, 16, 16)
@@ -95,8 +110,9 @@ def test_config_names_a_group_and_refusals_say_why():
     with pytest.raises(fxs.SparsityConfigError, match="the channels of 'fc.weight' cannot be pruned exactly: its "
                                                       "channels are a model output"):
         SaliencyPruner().prepare(model, [{"tensor_fqn": "fc.weight"}], example_inputs=(x,))
-    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 4, 1))
-    with pytest.raises(fxs.SparsityConfigError, match=r"grouped convolution '1' \(groups=2\)"):
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.Conv2d(16, 4, 1))
+    with pytest.raises(fxs.SparsityConfigError, match=r"grouped convolution '1' \(groups=2\) with in_channels != "
+                                                      r"out_channels"):
         SaliencyPruner().prepare(grouped, [{"tensor_fqn": "0.weight"}], example_inputs=(torch.randn(1, 3, 4, 4),))
 
 

@@ -41,6 +41,8 @@ class ChannelGroup:
     norms: list[tuple[str, int]] = field(default_factory=list)  # BatchNorm fqns over them
     depthwise: list[tuple[str, int]] = field(default_factory=list)  # depthwise convs carrying them
     consumers: list[tuple[str, int, int]] = field(default_factory=list)  # (fqn, offset, features per channel)
+    grouped: list[str] = field(default_factory=list)  # grouped convs (in == out channels) carrying them
+    balance: int = 1  # channels go in equal numbers from each of `balance` contiguous blocks (grouped convs)
     problem: str | None = None  # why the group cannot be pruned, if it cannot
 
 
@@ -71,8 +73,11 @@ class _Spaces:
         ga, gb = self.groups.pop(b), self.groups[a]
         if ga.size != gb.size:
             gb.problem = gb.problem or f"joins {gb.size} and {ga.size} channels"
-        for name in ("producers", "norms", "consumers", "depthwise"):
+        for name in ("producers", "norms", "consumers", "depthwise", "grouped"):
             getattr(gb, name).extend(getattr(ga, name))
+        if ga.balance != gb.balance and 1 not in (ga.balance, gb.balance):
+            gb.problem = gb.problem or f"joins channels split into {gb.balance} and {ga.balance} groups"
+        gb.balance = max(ga.balance, gb.balance)
         gb.problem = gb.problem or ga.problem
         self.parent[b] = a
         return a
@@ -126,8 +131,22 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: tuple) -> list[Chann
                     spaces.group(key).depthwise.append((fqn, offset))
                 segments_of[node] = incoming
                 continue
+            if (module.groups != 1 and incoming is not None and len(incoming) == 1
+                    and module.in_channels == module.out_channels):
+                # ResNeXt's grouped 3x3: output channel c of conv-group k reads that group's inputs; the same
+                # channels go from input and output, in equal numbers from every conv-group
+                key = incoming[0][0]
+                group = spaces.group(key)
+                if group.balance not in (1, module.groups):
+                    group.problem = group.problem or f"grouped convolution '{fqn}' splits channels another way"
+                group.balance = module.groups
+                group.grouped.append(fqn)
+                group.consumers.append((fqn, 0, 1))
+                segments_of[node] = incoming
+                continue
             if module.groups != 1:
-                refuse_inputs(node, f"grouped convolution '{fqn}' (groups={module.groups})")
+                refuse_inputs(node, f"grouped convolution '{fqn}' (groups={module.groups}) with in_channels != "
+                                    f"out_channels")
             elif incoming is not None:
                 for key, offset, _ in _with_offsets(incoming):
                     spaces.group(key).consumers.append((fqn, offset, 1))

@@ -100,11 +100,13 @@ class BaseStructuredSparsifier(BaseSparsifier):
                     channel_group: ChannelGroup | None = None, **kwargs: Any) -> None:
         assert channel_group is not None
         scores = self.channel_scores(self._require_prepared("step"), channel_group)
-        drop = round(check_level(sparsity_level) * channel_group.size)
-        keep = torch.ones_like(mask, dtype=torch.bool)
+        blocks = channel_group.balance  # grouped convolutions: the same number from each conv-group
+        per_block = scores.reshape(blocks, -1)
+        drop = round(check_level(sparsity_level) * per_block.shape[1])
+        keep = torch.ones_like(per_block, dtype=torch.bool)
         if drop:
-            keep[torch.topk(scores, drop, largest=False).indices] = False
-        mask.copy_(keep)
+            keep.scatter_(1, torch.topk(per_block, drop, dim=1, largest=False).indices, False)
+        mask.copy_(keep.reshape(-1))
 
     def squash_mask(self, *args: Any, **kwargs: Any) -> nn.Module:
         """For structured pruners: :meth:`prune` (the channels are cut out, not folded)."""
@@ -205,7 +207,11 @@ def _cut_all(gm: fx.GraphModule, cuts: list[tuple[ChannelGroup, torch.Tensor]]) 
         vector = keep.setdefault((fqn, dim), torch.ones(size, dtype=torch.bool))
         vector[positions] = False
 
+    grouped: dict[str, torch.Tensor] = {}
     for group, dropped in cuts:
+        for fqn in group.grouped:
+            vector = grouped.setdefault(fqn, torch.ones(group.size, dtype=torch.bool))
+            vector[dropped] = False
         for fqn in group.producers:
             m = gm.get_submodule(fqn)
             drop(fqn, "out", m.weight.shape[0], dropped)
@@ -214,10 +220,29 @@ def _cut_all(gm: fx.GraphModule, cuts: list[tuple[ChannelGroup, torch.Tensor]]) 
         for fqn, offset in group.depthwise:
             drop(fqn, "channels", gm.get_submodule(fqn).out_channels, offset + dropped)
         for fqn, offset, per_channel in group.consumers:
+            if fqn in group.grouped:
+                continue
             positions = ((offset + dropped)[:, None] * per_channel + torch.arange(per_channel)).flatten()
             drop(fqn, "in", gm.get_submodule(fqn).weight.shape[1], positions)
     for (fqn, dim), vector in keep.items():
         _slice(gm.get_submodule(fqn), dim, vector.nonzero().flatten())
+    for fqn, vector in grouped.items():
+        _slice_grouped(gm.get_submodule(fqn), vector)
+
+
+def _slice_grouped(m: Any, keep: torch.Tensor) -> None:
+    """A grouped conv with in == out channels, the same channels kept in and out (equal numbers per group)."""
+    groups, block = m.groups, m.out_channels // m.groups
+    kept = keep.reshape(groups, block)
+    rows = keep.nonzero().flatten()
+    columns = torch.stack([kept[k].nonzero().flatten() for k in range(groups)])  # (groups, kept per group)
+    weight = m.weight[rows]  # (kept out, block, kh, kw)
+    per_group = columns.shape[1]
+    weight = torch.stack([weight[k * per_group:(k + 1) * per_group][:, columns[k]] for k in range(groups)])
+    m.weight = _param(weight.flatten(0, 1))
+    if m.bias is not None:
+        m.bias = _param(m.bias[rows])
+    m.in_channels = m.out_channels = len(rows)
 
 
 def _slice(m: Any, dim: str, idx: torch.Tensor) -> None:
