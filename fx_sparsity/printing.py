@@ -195,6 +195,17 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
         notes[use.mul] = _Note(use.tensor_fqn, zeros / max(mask.numel(), 1), "masked")
         tensors[use.tensor_fqn] = _Tensor(mask.numel(), zeros, "masked")
 
+    # Structured pruners: a consumer's input multiplied by channel masks.
+    for node in gm.graph.nodes:
+        for mask_fqn in node.meta.get("channel_mask") or ():
+            mask = fetch_attr(gm, mask_fqn)
+            kept = int((mask != 0).sum())
+            owner = mask_fqn.rpartition(".")[0]
+            previous = notes.get(node)
+            text = f"channels of {owner}: {kept}/{mask.numel()} kept"
+            notes[node] = _Note(f"{previous.tensor_fqn}; {text}" if previous else text,
+                                1 - kept / max(mask.numel(), 1), "channels")
+
     # Squashed: configured tensors without a mask hold their zeros themselves.
     config = sparsity_config(gm)
     folded: dict[int, str] = {}

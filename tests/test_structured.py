@@ -150,3 +150,13 @@ def test_digits_cnn_keeps_its_accuracy_at_half_the_channels():
     assert result["pruned"] >= result["dense"] - 0.02
     assert result["pruned"] == result["masked"]  # the pruned model computes what the masked one did
     assert result["dense_params"] / result["pruned_params"] > 3.5
+
+
+def test_printed_graph_shows_each_groups_channels():
+    pruner = SaliencyPruner(0.5)
+    prepared = fxs.prepare_fx_sparse(resnet_like(), pruner, example_inputs=(torch.randn(2, 3, 16, 16),))
+    pruner.step()
+    rows = [line.split() for line in fxs.format_sparse_graph(prepared).splitlines() if "channels of" in line]
+    assert len(rows) == 10  # one per consumer input (the four convs reading the shared stem group included)
+    assert rows[6][:7] == ["mul_6", "call_function", "torch.mul", "channels", "of", "layer2.0.conv1:", "8/16"]
+    assert rows[6][-1] == "50.0%"

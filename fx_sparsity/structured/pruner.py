@@ -180,7 +180,7 @@ class _MaskConsumers(PassBase):
                 shape = (1, -1, 1, 1) if isinstance(gm.get_submodule(str(node.target)), nn.Conv2d) else (1, -1)
                 mask = gm.graph.call_method("view", (mask, shape))
                 masked = gm.graph.call_function(torch.mul, (node.args[0], mask))
-            masked.meta["channel_mask"] = True
+            masked.meta["channel_mask"] = [self.masks[id(g)] for g in masked_here]
             node.update_arg(0, masked)
         return PassResult(gm, True)
 
