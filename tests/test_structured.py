@@ -160,3 +160,27 @@ def test_printed_graph_shows_each_groups_channels():
     assert len(rows) == 10  # one per consumer input (the four convs reading the shared stem group included)
     assert rows[6][:7] == ["mul_6", "call_function", "torch.mul", "channels", "of", "layer2.0.conv1:", "8/16"]
     assert rows[6][-1] == "50.0%"
+
+
+class _ViTMLPBlock(nn.Module):
+    """A transformer block's feed-forward half: x + fc2(gelu(fc1(norm(x)))), tokens (B, N, C)."""
+
+    def __init__(self, dim=32, hidden=64):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+def test_transformer_mlp_hidden_width_is_pruned_and_the_normalised_width_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ViTMLPBlock(), _ViTMLPBlock()).eval()
+    x = torch.randn(2, 5, 32)
+    pruner = SaliencyPruner(0.5)
+    masked, pruned = prune(model, pruner, x)
+    assert sorted(g["module_fqn"] for g in pruner.groups) == ["0.fc1", "1.fc1"]  # the hidden widths
+    assert pruned.get_submodule("0.fc2").in_features == 32
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(fxs.SparsityConfigError, match="cannot be pruned exactly"):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "0.fc2.weight"}], example_inputs=(x,))
