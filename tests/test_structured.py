@@ -184,3 +184,49 @@ def test_transformer_mlp_hidden_width_is_pruned_and_the_normalised_width_is_refu
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(fxs.SparsityConfigError, match="cannot be pruned exactly"):
         SaliencyPruner().prepare(model, [{"tensor_fqn": "0.fc2.weight"}], example_inputs=(x,))
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention written out (as ViT and many models do): q, k, v, heads, projection."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        attention = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1)
+        return x + self.proj((attention @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(32), _Attention()
+        self.mlp = _ViTMLPBlock()
+
+    def forward(self, x):
+        return self.mlp(self.attn(self.norm1(x)))
+
+
+@pytest.mark.parametrize("pruner_cls", [SaliencyPruner, FPGMPruner])
+def test_attention_heads_are_pruned_whole(pruner_cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(_ViTBlock(), _ViTBlock()).eval()
+    x = torch.randn(2, 5, 32)
+    pruner = pruner_cls(0.5)
+    masked, pruned = prune(model, pruner, x)
+    heads = next(g for g in pruner.groups if g["module_fqn"] in ("0.attn.q", "0.attn.k", "0.attn.v"))
+    group = heads["channel_group"]
+    assert sorted(group.producers) == ["0.attn.k", "0.attn.q", "0.attn.v"] and group.head_dim == 8
+    mask = pruner.get_mask(heads["tensor_fqn"]).reshape(4, 8)
+    assert mask.all(1).sum().item() == 2 and (~mask.any(1)).sum().item() == 2  # two whole heads kept
+    assert pruned.get_submodule("0.attn.q").out_features == 16
+    assert pruned.get_submodule("0.attn.proj").in_features == 16
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    other = torch.randn(3, 7, 32)  # other batch and sequence sizes: the new head count is in the graph
+    torch.testing.assert_close(pruned(other), masked(other), rtol=1e-5, atol=1e-5)

@@ -43,6 +43,9 @@ class ChannelGroup:
     consumers: list[tuple[str, int, int]] = field(default_factory=list)  # (fqn, offset, features per channel)
     grouped: list[str] = field(default_factory=list)  # grouped convs (in == out channels) carrying them
     balance: int = 1  # channels go in equal numbers from each of `balance` contiguous blocks (grouped convs)
+    head_dim: int = 1  # channels go in whole runs of `head_dim` (attention heads)
+    head_splits: list[str] = field(default_factory=list)  # view/reshape nodes splitting (.., H * D) into (.., H, D)
+    head_merges: list[str] = field(default_factory=list)  # view/reshape nodes merging the heads back
     problem: str | None = None  # why the group cannot be pruned, if it cannot
 
 
@@ -73,8 +76,11 @@ class _Spaces:
         ga, gb = self.groups.pop(b), self.groups[a]
         if ga.size != gb.size:
             gb.problem = gb.problem or f"joins {gb.size} and {ga.size} channels"
-        for name in ("producers", "norms", "consumers", "depthwise", "grouped"):
+        for name in ("producers", "norms", "consumers", "depthwise", "grouped", "head_splits", "head_merges"):
             getattr(gb, name).extend(getattr(ga, name))
+        if 1 not in (ga.head_dim, gb.head_dim) and ga.head_dim != gb.head_dim:
+            gb.problem = gb.problem or f"joins heads of {gb.head_dim} and {ga.head_dim} channels"
+        gb.head_dim = max(ga.head_dim, gb.head_dim)
         if ga.balance != gb.balance and 1 not in (ga.balance, gb.balance):
             gb.problem = gb.problem or f"joins channels split into {gb.balance} and {ga.balance} groups"
         gb.balance = max(ga.balance, gb.balance)
@@ -104,6 +110,7 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: tuple) -> list[Chann
     ShapeProp(gm).propagate(*example_inputs)
     spaces = _Spaces()
     segments_of: dict[fx.Node, Segments] = {}
+    headed: dict[fx.Node, int] = {}  # values split into attention heads -> their space key
     features_per_channel: dict[fx.Node, int] = {}  # a flattened map: each channel is h*w features
 
     def shape(node) -> tuple:
@@ -125,6 +132,8 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: tuple) -> list[Chann
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         incoming = segments_of.get(source) if source is not None else None
         fqn = str(node.target)
+        if _follow_heads(node, source, incoming, headed, segments_of, spaces, shape):
+            continue
         if isinstance(module, nn.Conv2d):
             if incoming is not None and module.groups == module.in_channels == module.out_channels:
                 for key, offset, _ in _with_offsets(incoming):
@@ -204,4 +213,57 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: tuple) -> list[Chann
         elif any(arg in segments_of for arg in node.all_input_nodes):
             refuse_inputs(node, f"'{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) is not an "
                                 f"op whose channel coupling fx_sparsity follows")
+    for node, key in headed.items():  # a head-split value reaching an op not followed
+        if any(user not in headed and user not in segments_of for user in node.users):
+            spaces.refuse([(key, 0)], f"the heads of '{node.name}' reach an op fx_sparsity does not follow")
     return [group for group in spaces.groups.values() if group.producers or group.problem]
+
+
+_HEAD_METHODS = ("transpose", "permute", "contiguous", "softmax", "float", "type_as")
+_HEAD_FUNCTIONS = (torch.transpose, torch.permute, F.softmax, torch.softmax, F.dropout, operator.mul, operator.truediv,
+                   torch.mul, torch.div)
+_MATMUL = (operator.matmul, torch.matmul, torch.bmm)
+
+
+def _follow_heads(node: fx.Node, source, incoming, headed: dict, segments_of: dict, spaces: _Spaces, shape) -> bool:
+    """Attention heads: a Linear's output split (view/reshape) into (H, D), moved about, multiplied with
+    another head-split value (q·kᵀ, attention·v: the same heads go from both), merged back and read by
+    the output projection. Returns True when ``node`` was one of these."""
+    is_reshape = node.op == "call_method" and node.target in ("view", "reshape")
+    if is_reshape and incoming is not None and len(incoming) == 1 and source not in headed:
+        before, after = shape(source), shape(node)
+        if (len(after) == len(before) + 1 and after[:-2] == before[:-1] and len(after) >= 3
+                and after[-2] * after[-1] == before[-1] and after[-2] > 1 and after[-1] > 1):
+            key = incoming[0][0]
+            group = spaces.group(key)
+            if group.head_dim not in (1, after[-1]):
+                group.problem = group.problem or "splits channels into heads of another size"
+            group.head_dim = after[-1]
+            group.head_splits.append(node.name)
+            headed[node] = key
+            return True
+        return False
+    inputs = [a for a in node.all_input_nodes if a in headed]
+    if not inputs:
+        return False
+    if is_reshape and source in headed:  # merge: (.., H, D) back into one channel dim
+        key = headed[source]
+        group = spaces.group(key)
+        size = group.size
+        if shape(node) and shape(node)[-1] == size:
+            group.head_merges.append(node.name)
+            segments_of[node] = [(key, size)]
+            return True
+        spaces.refuse([(key, size)], f"'{node.name}' reshapes attention heads another way")
+        return True
+    if node.op == "call_function" and node.target in _MATMUL and len(inputs) == 2:
+        headed[node] = spaces.union(headed[inputs[0]], headed[inputs[1]])
+        return True
+    if ((node.op == "call_method" and node.target in _HEAD_METHODS)
+            or (node.op == "call_function" and node.target in _HEAD_FUNCTIONS)) and len(inputs) == 1 \
+            and not any(isinstance(a, fx.Node) and a not in headed for a in node.all_input_nodes):
+        headed[node] = headed[inputs[0]]
+        return True
+    for value in inputs:
+        spaces.refuse([(headed[value], 0)], f"'{node.name}' uses attention heads in a way fx_sparsity does not follow")
+    return True

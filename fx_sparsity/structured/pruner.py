@@ -100,6 +100,14 @@ class BaseStructuredSparsifier(BaseSparsifier):
                     channel_group: ChannelGroup | None = None, **kwargs: Any) -> None:
         assert channel_group is not None
         scores = self.channel_scores(self._require_prepared("step"), channel_group)
+        if channel_group.head_dim > 1:  # attention: whole heads go
+            heads = scores.reshape(-1, channel_group.head_dim).sum(1)
+            drop = round(check_level(sparsity_level) * len(heads))
+            keep_heads = torch.ones_like(heads, dtype=torch.bool)
+            if drop:
+                keep_heads[torch.topk(heads, drop, largest=False).indices] = False
+            mask.copy_(keep_heads.repeat_interleave(channel_group.head_dim))
+            return
         blocks = channel_group.balance  # grouped convolutions: the same number from each conv-group
         per_block = scores.reshape(blocks, -1)
         drop = round(check_level(sparsity_level) * per_block.shape[1])
@@ -120,6 +128,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
         cuts = [(g["channel_group"], (gm.get_buffer(f"{g['module_fqn']}.{MASK_NAME}") == 0).nonzero().flatten().cpu())
                 for g in self.groups]
         _cut_all(gm, cuts)
+        _rewrite_head_shapes(gm, cuts)
         run_passes(gm, _RemoveChannelMasks())
         for group in self.groups:
             delattr(gm.get_submodule(group["module_fqn"]), MASK_NAME)
@@ -228,6 +237,27 @@ def _cut_all(gm: fx.GraphModule, cuts: list[tuple[ChannelGroup, torch.Tensor]]) 
         _slice(gm.get_submodule(fqn), dim, vector.nonzero().flatten())
     for fqn, vector in grouped.items():
         _slice_grouped(gm.get_submodule(fqn), vector)
+
+
+def _rewrite_head_shapes(gm: fx.GraphModule, cuts: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
+    """Fewer heads: the splits' head count is the new one, the merges take what is left (-1)."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for group, dropped in cuts:
+        if group.head_dim == 1:
+            continue
+        heads_before = group.size // group.head_dim
+        heads_after = heads_before - len(dropped) // group.head_dim
+        for name in group.head_splits:
+            node = nodes[name]
+            args = list(node.args)
+            index = len(args) - 2
+            if args[index] != heads_before:
+                raise SparsityConfigError(f"'{name}' does not split into {heads_before} heads as a constant; "
+                                          f"cannot rewrite it")
+            node.update_arg(index, heads_after)
+        for name in group.head_merges:
+            node = nodes[name]
+            node.update_arg(len(node.args) - 1, -1)
 
 
 def _slice_grouped(m: Any, keep: torch.Tensor) -> None:
