@@ -189,9 +189,9 @@ def test_transformer_mlp_hidden_width_is_pruned_and_the_normalised_width_is_refu
 class _Attention(nn.Module):
     """Multi-head self-attention written out (as ViT and many models do): q, k, v, heads, projection."""
 
-    def __init__(self, dim=32, heads=4):
+    def __init__(self, dim=32, heads=4, sdpa=False):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim, self.sdpa = heads, dim // heads, sdpa
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
@@ -199,24 +199,28 @@ class _Attention(nn.Module):
         q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
-        attention = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1)
-        return x + self.proj((attention @ v).transpose(1, 2).reshape(B, N, C))
+        if self.sdpa:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1) @ v
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
 class _ViTBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, sdpa=False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(32), _Attention()
+        self.norm1, self.attn = nn.LayerNorm(32), _Attention(sdpa=sdpa)
         self.mlp = _ViTMLPBlock()
 
     def forward(self, x):
         return self.mlp(self.attn(self.norm1(x)))
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
 @pytest.mark.parametrize("pruner_cls", [SaliencyPruner, FPGMPruner])
-def test_attention_heads_are_pruned_whole(pruner_cls):
+def test_attention_heads_are_pruned_whole(pruner_cls, sdpa):
     torch.manual_seed(0)
-    model = nn.Sequential(_ViTBlock(), _ViTBlock()).eval()
+    model = nn.Sequential(_ViTBlock(sdpa), _ViTBlock(sdpa)).eval()
     x = torch.randn(2, 5, 32)
     pruner = pruner_cls(0.5)
     masked, pruned = prune(model, pruner, x)

@@ -259,6 +259,10 @@ def _follow_heads(node: fx.Node, source, incoming, headed: dict, segments_of: di
     if node.op == "call_function" and node.target in _MATMUL and len(inputs) == 2:
         headed[node] = spaces.union(headed[inputs[0]], headed[inputs[1]])
         return True
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention and len(inputs) == 3:
+        key = spaces.union(spaces.union(headed[inputs[0]], headed[inputs[1]]), headed[inputs[2]])
+        headed[node] = key
+        return True
     if ((node.op == "call_method" and node.target in _HEAD_METHODS)
             or (node.op == "call_function" and node.target in _HEAD_FUNCTIONS)) and len(inputs) == 1 \
             and not any(isinstance(a, fx.Node) and a not in headed for a in node.all_input_nodes):
