@@ -234,3 +234,16 @@ def test_attention_heads_are_pruned_whole(pruner_cls, sdpa):
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
     other = torch.randn(3, 7, 32)  # other batch and sequence sizes: the new head count is in the graph
     torch.testing.assert_close(pruned(other), masked(other), rtol=1e-5, atol=1e-5)
+
+
+def test_pruner_state_dict_round_trips_through_torch_save(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(resnet_like(), pruner, example_inputs=(x,))
+    pruner.step()
+    torch.save(pruner.state_dict(), tmp_path / "pruner.pt")
+    fresh = SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(resnet_like(seed=1), fresh, example_inputs=(x,))
+    fresh.load_state_dict(torch.load(tmp_path / "pruner.pt"))  # weights_only
+    for group in pruner.groups:
+        assert torch.equal(fresh.get_mask(group["tensor_fqn"]), pruner.get_mask(group["tensor_fqn"]))

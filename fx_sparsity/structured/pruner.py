@@ -90,6 +90,26 @@ class BaseStructuredSparsifier(BaseSparsifier):
             chosen.append((group, entry))
         return chosen
 
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {tensor_fqn: {"mask": channel mask}}, "groups": [...]}`` (groups without the graph analysis)."""
+        groups = [{k: v for k, v in g.items() if k not in ("module", "channel_group")} for g in self.groups]
+        state = {g["tensor_fqn"]: {"mask": self.get_mask(g["tensor_fqn"])} for g in self.groups}
+        return {"state": state, "groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Load channel masks and levels saved by :meth:`state_dict` into this prepared pruner."""
+        self._require_prepared("load_state_dict")
+        levels = {g["tensor_fqn"]: g for g in state_dict["groups"]}
+        for group in self.groups:
+            saved = state_dict["state"].get(group["tensor_fqn"])
+            if saved is None:
+                if strict:
+                    raise RuntimeError(f"Error loading: no channel mask for '{group['tensor_fqn']}' in the state dict")
+                continue
+            with torch.no_grad():
+                self.get_mask(group["tensor_fqn"]).copy_(saved["mask"])
+            group["sparsity_level"] = levels.get(group["tensor_fqn"], group)["sparsity_level"]
+
     def get_mask(self, tensor_fqn: str) -> torch.Tensor:
         return self._require_prepared("get_mask").get_buffer(f"{tensor_fqn.rpartition('.')[0]}.{MASK_NAME}")
 
