@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fx_sparsity.benchmarks.structured import Bottleneck, resnet50_shaped  # noqa: F401 - shared models
+
 
 def mlp(seed=0):
     torch.manual_seed(seed)
@@ -89,51 +91,6 @@ class SmallResNet(nn.Module):
 def resnet_like(seed=0):
     torch.manual_seed(seed)
     return SmallResNet()
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNet Bottleneck: 1x1 reduce, 3x3, 1x1 expand (x4), downsample when the shape changes."""
-
-    expansion = 4
-
-    def __init__(self, cin, width, stride=1):
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + identity)
-
-
-class ResNet50Shaped(nn.Module):
-    """ResNet-50's layout ([3, 4, 6, 3] Bottlenecks, 64..2048 channels), ``scale`` x its widths."""
-
-    def __init__(self, scale=1.0, classes=1000, blocks=(3, 4, 6, 3)):
-        super().__init__()
-        width = max(1, int(64 * scale))
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
-        stages, cin = [], width
-        for i, count in enumerate(blocks):
-            w = width * 2 ** i
-            layers = [Bottleneck(cin, w, 1 if i == 0 else 2)]
-            layers += [Bottleneck(w * 4, w) for _ in range(count - 1)]
-            stages.append(nn.Sequential(*layers))
-            cin = w * 4
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 class InvertedResidual(nn.Module):

@@ -1,7 +1,7 @@
 """Structured pruning: channel groups through the graph, masked, then physically cut out."""
 import pytest
 import torch
-from models import Bottleneck, ResNet50Shaped, SmallDenseNet, SmallMobileNet, SmallResNeXt, resnet_like
+from models import Bottleneck, SmallDenseNet, SmallMobileNet, SmallResNeXt, resnet50_shaped, resnet_like
 from torch import nn
 
 import fx_sparsity as fxs
@@ -130,7 +130,7 @@ def test_schedulers_drive_structured_pruners():
 
 @pytest.mark.slow
 def test_resnet50_shaped_at_half_the_channels():
-    model = ResNet50Shaped(scale=0.25, classes=10).eval()
+    model = resnet50_shaped(scale=0.25, classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     masked, pruned = prune(model, SaliencyPruner(0.5), x)
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-4)

@@ -11,10 +11,12 @@ from torch import nn
 
 import fx_sparsity as fxs
 
-__all__ = ["case_structured", "resnet50_shaped"]
+__all__ = ["case_structured", "resnet50_shaped", "Bottleneck"]
 
 
-class _Bottleneck(nn.Module):
+class Bottleneck(nn.Module):
+    """torchvision's ResNet Bottleneck: 1x1 reduce, 3x3, 1x1 expand (x4), downsample when the shape changes."""
+
     def __init__(self, cin: int, width: int, stride: int = 1):
         super().__init__()
         cout = width * 4
@@ -31,17 +33,18 @@ class _Bottleneck(nn.Module):
         return F.relu(self.bn3(self.conv3(out)) + identity)
 
 
-def resnet50_shaped() -> nn.Module:
-    """ResNet-50's layers and widths ([3, 4, 6, 3] bottlenecks, 64..2048 channels, 1000 classes)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+def resnet50_shaped(scale: float = 1.0, classes: int = 1000) -> nn.Module:
+    """ResNet-50's layers ([3, 4, 6, 3] bottlenecks), its widths (64..2048 channels) times ``scale``."""
+    stem = max(1, int(64 * scale))
+    layers: list[nn.Module] = [nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
                                nn.MaxPool2d(3, 2, 1)]
-    cin = 64
+    cin = stem
     for i, count in enumerate((3, 4, 6, 3)):
-        width = 64 * 2 ** i
+        width = stem * 2 ** i
         for j in range(count):
-            layers.append(_Bottleneck(cin, width, 2 if i and not j else 1))
+            layers.append(Bottleneck(cin, width, 2 if i and not j else 1))
             cin = width * 4
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
     return nn.Sequential(*layers)
 
 
