@@ -247,3 +247,27 @@ def test_pruner_state_dict_round_trips_through_torch_save(tmp_path):
     fresh.load_state_dict(torch.load(tmp_path / "pruner.pt"))  # weights_only
     for group in pruner.groups:
         assert torch.equal(fresh.get_mask(group["tensor_fqn"]), pruner.get_mask(group["tensor_fqn"]))
+
+
+def test_block_scope_keeps_the_users_model_and_prunes_inside_each_block():
+    from models import BasicBlock, SmallResNet
+
+    model = resnet_like().eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, scope=BasicBlock, example_inputs=(x,))
+    assert type(masked) is SmallResNet and isinstance(masked.layer1[0], torch.fx.GraphModule)
+    # inside each block only its conv1 -> conv2 width can go; the residual width leaves the block
+    assert [g["module_fqn"] for g in pruner.groups] == ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1",
+                                                       "layer2.1.conv1"]
+    pruner.step()
+    masked.eval()
+    pruned = pruner.prune().eval()
+    assert type(pruned) is SmallResNet and pruned.get_submodule("layer2.0.conv1").out_channels == 8
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(fxs.SparsityConfigError, match=r"its channels leave the block 'layer1.0' \(the group crosses "
+                                                      r"graphs\): prune it with scope=\"model\""):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "layer1.0.conv2.weight"}], scope=BasicBlock,
+                                 example_inputs=(x,))
+    with pytest.raises(fxs.SparsityConfigError, match="scope=\"layers\" puts every layer in its own graph"):
+        SaliencyPruner().prepare(model, scope="layers", example_inputs=(x,))

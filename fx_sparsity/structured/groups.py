@@ -182,6 +182,9 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: tuple) -> list[Chann
             joined = list(incoming)
             for other in others:
                 theirs = segments_of.get(other)
+                if theirs is None and other.op == "placeholder":
+                    spaces.refuse(joined, "its channels are added to a model input")
+                    continue
                 if theirs is None or [s for _, s in theirs] != [s for _, s in joined]:
                     spaces.refuse(joined + (theirs or []), f"'{node.name}' adds values whose channels do not line up")
                     continue

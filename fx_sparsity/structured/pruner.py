@@ -19,6 +19,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..errors import SparsityConfigError
 from ..inputs import as_args_kwargs
 from ..passes import run_passes
+from ..scoping import capture_inputs, check_scope, relative, unit_fqns
 from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.nm_sparsifier import check_level
 from ..tracing import trace
@@ -37,62 +38,91 @@ class BaseStructuredSparsifier(BaseSparsifier):
         super().__init__(defaults={"sparsity_level": sparsity_level})
 
     def prepare(self, model: nn.Module, config: list[dict] | None = None, *, example_inputs: Any = None,
-                inplace: bool = False, **kwargs: Any) -> fx.GraphModule:  # type: ignore[override]
+                inplace: bool = False, scope: Any = "model", tracer: str = "symbolic",
+                **kwargs: Any) -> nn.Module:  # type: ignore[override]
         """Trace ``model`` (symbolically), find its channel groups, and mask the configured ones.
 
         ``example_inputs`` (required) gives the spatial sizes. A config entry names any weight of a
         group (``{"tensor_fqn": "layer1.0.conv1.weight"}``); ``config=None`` takes every group that
-        can be pruned exactly.
+        can be pruned exactly. ``scope=<block class>`` traces each block alone (the user's model is
+        kept): only groups inside one block can be pruned; one that leaves its block is refused.
         """
         if self.model is not None:
             raise SparsityConfigError(f"{type(self).__name__} is already prepared; use a new one for each model")
-        if kwargs.get("scope", "model") != "model" or kwargs.get("tracer", "symbolic") != "symbolic":
-            raise SparsityConfigError("structured pruning traces the whole model symbolically: use scope=\"model\" "
-                                      "and tracer=\"symbolic\" (other scopes and export are not supported yet)")
+        block_types = check_scope(scope)
+        if block_types == () or tracer != "symbolic":
+            raise SparsityConfigError("structured pruning traces symbolically the whole model (scope=\"model\") or "
+                                      "each block (scope=<block class>); scope=\"layers\" puts every layer in its own "
+                                      "graph, where no channel group fits, and tracer=\"export\" is not supported yet")
         if example_inputs is None:
             raise SparsityConfigError("structured pruning needs example_inputs (the spatial sizes decide how a "
                                       "flattened map feeds a Linear), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)")
         work = model if inplace else copy.deepcopy(model)
-        gm = trace(work, "symbolic")
-        args, _ = as_args_kwargs(example_inputs)
-        with torch.no_grad():
-            found = find_channel_groups(gm, args)
-        chosen = self._choose(gm, found, config)
-        self.groups = []
-        for index, (group, entry) in enumerate(chosen):
-            producer = gm.get_submodule(group.producers[0])
-            producer.register_buffer(MASK_NAME, torch.ones(group.size, device=_device(producer)))
-            settings = {**copy.deepcopy(self.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
-            check_level(settings["sparsity_level"], where=f"group of '{group.producers[0]}'")
-            self.groups.append({**settings, "tensor_fqn": f"{group.producers[0]}.weight",
-                                "module_fqn": group.producers[0], "tensor_name": "weight", "module": producer,
-                                "channel_group": group, "group_index": index})
-        masks = {id(g["channel_group"]): f"{g['module_fqn']}.{MASK_NAME}" for g in self.groups}
-        run_passes(gm, _MaskConsumers(found, masks))
-        self.model, self.config = gm, config
-        return gm
+        if block_types is None:
+            parts = [("", work, as_args_kwargs(example_inputs)[0])]
+        else:
+            blocks = unit_fqns(work, block_types, [])
+            captured = capture_inputs(work, blocks, example_inputs)
+            parts = [(fqn, work.get_submodule(fqn), as_args_kwargs(captured[fqn])[0]) for fqn in blocks]
+            outside = [e.get("tensor_fqn") for e in config or []
+                       if not any(str(e.get("tensor_fqn", "")).startswith(b + ".") for b in blocks)]
+            if outside:
+                raise SparsityConfigError(f"{outside} lie outside every block of the scope {block_types}")
+        self.groups, self.parts = [], []
+        for prefix, module, args in parts:
+            gm = trace(module, "symbolic")
+            with torch.no_grad():
+                found = find_channel_groups(gm, args)
+            part_config = None if config is None else [
+                {**e, "tensor_fqn": relative(e["tensor_fqn"], prefix)} for e in config
+                if not prefix or e["tensor_fqn"].startswith(prefix + ".")]
+            masks = {}
+            for group, entry in self._choose(gm, found, part_config, prefix):
+                producer = gm.get_submodule(group.producers[0])
+                producer.register_buffer(MASK_NAME, torch.ones(group.size, device=_device(producer)))
+                masks[id(group)] = f"{group.producers[0]}.{MASK_NAME}"
+                settings = {**copy.deepcopy(self.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
+                check_level(settings["sparsity_level"], where=f"group of '{group.producers[0]}'")
+                fqn = f"{prefix}.{group.producers[0]}" if prefix else group.producers[0]
+                self.groups.append({**settings, "tensor_fqn": f"{fqn}.weight", "module_fqn": fqn,
+                                    "tensor_name": "weight", "module": producer, "channel_group": group,
+                                    "graph_module": gm, "part": prefix})
+            run_passes(gm, _MaskConsumers(found, masks))
+            if prefix:
+                work.set_submodule(prefix, gm)
+            self.parts.append(prefix)
+        self.model = work if block_types is not None else gm  # the user's model, or the one graph
+        self.config = config
+        return self.model
 
-    def _choose(self, gm: fx.GraphModule, found: list[ChannelGroup],
-                config: list[dict] | None) -> list[tuple[ChannelGroup, dict]]:
+    def _choose(self, gm: fx.GraphModule, found: list[ChannelGroup], config: list[dict] | None,
+                prefix: str = "") -> list[tuple[ChannelGroup, dict]]:
+        if prefix:  # in a block's own graph, the block's output is what leaves the graph
+            for group in found:
+                if group.problem in ("its channels are a model output", "its channels are added to a model input"):
+                    group.problem = (f"its channels leave the block '{prefix}' (the group crosses graphs): prune it "
+                                     f"with scope=\"model\"")
         if config is None:
             return [(g, {}) for g in found if g.problem is None and g.producers]
         chosen = []
         for i, entry in enumerate(config):
             fqn = entry.get("tensor_fqn", "")
             module_fqn = fqn.rpartition(".")[0]
-            group = next((g for g in found if module_fqn in g.producers), None)
-            if group is None:
+            fqn = f"{prefix}.{fqn}" if prefix else fqn
+            match = next((g for g in found if module_fqn in g.producers), None)
+            if match is None:
                 raise SparsityConfigError(f"config[{i}]: '{fqn}' is not the weight of a Conv2d/Linear whose output "
                                           f"channels fx_sparsity can follow")
-            if group.problem is not None:
+            if match.problem is not None:
                 raise SparsityConfigError(f"config[{i}]: the channels of '{fqn}' cannot be pruned exactly: "
-                                          f"{group.problem}")
-            chosen.append((group, entry))
+                                          f"{match.problem}")
+            chosen.append((match, entry))
         return chosen
 
     def state_dict(self) -> dict[str, Any]:
         """``{"state": {tensor_fqn: {"mask": channel mask}}, "groups": [...]}`` (groups without the graph analysis)."""
-        groups = [{k: v for k, v in g.items() if k not in ("module", "channel_group")} for g in self.groups]
+        groups = [{k: v for k, v in g.items() if k not in ("module", "channel_group", "graph_module")}
+                  for g in self.groups]
         state = {g["tensor_fqn"]: {"mask": self.get_mask(g["tensor_fqn"])} for g in self.groups}
         return {"state": state, "groups": groups}
 
@@ -117,9 +147,10 @@ class BaseStructuredSparsifier(BaseSparsifier):
         raise NotImplementedError
 
     def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float = 0.5,
-                    channel_group: ChannelGroup | None = None, **kwargs: Any) -> None:
-        assert channel_group is not None
-        scores = self.channel_scores(self._require_prepared("step"), channel_group)
+                    channel_group: ChannelGroup | None = None, graph_module: fx.GraphModule | None = None,
+                    **kwargs: Any) -> None:
+        assert channel_group is not None and graph_module is not None
+        scores = self.channel_scores(graph_module, channel_group)
         if channel_group.head_dim > 1:  # attention: whole heads go
             heads = scores.reshape(-1, channel_group.head_dim).sum(1)
             drop = round(check_level(sparsity_level) * len(heads))
@@ -141,18 +172,21 @@ class BaseStructuredSparsifier(BaseSparsifier):
         return self.prune()
 
     @torch.no_grad()
-    def prune(self) -> fx.GraphModule:
+    def prune(self) -> nn.Module:
         """A physically smaller copy of the prepared model, computing what the masked one does."""
-        gm = copy.deepcopy(self._require_prepared("prune"))
-        assert isinstance(gm, fx.GraphModule)
-        cuts = [(g["channel_group"], (gm.get_buffer(f"{g['module_fqn']}.{MASK_NAME}") == 0).nonzero().flatten().cpu())
-                for g in self.groups]
-        _cut_all(gm, cuts)
-        _rewrite_head_shapes(gm, cuts)
-        run_passes(gm, _RemoveChannelMasks())
-        for group in self.groups:
-            delattr(gm.get_submodule(group["module_fqn"]), MASK_NAME)
-        return gm
+        model = copy.deepcopy(self._require_prepared("prune"))
+        for part in self.parts:
+            gm = model.get_submodule(part) if part else model
+            assert isinstance(gm, fx.GraphModule)
+            groups = [g for g in self.groups if g["part"] == part]
+            cuts = [(g["channel_group"], (model.get_buffer(f"{g['module_fqn']}.{MASK_NAME}") == 0).nonzero()
+                     .flatten().cpu()) for g in groups]
+            _cut_all(gm, cuts)
+            _rewrite_head_shapes(gm, cuts)
+            run_passes(gm, _RemoveChannelMasks())
+            for group in groups:
+                delattr(model.get_submodule(group["module_fqn"]), MASK_NAME)
+        return model
 
 
 class SaliencyPruner(BaseStructuredSparsifier):
