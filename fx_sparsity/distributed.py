@@ -17,7 +17,7 @@ from torch import nn
 
 from .passes import MASK_SUFFIX, mask_or_none
 
-__all__ = ["masks_as_parameters", "whole_tensors", "refuse_unsharded_fsdp"]
+__all__ = ["masks_as_parameters", "whole_tensors", "refuse_unsharded_fsdp", "dtensor_type"]
 
 
 def masks_as_parameters(model: nn.Module) -> list[str]:
@@ -39,7 +39,7 @@ def masks_as_parameters(model: nn.Module) -> list[str]:
     return converted
 
 
-def _dtensor_type():
+def dtensor_type():
     # No DTensor exists unless its module was imported (by fully_shard); importing it here costs seconds.
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
@@ -53,7 +53,7 @@ def whole_tensors(model: nn.Module, tensor_fqns: list[str]) -> Iterator[None]:
     them after; a sharded mask (:func:`masks_as_parameters`) gets its whole new value sliced
     back into the local shard. Shards without FSDP2 to gather them are refused.
     """
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     sharded = [fqn for fqn in tensor_fqns if dtensor is not None and isinstance(_tensor(model, fqn), dtensor)]
     if not sharded:
         yield
@@ -83,7 +83,7 @@ def whole_tensors(model: nn.Module, tensor_fqns: list[str]) -> Iterator[None]:
 
 def refuse_unsharded_fsdp(model: nn.Module) -> None:
     """Between FSDP2's unshard() and reshard(), in-place writes to parameters are dropped at reshard."""
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
     if dtensor is None or fsdp_module is None:
         return

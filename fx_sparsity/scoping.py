@@ -14,7 +14,6 @@ originals are kept, so :func:`restore_units` puts them back.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .distributed import dtensor_type
 from .errors import SparsityConfigError, TraceError
 from .inputs import CallInputs, as_args_kwargs, call_with
 from .passes import MaskSpec, fetch_attr, owns_one_of, prepare_masks
@@ -163,7 +163,7 @@ def _copy_back(original: nn.Module, graph_module: nn.Module) -> None:
 
 
 def _sharded(module: nn.Module) -> bool:
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    dtensor = dtensor_type()
     return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters(recurse=False))
 
 

@@ -40,18 +40,19 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], *, warmup: in
 
 def interleaved_times_ms(fns: Mapping[str, Callable[[], object]], *, warmup: int = 3, repeat: int = 20,
                          number: int | None = 1, min_sample_ms: float = 1.0, budget_s: float = 0.0,
-                         max_rounds: int | None = None) -> dict[str, list[float]]:
+                         max_rounds: int | None = None, inference: bool = True) -> dict[str, list[float]]:
     """Every sample of :func:`interleaved_median_ms` (ms per call), for other statistics.
 
     At least ``repeat`` rounds, and more while the whole run is within ``budget_s`` (up to
     ``max_rounds``). Each round starts with the next function in turn, so no function
-    always runs right after the same other one.
+    always runs right after the same other one. The calls run under ``torch.inference_mode``
+    unless ``inference=False`` (timing training steps).
     """
     if repeat < 1 or (number is not None and number < 1):
         raise ValueError(f"repeat and number must be >= 1, got repeat={repeat}, number={number}")
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for fn in fns.values():
             for _ in range(warmup):
                 fn()

@@ -19,6 +19,7 @@ import torch.ao.pruning as ao
 from torch import nn
 
 import fx_sparsity as fxs
+from fx_sparsity.timing import interleaved_times_ms
 
 __all__ = ["case_scopes"]
 
@@ -58,19 +59,6 @@ def _train_step(model: nn.Module, loss_of: Callable, sparsifier: Any) -> Callabl
             sparsifier.step()
 
     return step
-
-
-def _round_robin_ms(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for fn in fns.values():
-        fn()
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _variants(model: nn.Module, block: Any, example: Any) -> dict[str, Callable[[], tuple[nn.Module, Any]]]:
@@ -115,7 +103,7 @@ def case_scopes(quick: bool) -> list[dict]:
                     sparsifier.step()
                 prepared.train()
                 steps[variant] = _train_step(prepared, loss_of, sparsifier)
-            times = _round_robin_ms(steps, rounds=3 if quick else 15)
+            times = interleaved_times_ms(steps, warmup=1, repeat=3 if quick else 15, inference=False)
         step_ms = {variant: statistics.median(t) for variant, t in times.items()}
         dense = step_ms["dense"]
         rows.append({"case": "scopes", "name": name,

@@ -2,14 +2,12 @@
 by ``SaliencyPruner``: parameters and inference time (batch 16, CPU), ratios from one run."""
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity as fxs
+from fx_sparsity.timing import interleaved_median_ms
 
 __all__ = ["case_structured", "resnet50_shaped", "Bottleneck"]
 
@@ -48,20 +46,6 @@ def resnet50_shaped(scale: float = 1.0, classes: int = 1000) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _ms(fns: dict, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn()
-        for r in range(rounds):
-            names = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
-            for name in names:
-                start = time.perf_counter()
-                fns[name]()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def case_structured(quick: bool) -> list[dict]:
     torch.manual_seed(0)
     model = resnet50_shaped().eval()
@@ -76,7 +60,8 @@ def case_structured(quick: bool) -> list[dict]:
         error = ((pruned(x) - masked(x)).norm() / masked(x).norm()).item()
     dense_params = sum(p.numel() for p in model.parameters())
     pruned_params = sum(p.numel() for p in pruned.parameters())
-    ms = _ms({"dense": lambda: model(x), "pruned": lambda: pruned(x)}, rounds=2 if quick else 7)
+    ms = interleaved_median_ms({"dense": lambda: model(x), "pruned": lambda: pruned(x)}, warmup=1,
+                               repeat=2 if quick else 7)
     return [{"case": "structured", "name": f"ResNet-50-shaped, 50% of channels, batch {batch}, {size}x{size}",
              "ms": {"dense": ms["dense"], "pruned": ms["pruned"]},
              "ratios": {"speedup": ms["dense"] / ms["pruned"], "fewer parameters": dense_params / pruned_params,
