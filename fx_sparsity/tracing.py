@@ -1,6 +1,7 @@
 """Tracing front ends: turn an ``nn.Module`` into a ``torch.fx.GraphModule``."""
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import types
@@ -11,10 +12,11 @@ import torch
 from torch import fx, nn
 
 from .errors import SparsityConfigError, TraceError
+from .nn.attention import multi_head_attention
 from .inputs import as_args_kwargs
 from .passes import SetTrainingMode, run_passes
 
-__all__ = ["trace", "TRACERS", "export_module", "allow_train_eval", "SameNoneInputs"]
+__all__ = ["trace", "TRACERS", "export_module", "allow_train_eval", "SameNoneInputs", "trace_written_out"]
 
 TRACERS = ("symbolic", "export")
 
@@ -70,6 +72,36 @@ def _symbolic_trace(model: nn.Module, see_inside: Callable[[str, nn.Module], boo
         except Exception:  # a chosen layer that cannot be traced: passes.InlineModules says which, later
             pass
     return fx.symbolic_trace(model)
+
+
+class _WriteOut(_SeeInside):
+    """``symbolic_trace``'s tracer with ``nn.MultiheadAttention`` written out in plain ops (its heads visible)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not isinstance(m, nn.MultiheadAttention) and super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if isinstance(m, nn.MultiheadAttention):
+            forward = functools.partial(multi_head_attention, m)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def trace_written_out(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced symbolically with every ``nn.MultiheadAttention`` written out in plain ops
+    (``fx_sparsity.nn.attention``), unused values removed; ``TraceError`` when it cannot be traced."""
+    name = type(model).__name__
+    try:
+        tracer = _WriteOut()
+        graph = tracer.trace(model)
+    except Exception as e:
+        raise TraceError(
+            f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {e}\n"
+            f"Symbolic tracing fails on Python control flow that depends on tensor values or shapes, and on "
+            f"non-tensor inputs. Use tracer=\"export\" with example_inputs=(...).") from e
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None,

@@ -176,3 +176,188 @@ class SmallResNeXt(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def channel_shuffle(x, groups):
+    """torchvision's ShuffleNetV2 channel shuffle."""
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, num_channels, height, width)
+
+
+class ShuffleBlock(nn.Module):
+    """torchvision's ShuffleNetV2 InvertedResidual: split (stride 1) or two branches (stride 2), concat, shuffle."""
+
+    def __init__(self, inp, oup, stride):
+        super().__init__()
+        self.stride = stride
+        features = oup // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                nn.Conv2d(inp, features, 1, bias=False), nn.BatchNorm2d(features), nn.ReLU(inplace=True))
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inp if stride > 1 else features, features, 1, bias=False), nn.BatchNorm2d(features),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(features, features, 3, stride, 1, groups=features, bias=False), nn.BatchNorm2d(features),
+            nn.Conv2d(features, features, 1, bias=False), nn.BatchNorm2d(features), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class SmallShuffleNetV2(nn.Module):
+    """torchvision's ShuffleNetV2 layout (stem, stages of a stride-2 block then stride-1 blocks, conv5, fc), narrow."""
+
+    def __init__(self, widths=(16, 32, 64), repeats=(2, 2), classes=10):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                   nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, inp = [], widths[0]
+        for n, oup in zip(repeats, widths[1:]):
+            stages.append(nn.Sequential(ShuffleBlock(inp, oup, 2), *[ShuffleBlock(oup, oup, 1) for _ in range(n - 1)]))
+            inp = oup
+        self.stages = nn.Sequential(*stages)
+        self.conv5 = nn.Sequential(nn.Conv2d(inp, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = self.conv5(self.stages(self.maxpool(self.conv1(x))))
+        return self.fc(x.mean([2, 3]))
+
+
+class ViTEncoderBlock(nn.Module):
+    """torchvision's ViT EncoderBlock: LayerNorm, nn.MultiheadAttention, dropout, residual, MLP, residual."""
+
+    def __init__(self, heads, hidden, mlp):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp, hidden),
+                                 nn.Dropout(0.0))
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = self.dropout(y) + x
+        return x + self.mlp(self.ln_2(x))
+
+
+class SmallViT(nn.Module):
+    """torchvision's VisionTransformer: conv patchify, class token, position embedding, encoder blocks, head."""
+
+    def __init__(self, image=16, patch=4, layers=2, heads=4, hidden=32, mlp=64, classes=10):
+        super().__init__()
+        self.patch, self.hidden = patch, hidden
+        self.conv_proj = nn.Conv2d(3, hidden, patch, patch)
+        tokens = (image // patch) ** 2 + 1
+        self.class_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, hidden).normal_(std=0.02))
+        self.layers = nn.Sequential(*[ViTEncoderBlock(heads, hidden, mlp) for _ in range(layers)])
+        self.ln = nn.LayerNorm(hidden, eps=1e-6)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = self.conv_proj(x).reshape(n, self.hidden, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) + self.pos_embedding
+        x = self.ln(self.layers(x))
+        return self.head(x[:, 0])
+
+
+class WindowAttention(nn.Module):
+    """Swin's window attention: fused qkv, heads, relative position bias from a table, optional shift mask."""
+
+    def __init__(self, dim, window, heads):
+        super().__init__()
+        self.window, self.heads = window, heads
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.02)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+        self.register_buffer("relative_position_index", (relative[..., 0] * (2 * window - 1) + relative[..., 1])
+                             .flatten(), persistent=False)
+
+    def forward(self, x, mask=None):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
+        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(b // windows, windows, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.heads, n, n)
+        x = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(x)
+
+
+class SwinBlock(nn.Module):
+    """Swin's block on a (B, H, W, C) map: norm, (shifted) windows, window attention, merge, residual, MLP."""
+
+    def __init__(self, dim, heads, size, window=4, shift=0):
+        super().__init__()
+        self.window, self.shift, self.size = window, shift, size
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, window, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        if shift:
+            region = torch.zeros(size, size)
+            count = 0
+            for h in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                for w in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                    region[h, w] = count
+                    count += 1
+            windows = region.view(size // window, window, size // window, window).permute(0, 2, 1, 3)
+            windows = windows.reshape(-1, window * window)
+            mask = windows[:, None, :] - windows[:, :, None]
+            self.register_buffer("attn_mask", mask.masked_fill(mask != 0, -100.0), persistent=False)
+        else:
+            self.attn_mask = None
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        ws = self.window
+        y = self.norm1(x)
+        if self.shift:
+            y = torch.roll(y, (-self.shift, -self.shift), (1, 2))
+        y = y.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        y = self.attn(y, self.attn_mask)
+        y = y.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        if self.shift:
+            y = torch.roll(y, (self.shift, self.shift), (1, 2))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class SmallSwin(nn.Module):
+    """Patch embedding, a regular and a shifted Swin block, patch merging, pooled head."""
+
+    def __init__(self, dim=32, heads=4, image=32, patch=4, classes=10):
+        super().__init__()
+        size = image // patch
+        self.patch_embed = nn.Sequential(nn.Conv2d(3, dim, patch, patch))
+        self.embed_norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(SwinBlock(dim, heads, size), SwinBlock(dim, heads, size, shift=2))
+        self.merge_norm, self.reduction = nn.LayerNorm(4 * dim), nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm, self.head = nn.LayerNorm(2 * dim), nn.Linear(2 * dim, classes)
+
+    def forward(self, x):
+        x = self.embed_norm(self.patch_embed(x).permute(0, 2, 3, 1))
+        x = self.blocks(x)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        x = self.reduction(self.merge_norm(x))
+        return self.head(self.norm(x).mean((1, 2)))

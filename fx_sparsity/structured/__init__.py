@@ -1,5 +1,18 @@
 """Structured pruning: channel groups found in the graph, masked, then cut out of the model."""
-from .groups import ChannelGroup, find_channel_groups
-from .pruner import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner
+from __future__ import annotations
 
-__all__ = ["ChannelGroup", "find_channel_groups", "BaseStructuredSparsifier", "SaliencyPruner", "FPGMPruner"]
+from typing import Any
+
+from torch import fx
+
+from ..passes.channel_groups import ChannelAnalysis, ChannelGroup
+from .pruner import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner, analyse
+
+__all__ = ["ChannelGroup", "ChannelAnalysis", "find_channel_groups", "BaseStructuredSparsifier", "SaliencyPruner",
+           "FPGMPruner"]
+
+
+def find_channel_groups(gm: fx.GraphModule, example_inputs: Any) -> list[ChannelGroup]:
+    """The channel groups of a traced model, followed on ``example_inputs`` (a tuple or a dict of keyword inputs):
+    what a structured pruner would find (``prunable``, ``problem`` and ``normalized`` say what it may cut)."""
+    return analyse(gm, example_inputs).groups

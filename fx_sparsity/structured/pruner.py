@@ -1,128 +1,274 @@
 """Structured pruners (torch.ao's ``_experimental.pruner`` names): mask channel groups, then cut them out.
 
-``prepare`` traces the model, finds the channel groups (:mod:`.groups`) and, per group, adds
-one channel-mask buffer (``<first producer>.out_channel_mask``) and a multiply of every
-consumer's input by it, so the masked model computes exactly what the pruned one will.
-``step()`` chooses each group's channels; ``prune()`` returns a physically smaller copy:
-producers lose output channels, norms and depthwise convolutions their channels, consumers
-their input channels (a flattened map: ``h·w`` features per channel), and the mask nodes go.
+``prepare`` traces the model (or each block of a block scope), finds its channel groups
+(``passes.channel_groups``) and, per chosen group, adds one mask buffer with an entry per class
+(``<first producer>.out_channel_mask``) and multiplies every sink's input by it, so the masked
+model computes exactly what the cut one will. ``step()`` scores each group's classes and keeps
+the best; ``prune()`` returns a physically smaller copy, checked against the masked model on
+the example inputs.
 """
 from __future__ import annotations
 
 import copy
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.utils import _pytree as pytree
 
-from ..errors import SparsityConfigError
-from ..inputs import as_args_kwargs
-from ..passes import run_passes
+from ..errors import SparsityConfigError, TraceError, warn_user
+from ..inputs import CallInputs, as_args_kwargs, call_with, graph_inputs
+from ..passes import fetch_attr, run_passes
+from ..passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
+from ..passes.channel_masks import CHANNEL_MASK_META, InsertChannelMasks, RemoveChannelMasks
+from ..passes.cut_channels import CutError, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
+from ..rollback import snapshot
 from ..scoping import capture_inputs, check_scope, relative, unit_fqns
 from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.nm_sparsifier import check_level
-from ..tracing import trace
-from .groups import ChannelGroup, find_channel_groups
+from ..tracing import TRACERS, export_module, trace_written_out
+from .hf import update_attention_attributes, update_config
 
-__all__ = ["BaseStructuredSparsifier", "SaliencyPruner", "FPGMPruner"]
+__all__ = ["BaseStructuredSparsifier", "SaliencyPruner", "FPGMPruner", "analyse"]
 
 MASK_NAME = "out_channel_mask"
+_GRAPH_KEYS = ("module", "channel_group", "graph_module")  # group keys that are not saved
+
+
+@dataclass
+class _Part:
+    """One traced graph of the prepared model: the whole model (fqn "") or one block."""
+
+    fqn: str
+    graph_module: fx.GraphModule
+    analysis: ChannelAnalysis
+    inputs: CallInputs
+    original: nn.Module | None  # the block it replaced
+
+
+def analyse(gm: fx.GraphModule, inputs: Any) -> ChannelAnalysis:
+    """``find_channel_groups`` on ``gm`` run with ``inputs``, leaving its buffers, mode and the RNG as they were."""
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
+    args, kwargs = as_args_kwargs(inputs)
+    if getattr(gm.graph._codegen, "pytree_info", None) is not None:  # exported: None keywords were left out
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return find_channel_groups(gm, graph_inputs(gm, CallInputs(args, kwargs)))
+    finally:
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                if name in buffers and b.shape == buffers[name].shape:
+                    b.copy_(buffers[name])
+
+
+def _mask_name(tensor_name: str) -> str:
+    return MASK_NAME if tensor_name == "weight" else f"{tensor_name}_channel_mask"
 
 
 class BaseStructuredSparsifier(BaseSparsifier):
-    """Prune whole channels of coupled layers; subclasses score channels in :meth:`channel_scores`."""
+    """Prune whole channels of coupled layers; subclasses score them in :meth:`filter_scores`."""
 
     def __init__(self, sparsity_level: float = 0.5):
         check_level(sparsity_level)
         super().__init__(defaults={"sparsity_level": sparsity_level})
+        self.parts: list[_Part] = []
 
+    # -- preparing
     def prepare(self, model: nn.Module, config: list[dict] | None = None, *, example_inputs: Any = None,
                 inplace: bool = False, scope: Any = "model", tracer: str = "symbolic",
                 **kwargs: Any) -> nn.Module:  # type: ignore[override]
-        """Trace ``model`` (symbolically), find its channel groups, and mask the configured ones.
+        """Trace ``model``, find its channel groups and mask the configured ones.
 
-        ``example_inputs`` (required) gives the spatial sizes. A config entry names any weight of a
-        group (``{"tensor_fqn": "layer1.0.conv1.weight"}``); ``config=None`` takes every group that
-        can be pruned exactly. ``scope=<block class>`` traces each block alone (the user's model is
-        kept): only groups inside one block can be pruned; one that leaves its block is refused.
+        ``example_inputs`` (required) is what the model is run on to learn its shapes. A config entry
+        names any weight of a group (``{"tensor_fqn": "layer1.0.conv1.weight"}``); ``config=None``
+        takes every group that can be cut exactly without changing the model's output shapes.
+        ``scope=<block class>`` keeps the user's model and traces each block alone: only groups
+        inside a block can be cut. ``tracer="export"`` traces with ``torch.export`` (models
+        ``symbolic_trace`` cannot trace: Hugging Face blocks, data-dependent code).
         """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self.model is not None:
             raise SparsityConfigError(f"{type(self).__name__} is already prepared; use a new one for each model")
+        if tracer not in TRACERS:
+            raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
         block_types = check_scope(scope)
-        if block_types == () or tracer != "symbolic":
-            raise SparsityConfigError("structured pruning traces symbolically the whole model (scope=\"model\") or "
-                                      "each block (scope=<block class>); scope=\"layers\" puts every layer in its own "
-                                      "graph, where no channel group fits, and tracer=\"export\" is not supported yet")
+        if block_types == ():
+            raise SparsityConfigError(
+                "structured pruning with scope=\"layers\": every layer would be its own graph, and every channel "
+                "group crosses layers (a Linear's output channels are its consumer's input channels). Use "
+                "scope=\"model\" or a block scope, e.g. scope=BasicBlock")
         if example_inputs is None:
-            raise SparsityConfigError("structured pruning needs example_inputs (the spatial sizes decide how a "
-                                      "flattened map feeds a Linear), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)")
+            raise SparsityConfigError("structured pruning needs example_inputs (the shapes decide how channels move "
+                                      "through views and flattens), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)")
+        if config is not None and not isinstance(config, (list, tuple)):
+            raise TypeError(f"config must be a list of dicts (or None for every prunable group), got "
+                            f"{type(config).__name__}")
         work = model if inplace else copy.deepcopy(model)
+        restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "state", "parts"))
+        try:
+            return self._prepare(work, config, block_types, tracer, example_inputs)
+        except BaseException:
+            restore()
+            raise
+
+    def _prepare(self, work: nn.Module, config: list[dict] | None, block_types: tuple | None, tracer: str,
+                 example_inputs: Any) -> nn.Module:
         if block_types is None:
-            parts = [("", work, as_args_kwargs(example_inputs)[0])]
+            units = [("", work, CallInputs(*as_args_kwargs(example_inputs)))]
         else:
             blocks = unit_fqns(work, block_types, [])
             captured = capture_inputs(work, blocks, example_inputs)
-            parts = [(fqn, work.get_submodule(fqn), as_args_kwargs(captured[fqn])[0]) for fqn in blocks]
+            units = [(fqn, work.get_submodule(fqn), captured[fqn]) for fqn in blocks]
             outside = [e.get("tensor_fqn") for e in config or []
                        if not any(str(e.get("tensor_fqn", "")).startswith(b + ".") for b in blocks)]
             if outside:
-                raise SparsityConfigError(f"{outside} lie outside every block of the scope {block_types}")
-        self.groups, self.parts = [], []
-        for prefix, module, args in parts:
-            gm = trace(module, "symbolic")
-            with torch.no_grad():
-                found = find_channel_groups(gm, args)
+                raise SparsityConfigError(f"{outside} lie outside every block of the scope {block_types}; structured "
+                                          f"pruning with a block scope cuts channels inside the blocks only")
+        parts, groups = [], []
+        for fqn, module, inputs in units:
+            gm = self._trace(module, tracer, inputs, fqn)
+            analysis = analyse(gm, inputs)
+            part = _Part(fqn, gm, analysis, inputs, module if fqn else None)
             part_config = None if config is None else [
-                {**e, "tensor_fqn": relative(e["tensor_fqn"], prefix)} for e in config
-                if not prefix or e["tensor_fqn"].startswith(prefix + ".")]
+                {**e, "tensor_fqn": relative(e["tensor_fqn"], fqn)} for e in config
+                if not fqn or str(e.get("tensor_fqn", "")).startswith(fqn + ".")]
             masks = {}
-            for group, entry in self._choose(gm, found, part_config, prefix):
-                producer = gm.get_submodule(group.producers[0])
-                producer.register_buffer(MASK_NAME, torch.ones(group.size, device=_device(producer)))
-                masks[id(group)] = f"{group.producers[0]}.{MASK_NAME}"
+            for group, entry in self._choose(part, part_config):
+                tensor_fqn, _dim = group.anchor
+                owner_fqn, _, tensor_name = tensor_fqn.rpartition(".")
+                owner = gm.get_submodule(owner_fqn)
+                anchor = fetch_attr(gm, tensor_fqn)
+                dtype = anchor.dtype if anchor.is_floating_point() else torch.float32
+                owner.register_buffer(_mask_name(tensor_name), torch.ones(group.num_classes, dtype=dtype,
+                                                                          device=anchor.device))
+                masks[group.index] = f"{owner_fqn}.{_mask_name(tensor_name)}" if owner_fqn else _mask_name(tensor_name)
                 settings = {**copy.deepcopy(self.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
-                check_level(settings["sparsity_level"], where=f"group of '{group.producers[0]}'")
-                fqn = f"{prefix}.{group.producers[0]}" if prefix else group.producers[0]
-                self.groups.append({**settings, "tensor_fqn": f"{fqn}.weight", "module_fqn": fqn,
-                                    "tensor_name": "weight", "module": producer, "channel_group": group,
-                                    "graph_module": gm, "part": prefix})
-            run_passes(gm, _MaskConsumers(found, masks))
-            if prefix:
-                work.set_submodule(prefix, gm)
-            self.parts.append(prefix)
-        self.model = work if block_types is not None else gm  # the user's model, or the one graph
-        self.config = config
+                check_level(settings["sparsity_level"], where=f"group of '{tensor_fqn}'")
+                prefix = f"{fqn}." if fqn else ""
+                groups.append({**settings, "tensor_fqn": prefix + tensor_fqn, "module_fqn": prefix + owner_fqn,
+                               "tensor_name": tensor_name, "mask_name": _mask_name(tensor_name), "module": owner,
+                               "channel_group": group, "graph_module": gm, "part": fqn})
+            run_passes(gm, InsertChannelMasks(analysis, masks))
+            for node in gm.graph.nodes:
+                for mask_fqn in node.meta.get(CHANNEL_MASK_META) or ():
+                    index = next(i for i, f in masks.items() if f == mask_fqn)
+                    node.meta.setdefault("channel_groups", {})[mask_fqn] = analysis.groups[index]
+            parts.append(part)
+        for part in parts:
+            if part.fqn:
+                work.set_submodule(part.fqn, part.graph_module)
+        self.parts, self.groups = parts, groups
+        self.model = work if block_types is not None else parts[0].graph_module
+        self.config = list(config) if config is not None else None
         return self.model
 
-    def _choose(self, gm: fx.GraphModule, found: list[ChannelGroup], config: list[dict] | None,
-                prefix: str = "") -> list[tuple[ChannelGroup, dict]]:
-        if prefix:  # in a block's own graph, the block's output is what leaves the graph
+    def _trace(self, module: nn.Module, tracer: str, inputs: CallInputs, fqn: str) -> fx.GraphModule:
+        where = f"'{fqn}' ({type(module).__name__})" if fqn else type(module).__name__
+        if tracer == "symbolic":
+            try:
+                return trace_written_out(module)
+            except TraceError as e:
+                raise TraceError(f"{where}: {e}") from e
+        try:
+            return export_module(module, *as_args_kwargs(inputs))
+        except Exception as e:
+            raise TraceError(f"torch.export cannot trace {where} on its example inputs: {type(e).__name__}: {e}\n"
+                             f"Check that example_inputs match the model's forward.") from e
+
+    def _choose(self, part: _Part, config: list[dict] | None) -> list[tuple[ChannelGroup, dict]]:
+        found = part.analysis.groups
+        if part.fqn:  # in a block's own graph, what leaves the graph is the block's output or input
             for group in found:
-                if group.problem in ("its channels are a model output", "its channels are added to a model input"):
-                    group.problem = (f"its channels leave the block '{prefix}' (the group crosses graphs): prune it "
-                                     f"with scope=\"model\"")
+                if group.problem and ("model output" in group.problem or "model input" in group.problem):
+                    group.problem = (f"its channels leave the block '{part.fqn}' (the group crosses graphs): prune "
+                                     f"it with scope=\"model\"")
         if config is None:
-            return [(g, {}) for g in found if g.problem is None and g.producers]
-        chosen = []
+            return [(g, {}) for g in found if g.prunable and g.normalized is None]
+        chosen: list[tuple[ChannelGroup, dict]] = []
+        prefix = f"{part.fqn}." if part.fqn else ""
         for i, entry in enumerate(config):
-            fqn = entry.get("tensor_fqn", "")
-            module_fqn = fqn.rpartition(".")[0]
-            fqn = f"{prefix}.{fqn}" if prefix else fqn
-            match = next((g for g in found if module_fqn in g.producers), None)
-            if match is None:
-                raise SparsityConfigError(f"config[{i}]: '{fqn}' is not the weight of a Conv2d/Linear whose output "
-                                          f"channels fx_sparsity can follow")
-            if match.problem is not None:
-                raise SparsityConfigError(f"config[{i}]: the channels of '{fqn}' cannot be pruned exactly: "
-                                          f"{match.problem}")
-            chosen.append((match, entry))
+            if not isinstance(entry, dict) or "tensor_fqn" not in entry:
+                raise SparsityConfigError(f"config[{i}] must be a dict with a 'tensor_fqn', got {entry!r}")
+            fqn = entry["tensor_fqn"]
+            group = part.analysis.group_of_tensor(fqn)
+            if group is None or not group.producers:
+                names = sorted({p for g in found if g.prunable for p, _ in g.producers})
+                raise SparsityConfigError(
+                    f"config[{i}]: '{prefix}{fqn}' is not a weight whose channels fx_sparsity follows to a group; "
+                    f"groups can be named by {[prefix + n for n in names[:8]]}{' ...' if len(names) > 8 else ''}")
+            if group.problem is not None:
+                raise SparsityConfigError(f"config[{i}]: the channels of '{prefix}{fqn}' cannot be pruned exactly: "
+                                          f"{group.problem}")
+            if any(g is group for g, _ in chosen):
+                raise SparsityConfigError(f"config[{i}]: '{prefix}{fqn}' is in a group an earlier entry already names "
+                                          f"(its producers: {[prefix + p for p, _ in group.producers]})")
+            if group.normalized is not None:
+                warn_user(f"pruning the channels of '{prefix}{fqn}' changes what the model computes: "
+                          f"{group.normalized}, so the pruned model is close to, not equal to, the masked one; "
+                          f"fine-tune after pruning")
+            chosen.append((group, entry))
         return chosen
+
+    # -- masks and steps
+    def _part(self, name: str) -> _Part:
+        return next(p for p in self.parts if p.fqn == name)
+
+    def get_mask(self, tensor_fqn: str) -> torch.Tensor:
+        """The live channel mask of the group whose first producer is ``tensor_fqn`` (one entry per class)."""
+        model = self._require_prepared("get_mask")
+        group = next((g for g in self.groups if g["tensor_fqn"] == tensor_fqn), None)
+        if group is None:
+            raise RuntimeError(f"'{tensor_fqn}' is not the first producer of a pruned group; groups: "
+                               f"{[g['tensor_fqn'] for g in self.groups]}")
+        return model.get_buffer(f"{group['module_fqn']}.{group['mask_name']}" if group["module_fqn"]
+                                else group["mask_name"])
+
+    def filter_scores(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
+        """How much each entry of ``weight`` along ``dim`` (an output channel) is worth keeping."""
+        raise NotImplementedError
+
+    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
+        """One score per class: :meth:`filter_scores` of each producer, summed over the class's channels."""
+        total = torch.zeros(group.num_classes, dtype=torch.float64)
+        for (fqn, dim), classes in group.classes_of.items():
+            scores = self.filter_scores(fetch_attr(gm, fqn).detach(), dim).double().cpu()
+            live = classes >= 0
+            total.index_add_(0, classes[live], scores[live])
+        return total
+
+    def drop_count(self, sparsity_level: float, classes: int) -> int:
+        """How many of ``classes`` go at ``sparsity_level`` (never all)."""
+        return min(round(check_level(sparsity_level) * classes), classes - 1)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float = 0.5,
+                    channel_group: ChannelGroup | None = None, graph_module: fx.GraphModule | None = None,
+                    part: str = "", **kwargs: Any) -> None:
+        assert channel_group is not None and graph_module is not None
+        scores = self.channel_scores(graph_module, channel_group)
+        keep = torch.ones(channel_group.num_classes, dtype=torch.bool)
+        block_of = self._part(part).analysis.balances.get(channel_group.index)
+        for members in ([torch.arange(len(scores))] if block_of is None else
+                        [(block_of == b).nonzero().flatten() for b in range(channel_group.balance)]):
+            drop = self.drop_count(sparsity_level, len(members))
+            order = members[(-scores[members]).topk(len(members)).indices]  # lowest score first (torch.ao's topk)
+            for k in order.tolist():
+                if drop == 0:
+                    break
+                keep[k] = False
+                if any(not bool(keep[held].any()) for held in channel_group.keep_one):
+                    keep[k] = True  # it would empty a tensor (a split's half): the next one goes instead
+                else:
+                    drop -= 1
+        mask.copy_(keep)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"state": {tensor_fqn: {"mask": channel mask}}, "groups": [...]}`` (groups without the graph analysis)."""
-        groups = [{k: v for k, v in g.items() if k not in ("module", "channel_group", "graph_module")}
-                  for g in self.groups]
+        groups = [{k: v for k, v in g.items() if k not in _GRAPH_KEYS} for g in self.groups]
         state = {g["tensor_fqn"]: {"mask": self.get_mask(g["tensor_fqn"])} for g in self.groups}
         return {"state": state, "groups": groups}
 
@@ -136,223 +282,177 @@ class BaseStructuredSparsifier(BaseSparsifier):
                 if strict:
                     raise RuntimeError(f"Error loading: no channel mask for '{group['tensor_fqn']}' in the state dict")
                 continue
+            live = self.get_mask(group["tensor_fqn"])
+            if saved["mask"].shape != live.shape:
+                raise RuntimeError(f"Error loading '{group['tensor_fqn']}': saved mask has {saved['mask'].numel()} "
+                                   f"entries, this model's group {live.numel()} (a state dict from another model?)")
             with torch.no_grad():
-                self.get_mask(group["tensor_fqn"]).copy_(saved["mask"])
+                live.copy_(saved["mask"])
             group["sparsity_level"] = levels.get(group["tensor_fqn"], group)["sparsity_level"]
-
-    def get_mask(self, tensor_fqn: str) -> torch.Tensor:
-        return self._require_prepared("get_mask").get_buffer(f"{tensor_fqn.rpartition('.')[0]}.{MASK_NAME}")
-
-    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
-        raise NotImplementedError
-
-    def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float = 0.5,
-                    channel_group: ChannelGroup | None = None, graph_module: fx.GraphModule | None = None,
-                    **kwargs: Any) -> None:
-        assert channel_group is not None and graph_module is not None
-        scores = self.channel_scores(graph_module, channel_group)
-        if channel_group.head_dim > 1:  # attention: whole heads go
-            heads = scores.reshape(-1, channel_group.head_dim).sum(1)
-            drop = round(check_level(sparsity_level) * len(heads))
-            keep_heads = torch.ones_like(heads, dtype=torch.bool)
-            if drop:
-                keep_heads[torch.topk(heads, drop, largest=False).indices] = False
-            mask.copy_(keep_heads.repeat_interleave(channel_group.head_dim))
-            return
-        blocks = channel_group.balance  # grouped convolutions: the same number from each conv-group
-        per_block = scores.reshape(blocks, -1)
-        drop = round(check_level(sparsity_level) * per_block.shape[1])
-        keep = torch.ones_like(per_block, dtype=torch.bool)
-        if drop:
-            keep.scatter_(1, torch.topk(per_block, drop, dim=1, largest=False).indices, False)
-        mask.copy_(keep.reshape(-1))
 
     def squash_mask(self, *args: Any, **kwargs: Any) -> nn.Module:
         """For structured pruners: :meth:`prune` (the channels are cut out, not folded)."""
         return self.prune()
 
+    # -- cutting
     @torch.no_grad()
     def prune(self) -> nn.Module:
-        """A physically smaller copy of the prepared model, computing what the masked one does."""
-        model = copy.deepcopy(self._require_prepared("prune"))
+        """A physically smaller copy of the prepared model, computing what the masked one does.
+
+        The copy is checked against the masked model on the example inputs; the prepared model is
+        left as it is. With a block scope, each block gets its own class back when its forward runs
+        with the smaller layers (a block whose code fixes a size stays a pruned GraphModule).
+        """
+        model = self._require_prepared("prune")
+        pruned = _copy(model)
+        exact = True
         for part in self.parts:
-            gm = model.get_submodule(part) if part else model
+            gm = pruned.get_submodule(part.fqn) if part.fqn else pruned
             assert isinstance(gm, fx.GraphModule)
-            groups = [g for g in self.groups if g["part"] == part]
-            cuts = [(g["channel_group"], (model.get_buffer(f"{g['module_fqn']}.{MASK_NAME}") == 0).nonzero()
-                     .flatten().cpu()) for g in groups]
-            _cut_all(gm, cuts)
-            _rewrite_head_shapes(gm, cuts)
-            run_passes(gm, _RemoveChannelMasks())
-            for group in groups:
-                delattr(model.get_submodule(group["module_fqn"]), MASK_NAME)
-        return model
+            groups = [g for g in self.groups if g["part"] == part.fqn]
+            exact &= all(g["channel_group"].normalized is None for g in groups)
+            chosen = {g["channel_group"].index: gm.get_buffer(relative(
+                f"{g['module_fqn']}.{g['mask_name']}" if g["module_fqn"] else g["mask_name"], part.fqn)) != 0
+                for g in groups}
+            keep = part.analysis.keep(chosen)
+            plan = plan_cut(part.analysis, keep)
+            run_passes(gm, RemoveChannelMasks(), RewriteSizes(part.analysis, keep))
+            for g in groups:
+                owner = gm.get_submodule(relative(g["module_fqn"], part.fqn))
+                delattr(owner, g["mask_name"])
+            cut_tensors(gm, plan)
+            update_layer_attributes(gm)
+            masked = model.get_submodule(part.fqn) if part.fqn else model
+            _check(masked, gm, part.inputs, exact, part.fqn or type(model).__name__)
+            if part.original is not None:
+                restored = _restore_class(part, gm)
+                if restored is not None:
+                    pruned.set_submodule(part.fqn, restored)
+        update_config(pruned)
+        return pruned
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called")
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy. A GraphModule's own deep copy drops its forward hooks and the attributes torch.export
+    and ``allow_train_eval`` add (input checks, ``train``/``eval``): put them back."""
+    twin = copy.deepcopy(model)
+    for (_, a), (_, b) in zip(model.named_modules(remove_duplicate=False), twin.named_modules(remove_duplicate=False)):
+        if not isinstance(a, fx.GraphModule):
+            continue
+        for name in _HOOKS:
+            if getattr(a, name, None) and not getattr(b, name, None):
+                setattr(b, name, copy.copy(getattr(a, name)))
+        for name in set(a.__dict__) - set(b.__dict__):
+            value = a.__dict__[name]
+            if isinstance(value, types.MethodType) and value.__self__ is a:
+                value = types.MethodType(value.__func__, b)
+            b.__dict__[name] = value
+    return twin
+
+
+def _outputs(module: nn.Module, inputs: CallInputs) -> list[torch.Tensor]:
+    training = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.random.fork_rng(devices=[]):
+            out = call_with(module, inputs)
+    finally:
+        for m, mode in training:
+            m.training = mode
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _check(masked: nn.Module, pruned: nn.Module, inputs: CallInputs, exact: bool, where: str) -> None:
+    """The pruned graph must run, and (unless a normalised group was cut) give the masked one's outputs."""
+    try:
+        theirs = _outputs(pruned, inputs)
+    except Exception as e:
+        raise CutError(f"prune(): the cut {where} does not run on the example inputs ({type(e).__name__}: {e}); "
+                       f"the prepared model is unchanged. This is a gap in fx_sparsity's channel analysis: please "
+                       f"report it with the model") from e
+    if not exact:
+        return
+    ours = _outputs(masked, inputs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5 * max(
+                1.0, float(a.float().abs().max()) if a.numel() else 1.0)):
+            diff = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else "shapes differ"
+            raise CutError(f"prune(): the cut {where} computes something else than the masked one (output {i}: "
+                           f"{diff}); the prepared model is unchanged. This is a gap in fx_sparsity's channel "
+                           f"analysis: please report it with the model")
+
+
+def _restore_class(part: _Part, gm: fx.GraphModule) -> nn.Module | None:
+    """The block's own class holding the cut tensors, if its forward computes what the cut graph does."""
+    assert part.original is not None
+    restored = copy.deepcopy(part.original)
+    current = dict(gm.named_parameters(remove_duplicate=False))
+    current.update(gm.named_buffers(remove_duplicate=False))
+    for name, tensor in current.items():
+        owner_fqn, _, leaf = name.rpartition(".")
+        try:
+            owner = restored.get_submodule(owner_fqn)
+        except AttributeError:
+            continue
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = tensor  # type: ignore[assignment]
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = tensor
+    update_layer_attributes(restored)
+    update_attention_attributes(restored)
+    restored.train(gm.training)
+    try:
+        ours, theirs = _outputs(gm, part.inputs), _outputs(restored, part.inputs)
+        same = len(ours) == len(theirs) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                                for a, b in zip(ours, theirs))
+    except Exception:
+        same = False
+    if not same:
+        warn_user(f"prune(): '{part.fqn}' ({type(part.original).__name__}) does not run with its smaller layers "
+                  f"(its code fixes a size); it stays a pruned GraphModule")
+        return None
+    return restored
 
 
 class SaliencyPruner(BaseStructuredSparsifier):
-    """Drop the channels of smallest L1 norm, summed over every producer of the group."""
+    """Drop the channels of smallest L1 norm (torch.ao's ``SaliencyPruner``), summed over the group's producers."""
 
-    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
-        scores = [gm.get_submodule(p).weight.detach().abs().flatten(1).sum(1).float() for p in group.producers]
-        return torch.stack(scores).sum(0)
+    def filter_scores(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
+        rows = weight.movedim(dim, 0)
+        return rows.norm(dim=tuple(range(1, rows.dim())), p=1) if rows.dim() > 1 else rows.abs()
+
+    def drop_count(self, sparsity_level: float, classes: int) -> int:
+        return min(int(classes * check_level(sparsity_level)), classes - 1)  # torch.ao: int(len(mask) * level)
 
 
 class FPGMPruner(BaseStructuredSparsifier):
-    """Drop the channels nearest the geometric median of the filters (He et al. 2019), summed over producers."""
+    """Drop the filters nearest the geometric median (He et al. 2019; torch.ao's ``FPGMPruner``): each filter's
+    summed distance to the others, summed over the group's producers. ``dist``: 1, 2 (default) or a callable
+    taking the flattened filters and returning their distance matrix."""
 
-    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
-        total = None
-        for p in group.producers:
-            filters = gm.get_submodule(p).weight.detach().flatten(1).float()
-            distance = torch.cdist(filters, filters).sum(1)
-            total = distance if total is None else total + distance
-        assert total is not None
-        return total
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-class _MaskConsumers(PassBase):
-    """Multiply the input of each consumer of a masked group by its channel mask: the group's mask at the
-    group's offset, ones for the other segments, ``h·w`` times per channel for a flattened map."""
-
-    def __init__(self, groups: list[ChannelGroup], masks: dict[int, str]):
-        super().__init__()
-        self.groups, self.masks = groups, masks
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        layout: dict[str, list[tuple[int, ChannelGroup, int]]] = {}  # consumer -> (offset, group, per channel)
-        for group in self.groups:
-            for fqn, offset, per_channel in group.consumers:
-                layout.setdefault(fqn, []).append((offset, group, per_channel))
-        for node in list(gm.graph.nodes):
-            segments = sorted(layout.get(str(node.target), []), key=lambda s: s[0]) if node.op == "call_module" else []
-            masked_here = [g for _, g, _ in segments if id(g) in self.masks]
-            if not masked_here:
-                continue
-            with gm.graph.inserting_before(node):
-                some_mask = gm.graph.get_attr(self.masks[id(masked_here[0])])
-                parts = [gm.graph.get_attr(self.masks[id(g)]) if id(g) in self.masks
-                         else gm.graph.call_method("new_ones", (some_mask, g.size)) for _, g, _ in segments]
-                mask = parts[0] if len(parts) == 1 else gm.graph.call_function(torch.cat, (parts,))
-                per_channel = segments[0][2]
-                if per_channel > 1:
-                    mask = gm.graph.call_method("repeat_interleave", (mask, per_channel))
-                shape = (1, -1, 1, 1) if isinstance(gm.get_submodule(str(node.target)), nn.Conv2d) else (1, -1)
-                mask = gm.graph.call_method("view", (mask, shape))
-                masked = gm.graph.call_function(torch.mul, (node.args[0], mask))
-            masked.meta["channel_mask"] = [self.masks[id(g)] for g in masked_here]
-            node.update_arg(0, masked)
-        return PassResult(gm, True)
-
-
-class _RemoveChannelMasks(PassBase):
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        for node in list(gm.graph.nodes):
-            if node.meta.get("channel_mask"):
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
-        return PassResult(gm, True)
-
-
-def _param(t: torch.Tensor | None) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t.contiguous())
-
-
-def _cut_all(gm: fx.GraphModule, cuts: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
-    """Cut every group's dropped channels out of every module that holds them, one slice per module and dim."""
-    keep: dict[tuple[str, str], torch.Tensor] = {}  # (fqn, "out" | "in" | "channels") -> keep vector
-
-    def drop(fqn: str, dim: str, size: int, positions: torch.Tensor) -> None:
-        vector = keep.setdefault((fqn, dim), torch.ones(size, dtype=torch.bool))
-        vector[positions] = False
-
-    grouped: dict[str, torch.Tensor] = {}
-    for group, dropped in cuts:
-        for fqn in group.grouped:
-            vector = grouped.setdefault(fqn, torch.ones(group.size, dtype=torch.bool))
-            vector[dropped] = False
-        for fqn in group.producers:
-            m = gm.get_submodule(fqn)
-            drop(fqn, "out", m.weight.shape[0], dropped)
-        for fqn, offset in group.norms:
-            drop(fqn, "channels", gm.get_submodule(fqn).num_features, offset + dropped)
-        for fqn, offset in group.depthwise:
-            drop(fqn, "channels", gm.get_submodule(fqn).out_channels, offset + dropped)
-        for fqn, offset, per_channel in group.consumers:
-            if fqn in group.grouped:
-                continue
-            positions = ((offset + dropped)[:, None] * per_channel + torch.arange(per_channel)).flatten()
-            drop(fqn, "in", gm.get_submodule(fqn).weight.shape[1], positions)
-    for (fqn, dim), vector in keep.items():
-        _slice(gm.get_submodule(fqn), dim, vector.nonzero().flatten())
-    for fqn, vector in grouped.items():
-        _slice_grouped(gm.get_submodule(fqn), vector)
-
-
-def _rewrite_head_shapes(gm: fx.GraphModule, cuts: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
-    """Fewer heads: the splits' head count is the new one, the merges take what is left (-1)."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    for group, dropped in cuts:
-        if group.head_dim == 1:
-            continue
-        heads_before = group.size // group.head_dim
-        heads_after = heads_before - len(dropped) // group.head_dim
-        for name in group.head_splits:
-            node = nodes[name]
-            args = list(node.args)
-            index = len(args) - 2
-            if args[index] != heads_before:
-                raise SparsityConfigError(f"'{name}' does not split into {heads_before} heads as a constant; "
-                                          f"cannot rewrite it")
-            node.update_arg(index, heads_after)
-        for name in group.head_merges:
-            node = nodes[name]
-            node.update_arg(len(node.args) - 1, -1)
-
-
-def _slice_grouped(m: Any, keep: torch.Tensor) -> None:
-    """A grouped conv with in == out channels, the same channels kept in and out (equal numbers per group)."""
-    groups, block = m.groups, m.out_channels // m.groups
-    kept = keep.reshape(groups, block)
-    rows = keep.nonzero().flatten()
-    columns = torch.stack([kept[k].nonzero().flatten() for k in range(groups)])  # (groups, kept per group)
-    weight = m.weight[rows]  # (kept out, block, kh, kw)
-    per_group = columns.shape[1]
-    weight = torch.stack([weight[k * per_group:(k + 1) * per_group][:, columns[k]] for k in range(groups)])
-    m.weight = _param(weight.flatten(0, 1))
-    if m.bias is not None:
-        m.bias = _param(m.bias[rows])
-    m.in_channels = m.out_channels = len(rows)
-
-
-def _slice(m: Any, dim: str, idx: torch.Tensor) -> None:
-    n = len(idx)
-    if hasattr(m, "num_features"):  # a batch norm
-        if m.weight is not None:
-            m.weight, m.bias = _param(m.weight[idx]), _param(m.bias[idx])
-        if m.running_mean is not None:
-            m.running_mean, m.running_var = m.running_mean[idx].clone(), m.running_var[idx].clone()
-        m.num_features = n
-    elif dim == "channels":  # a depthwise conv
-        m.weight = _param(m.weight[idx])
-        if m.bias is not None:
-            m.bias = _param(m.bias[idx])
-        m.in_channels = m.out_channels = m.groups = n
-    elif dim == "out":
-        m.weight = _param(m.weight[idx])
-        if m.bias is not None:
-            m.bias = _param(m.bias[idx])
-        if isinstance(m, nn.Conv2d):
-            m.out_channels = n
+    def __init__(self, sparsity_level: float = 0.5, dist: Callable | int | None = None):
+        super().__init__(sparsity_level)
+        if dist is None or dist in (1, 2):
+            self.dist_fn: Callable = _Cdist(2 if dist is None else int(dist))
+        elif callable(dist):
+            self.dist_fn = dist
         else:
-            m.out_features = n
-    else:
-        m.weight = _param(m.weight[:, idx])
-        if isinstance(m, nn.Conv2d):
-            m.in_channels = n
-        else:
-            m.in_features = n
+            raise SparsityConfigError(f"FPGMPruner: dist={dist!r}; use 1, 2 or a callable")
+
+    def filter_scores(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
+        filters = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).float()
+        return self.dist_fn(filters).abs().sum(1)
+
+
+class _Cdist:
+    """``torch.cdist`` of the filters with themselves, at norm ``p`` (a class: pruners pickle)."""
+
+    def __init__(self, p: int):
+        self.p = p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(x, x, p=self.p)

@@ -1,0 +1,114 @@
+"""Attributes users read, kept true after heads and widths are cut: attention modules' head counts and a
+Hugging Face model's ``config`` (so ``save_pretrained`` writes a config ``from_pretrained`` rebuilds).
+
+Attention modules are recognised by their projections (``q_proj``/``query``/``q``, ``k_proj``/
+``key``/``k``) and a head size attribute (``head_dim`` or ``attention_head_size``); MLPs by
+``up_proj``/``gate_proj``/``fc1``/``intermediate.dense``.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import warn_user
+
+__all__ = ["update_attention_attributes", "update_config"]
+
+_Q = ("q_proj", "query", "q", "q_lin")
+_K = ("k_proj", "key", "k", "k_lin")
+_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def _linear_child(module: nn.Module, names: tuple[str, ...]) -> nn.Linear | None:
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Linear):
+            return child
+    return None
+
+
+def _head_size(module: nn.Module) -> int | None:
+    for name in ("head_dim", "attention_head_size"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _attention_counts(module: nn.Module) -> tuple[int, int | None] | None:
+    """(query heads, kv heads) of an attention module, from its projections' sizes."""
+    q, k, size = _linear_child(module, _Q), _linear_child(module, _K), _head_size(module)
+    if q is None or size is None or q.out_features % size:
+        return None
+    return q.out_features // size, (k.out_features // size if k is not None and k.out_features % size == 0 else None)
+
+
+def update_attention_attributes(root: nn.Module) -> None:
+    """Set head-count attributes of attention modules (and ``all_head_size``, ``intermediate_size``) from their
+    projections, after a cut."""
+    for module in root.modules():
+        counts = _attention_counts(module)
+        if counts is not None:
+            heads, kv = counts
+            for name in _HEADS:
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, heads)
+            for name in _KV_HEADS:
+                if kv is not None and isinstance(getattr(module, name, None), int):
+                    setattr(module, name, kv)
+            if isinstance(getattr(module, "all_head_size", None), int):
+                module.all_head_size = heads * (_head_size(module) or 0)
+            if kv is not None and isinstance(getattr(module, "num_key_value_groups", None), int) and kv:
+                module.num_key_value_groups = heads // kv
+        up = _linear_child(module, ("up_proj", "gate_proj", "fc1"))
+        if up is not None and isinstance(getattr(module, "intermediate_size", None), int):
+            module.intermediate_size = up.out_features
+
+
+def _intermediate(module: nn.Module, name: str) -> int | None:
+    up = _linear_child(module, ("up_proj", "gate_proj", "fc1"))
+    if up is not None:
+        return up.out_features
+    if name.endswith("intermediate"):
+        dense = _linear_child(module, ("dense",))
+        return dense.out_features if dense is not None else None
+    return None
+
+
+def update_config(model: nn.Module) -> None:
+    """A Hugging Face model's config after a cut: ``num_attention_heads``, ``num_key_value_heads``,
+    ``intermediate_size`` (and ``head_dim``, written out so the head size stays), when every layer has
+    the same new size and the config can say it; a warning names what it cannot say."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    heads, kvs, sizes, inter = set(), set(), set(), set()
+    for name, module in model.named_modules():
+        counts = _attention_counts(module)
+        if counts is not None:
+            heads.add(counts[0])
+            kvs.add(counts[1])
+            sizes.add(_head_size(module))
+        width = _intermediate(module, name)
+        if width is not None:
+            inter.add(width)
+    unsaid = []
+    if len(heads) == 1 and (h := next(iter(heads))) != getattr(config, "num_attention_heads", h):
+        if hasattr(config, "head_dim") or getattr(config, "hidden_size", 0) // h == next(iter(sizes)):
+            if hasattr(config, "head_dim"):
+                config.head_dim = next(iter(sizes))
+            config.num_attention_heads = h
+        else:
+            unsaid.append(f"num_attention_heads={h} (the config derives the head size from hidden_size)")
+    elif len(heads) > 1:
+        unsaid.append(f"a different number of heads per layer {sorted(heads)}")
+    if len(kvs) == 1 and (kv := next(iter(kvs))) is not None and hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv
+    if len(inter) == 1 and hasattr(config, "intermediate_size"):
+        config.intermediate_size = next(iter(inter))
+    elif len(inter) > 1:
+        unsaid.append(f"a different intermediate size per layer {sorted(inter)}")
+    if unsaid:
+        warn_user(f"prune(): {type(model).__name__}.config cannot describe {'; '.join(unsaid)}: from_pretrained would "
+                  f"rebuild the original sizes. Save the pruned model with torch.save(model) (or its state_dict with "
+                  f"the code that builds it)")

@@ -1,0 +1,115 @@
+"""Channel masks in the graph: multiply each sink's input by the masks of the groups it holds.
+
+Before (a consumer of a pruned group)::
+
+    conv2 = self.conv2(relu_1)
+
+After::
+
+    mask = self.conv1.out_channel_mask            # one entry per class of conv1's group
+    view = mask.view(1, 16, 1, 1).type_as(relu_1)  # (a gather when classes and channels differ)
+    mul = torch.mul(relu_1, view)
+    conv2 = self.conv2(mul)
+
+A sink reading channels of several groups, or of heads (several channels per class), reads
+``torch.cat([masks..., ones(1)])[index]`` with ``index`` a non-persistent buffer of the graph
+module: the class of every entry, or the trailing one for entries no mask covers.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .attrs import unique_attr_name
+from .channel_groups import ChannelAnalysis, Sink
+
+__all__ = ["InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META"]
+
+CHANNEL_MASK_META = "channel_mask"  # on each masking mul: the mask fqns it reads
+_PART_META = "channel_mask_part"  # on the nodes that build a mask
+
+
+class InsertChannelMasks(PassBase):
+    """``masks``: group index -> fqn of its mask buffer (one entry per class of the group)."""
+
+    def __init__(self, analysis: ChannelAnalysis, masks: dict[int, str]):
+        super().__init__()
+        self.analysis, self.masks = analysis, masks
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = {node.name: node for node in gm.graph.nodes}
+        made: dict[tuple, fx.Node] = {}
+        changed = False
+        for sink in self.analysis.sinks:
+            groups = self.analysis.group_of[sink.ids]
+            involved = [g for g in groups.unique().tolist() if g in self.masks]
+            if not involved:
+                continue
+            source, node = nodes[sink.source], nodes[sink.node]
+            key = (sink.source, tuple(sink.ids.shape), tuple(sink.ids.reshape(-1).tolist()))
+            masked = made.get(key)
+            if masked is None:
+                with gm.graph.inserting_before(node):
+                    mask = self._mask(gm, sink, involved, groups)
+                    mask = _part(gm.graph.call_method("type_as", (mask, source)))
+                    masked = gm.graph.call_function(torch.mul, (source, mask))
+                masked.meta[CHANNEL_MASK_META] = [self.masks[g] for g in involved]
+                made[key] = masked
+            if isinstance(sink.arg, int):
+                node.update_arg(sink.arg, masked)
+            else:
+                node.update_kwarg(sink.arg, masked)
+            changed = True
+        return PassResult(gm, changed)
+
+    def _mask(self, gm: fx.GraphModule, sink: Sink, involved: list[int], groups: torch.Tensor) -> fx.Node:
+        classes = self.analysis.class_of[sink.ids]
+        shape = tuple(sink.ids.shape)
+        graph = gm.graph
+        if len(involved) == 1 and bool((groups == involved[0]).all()):
+            flat = classes.reshape(-1)
+            size = self.analysis.groups[involved[0]].num_classes
+            if flat.numel() == size and torch.equal(flat, torch.arange(size)):
+                mask = _part(graph.get_attr(self.masks[involved[0]]))
+                return _part(graph.call_method("view", (mask, shape)))
+        offsets, parts, total = {}, [], 0
+        for g in involved:
+            offsets[g] = total
+            total += self.analysis.groups[g].num_classes
+            parts.append(_part(graph.get_attr(self.masks[g])))
+        index = torch.full(shape, total, dtype=torch.long)
+        for g in involved:
+            mine = groups == g
+            index[mine] = classes[mine] + offsets[g]
+        name = unique_attr_name(gm, "_channel_mask_index")
+        gm.register_buffer(name, index, persistent=False)
+        parts.append(_part(graph.call_method("new_ones", (parts[0], (1,)))))
+        table = _part(graph.call_function(torch.cat, (parts,)))
+        return _part(graph.call_function(operator.getitem, (table, _part(graph.get_attr(name)))))
+
+
+def _part(node: fx.Node) -> fx.Node:
+    node.meta[_PART_META] = True
+    return node
+
+
+class RemoveChannelMasks(PassBase):
+    """Undo :class:`InsertChannelMasks`: each masking mul replaced by its input, the mask nodes and index
+    buffers gone."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.meta.get(CHANNEL_MASK_META):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                changed = True
+        for node in reversed(list(gm.graph.nodes)):
+            if node.meta.get(_PART_META) and not node.users:
+                gm.graph.erase_node(node)
+        for name in [n for n, _ in gm.named_buffers(recurse=False) if n.startswith("_channel_mask_index")]:
+            delattr(gm, name)
+        return PassResult(gm, changed)
