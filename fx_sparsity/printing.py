@@ -195,16 +195,26 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
         notes[use.mul] = _Note(use.tensor_fqn, zeros / max(mask.numel(), 1), "masked")
         tensors[use.tensor_fqn] = _Tensor(mask.numel(), zeros, "masked")
 
-    # Structured pruners: a consumer's input multiplied by channel masks.
+    # Structured pruners: a sink's input multiplied by channel masks (one entry per class of a group).
     for node in gm.graph.nodes:
         for mask_fqn in node.meta.get("channel_mask") or ():
             mask = fetch_attr(gm, mask_fqn)
-            kept = int((mask != 0).sum())
+            group = (node.meta.get("channel_groups") or {}).get(mask_fqn)
+            kept_classes = mask != 0
             owner = mask_fqn.rpartition(".")[0]
+            if group is not None and not group.anchor[0].endswith(".weight") and group.anchor[0] != "weight":
+                owner = group.anchor[0]
+            if group is not None and len(group.channels_per_class) == mask.numel():
+                per_class = torch.tensor(group.channels_per_class)
+                kept, total = int(per_class[kept_classes.cpu()].sum()) + group.fixed, int(per_class.sum()) + group.fixed
+                units = "" if bool((per_class == 1).all()) else f", {int(kept_classes.sum())}/{mask.numel()} units"
+                text = f"group {group.index}, channels of {owner}: {kept}/{total} kept{units}"
+            else:
+                kept, total = int(kept_classes.sum()), mask.numel()
+                text = f"channels of {owner}: {kept}/{total} kept"
             previous = notes.get(node)
-            text = f"channels of {owner}: {kept}/{mask.numel()} kept"
             notes[node] = _Note(f"{previous.tensor_fqn}; {text}" if previous else text,
-                                1 - kept / max(mask.numel(), 1), "channels")
+                                1 - kept / max(total, 1), "channels")
 
     # Squashed: configured tensors without a mask hold their zeros themselves.
     config = sparsity_config(gm)
@@ -366,7 +376,27 @@ def format_sparse_graph(gm: nn.Module, *, example_inputs: Any = None) -> str:
                 row += [tensor, _level(group), _block(group), _pct(note.zeros), note.lowered_to]
             rows.append(row)
     table = tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
-    return table + "\n\n" + "\n".join(_footer(gm, lowered, tensors, masks))
+    footer = _footer(gm, lowered, tensors, masks) + _channel_footer([part for _, part in parts])
+    return table + "\n\n" + "\n".join(footer)
+
+
+def _channel_footer(parts: list[fx.GraphModule]) -> list[str]:
+    """One line for structured pruners: how many channel groups are masked and how many channels they keep."""
+    counts: dict[int, tuple[int, int]] = {}
+    for part in parts:
+        for node in part.graph.nodes:
+            for mask_fqn, group in (node.meta.get("channel_groups") or {}).items():
+                mask = fetch_attr(part, mask_fqn)
+                per_class = torch.tensor(group.channels_per_class)
+                if per_class.numel() != mask.numel():
+                    continue
+                kept = int(per_class[(mask != 0).cpu()].sum()) + group.fixed
+                counts[id(mask)] = (kept, int(per_class.sum()) + group.fixed)
+    if not counts:
+        return []
+    kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
+    return [f"channel groups: {len(counts)} masked, {kept:,} of their {total:,} channels kept "
+            f"({_pct(1 - kept / max(total, 1))} to cut; prune() removes them)"]
 
 
 def print_sparse_graph(gm: nn.Module, *, example_inputs: Any = None, file: TextIO | None = None) -> None:

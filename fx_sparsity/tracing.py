@@ -12,8 +12,8 @@ import torch
 from torch import fx, nn
 
 from .errors import SparsityConfigError, TraceError
-from .nn.attention import multi_head_attention
 from .inputs import as_args_kwargs
+from .nn.attention import multi_head_attention
 from .passes import SetTrainingMode, run_passes
 
 __all__ = ["trace", "TRACERS", "export_module", "allow_train_eval", "SameNoneInputs", "trace_written_out"]

@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .attrs import fetch_attr
-from .channel_values import Block, Many, Value, align, blocks, broadcast_form, canonical, permute, reshape, take
+from .channel_values import Block, Many, Value, align, blocks, broadcast_form, permute, reshape, take
 
 __all__ = ["Space", "ChannelGroup", "ChannelAnalysis", "find_channel_groups", "FIXED"]
 
@@ -364,13 +364,11 @@ class _Rules:
                 pass  # a layer on untracked inputs still gives its outputs channels
             else:
                 return
+        why: str | None = None
         try:
             handled = self.dispatch(node)
         except _Refuse as e:
-            handled = False
-            why = str(e)
-        else:
-            why = None
+            handled, why = False, str(e)
         if not handled:
             what = (type(t.gm.get_submodule(str(node.target))).__name__ if node.op == "call_module"
                     else _op_name(node))
@@ -434,8 +432,8 @@ class _Rules:
                                    _tensor_of(self.t, node, 3))
         if name == "embedding":
             aten = isinstance(node.target, torch._ops.OpOverload)
-            weight, indices = (node.args[0], node.args[1]) if aten else (_arg(node, 1, "weight"), node.args[0])
-            return self.embedding(node, _tensor(self.t, weight), indices)
+            table, lookup = (node.args[0], node.args[1]) if aten else (_arg(node, 1, "weight"), node.args[0])
+            return self.embedding(node, _tensor(self.t, table), lookup)
         if name == "scaled_dot_product_attention":
             return self.attention(node)
         if name in _SPATIAL:
@@ -481,6 +479,7 @@ class _Rules:
         """``x @ weightᵀ + bias`` (the weight a parameter, or a slice of one: a packed q/k/v projection)."""
         t = self.t
         shape = t.shape(x)
+        wshape: tuple | None
         if isinstance(weight, torch.Tensor):
             wshape = tuple(weight.shape)
             wv = tuple(blk for blk in (t.tensor_block(weight, 0, 0, 2), t.tensor_block(weight, 1, 1, 2))
@@ -732,7 +731,7 @@ class _Rules:
         order = list(range(ndim))
         if name == "permute":
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-            order = [d % ndim for d in dims]
+            order = [int(d) % ndim for d in dims]  # type: ignore[union-attr]
         elif name == "t":
             order = order[::-1]
         elif name == "movedim":
@@ -836,6 +835,7 @@ class _Rules:
             return False
         ndim = len(shape)
         dim = int(_arg(node, 1, "dim", 0)) % ndim
+        index: int | slice
         if name == "select":
             index = int(_arg(node, 2, "index"))
             t.values[node] = self._index(node, t.value(x), [(dim, index)], ndim)
@@ -1005,7 +1005,8 @@ class _Rules:
                 if whole and name in _SUM:
                     self._sink(node, 0, x, blk)
                 elif whole and name in _MEAN:
-                    t.soft.append((blk.ids.reshape(-1), f"{_module_or_node(node, name)} averages them together"))
+                    why = f"{_module_or_node(node, name)} normalises them together (a mean over them)"
+                    t.soft.append((blk.ids.reshape(-1), why))
                     self._sink(node, 0, x, blk)
                 elif whole:
                     t.fix(blk.ids, f"'{node.name}' ({name}) reduces over them")
@@ -1201,7 +1202,12 @@ def _unalign(blk: Block, ndim: int) -> Block:
 
 def _tensor_nodes(args: Any) -> list[fx.Node]:
     out: list[fx.Node] = []
-    fx.node.map_arg(args, lambda n: out.append(n) or n)
+
+    def keep(node: fx.Node) -> fx.Node:
+        out.append(node)
+        return node
+
+    fx.node.map_arg(args, keep)
     return out
 
 
@@ -1318,7 +1324,7 @@ def _solve(t: _Tracker) -> ChannelAnalysis:
         group.num_classes = len(classes)
     group_of = label_group[label]
     class_of = label_class[label]
-    for g, group in enumerate(groups):
+    for group in groups:
         anchor = spaces[by_key[group.anchor]]
         anchor_classes = class_of[anchor.base:anchor.base + anchor.size]
         group.fixed = int((anchor_classes < 0).sum())
@@ -1327,7 +1333,7 @@ def _solve(t: _Tracker) -> ChannelAnalysis:
             group.classes_of[key] = class_of[s.base:s.base + s.size]
         group.channels_per_class = torch.bincount(anchor_classes[anchor_classes >= 0],
                                                   minlength=group.num_classes).tolist()
-    for i, s in enumerate(spaces):
+    for s in spaces:
         mine = group_of[s.base:s.base + s.size]
         for g in mine.unique().tolist():
             if g >= 0:

@@ -221,13 +221,13 @@ class RewriteSizes(PassBase):
         if kind == "getitem":
             return self._getitem(node, seen)
         if kind == "depthwise":  # a depthwise conv as a function: its groups argument is its channel count
-            old = _shape_of(seen.out_shape)[1]
-            new = _new_shape(seen.output, _shape_of(seen.out_shape), keep)[1]
+            before = _shape_of(seen.out_shape)[1]
+            after = _new_shape(seen.output, _shape_of(seen.out_shape), keep)[1]
             position = 8 if len(node.args) > 8 else 6
-            groups = int(node.args[position])
-            if new == old:
+            groups = int(node.args[position])  # type: ignore[arg-type]
+            if after == before:
                 return False
-            node.update_arg(position, new // (old // groups))
+            node.update_arg(position, after // (before // groups))
             return True
         if kind in ("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk"):
             return self._split(node, seen)
@@ -280,7 +280,7 @@ class RewriteSizes(PassBase):
                     if isinstance(item, int):
                         item = int(before[item % shape[d]])
                     else:
-                        start, stop, _ = item.indices(shape[d])
+                        start, stop, _ = slice(item.start, item.stop, item.step).indices(shape[d])
                         item = slice(int(before[start]), int(before[stop]) if item.stop is not None else None,
                                      item.step)
                     changed = True

@@ -1,7 +1,23 @@
 """Structured pruning: channel groups through the graph, masked, then physically cut out."""
+import copy
+import warnings
+
 import pytest
 import torch
-from models import Bottleneck, SmallDenseNet, SmallMobileNet, SmallResNeXt, resnet50_shaped, resnet_like
+import torch.nn.functional as F
+from models import (
+    BasicBlock,
+    Bottleneck,
+    SmallDenseNet,
+    SmallMobileNet,
+    SmallResNet,
+    SmallResNeXt,
+    SmallShuffleNetV2,
+    SmallSwin,
+    SmallViT,
+    resnet50_shaped,
+    resnet_like,
+)
 from torch import nn
 
 import fx_sparsity as fxs
@@ -12,26 +28,78 @@ def params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def prune(model, pruner, x, config=None):
-    prepared = pruner.prepare(model, config, example_inputs=(x,))
+def prune(model, pruner, x, config=None, **kwargs):
+    prepared = pruner.prepare(model, config, example_inputs=(x,), **kwargs)
     pruner.step()
     prepared.eval()
     pruned = pruner.prune().eval()
     return prepared, pruned
 
 
+def seeded(make):
+    def build():
+        torch.manual_seed(0)
+        return make().eval()
+    return build
+
+
 def bottleneck_net():
-    torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), Bottleneck(16, 8, stride=2),
                          Bottleneck(32, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
+class _ViTMLPBlock(nn.Module):
+    """A transformer block's feed-forward half: x + fc2(gelu(fc1(norm(x)))), tokens (B, N, C)."""
+
+    def __init__(self, dim=32, hidden=64):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention written out (as timm's ViT and many models do): q, k, v, heads, projection."""
+
+    def __init__(self, dim=32, heads=4, sdpa=False):
+        super().__init__()
+        self.heads, self.head_dim, self.sdpa = heads, dim // heads, sdpa
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1) @ v
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self, sdpa=False):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(32), _Attention(sdpa=sdpa)
+        self.mlp = _ViTMLPBlock()
+
+    def forward(self, x):
+        return self.mlp(self.attn(self.norm1(x)))
+
+
 MODELS = {
-    "resnet_basic": (resnet_like, (2, 3, 16, 16)),
-    "resnet_bottleneck": (bottleneck_net, (2, 3, 16, 16)),
-    "mobilenet_v2": (lambda: (torch.manual_seed(0), SmallMobileNet())[1], (2, 3, 16, 16)),
-    "densenet": (lambda: (torch.manual_seed(0), SmallDenseNet())[1], (2, 3, 8, 8)),
-    "resnext": (lambda: (torch.manual_seed(0), SmallResNeXt())[1], (2, 3, 8, 8)),
+    "resnet_basic": (seeded(SmallResNet), (2, 3, 16, 16)),
+    "resnet_bottleneck": (seeded(bottleneck_net), (2, 3, 16, 16)),
+    "mobilenet_v2": (seeded(SmallMobileNet), (2, 3, 16, 16)),
+    "densenet": (seeded(SmallDenseNet), (2, 3, 8, 8)),
+    "resnext": (seeded(SmallResNeXt), (2, 3, 8, 8)),
+    "shufflenet_v2": (seeded(SmallShuffleNetV2), (2, 3, 32, 32)),
+    "vit": (seeded(SmallViT), (2, 3, 16, 16)),
+    "vit_matmul_attention": (seeded(lambda: nn.Sequential(_ViTBlock(), _ViTBlock())), (2, 5, 32)),
+    "vit_sdpa_attention": (seeded(lambda: nn.Sequential(_ViTBlock(True), _ViTBlock(True))), (2, 5, 32)),
+    "swin": (seeded(SmallSwin), (2, 3, 32, 32)),
 }
 
 
@@ -39,62 +107,201 @@ MODELS = {
 @pytest.mark.parametrize("name", list(MODELS))
 def test_pruned_model_equals_the_masked_one(name, pruner_cls):
     make, shape = MODELS[name]
-    model = make().eval()
+    model = make()
     x = torch.randn(*shape)
-    masked, pruned = prune(model, pruner_cls(0.5), x)
+    pruner = pruner_cls(0.5)
+    masked, pruned = prune(model, pruner, x)
+    assert pruner.groups, "every model here has prunable groups"
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
-    assert params(pruned) < 0.6 * params(model)
-    assert not any(n.endswith("out_channel_mask") for n, _ in pruned.named_buffers())
-    other = torch.randn(3, *shape[1:])
+    other = torch.randn(3, *shape[1:])  # another batch size
     torch.testing.assert_close(pruned(other), masked(other), rtol=1e-5, atol=1e-5)
+    for group in pruner.groups:  # every chosen group lost half its units (channels, heads, shuffled pairs)
+        mask = pruner.get_mask(group["tensor_fqn"])
+        assert (mask == 0).sum().item() == int(0.5 * mask.numel()) or pruner_cls is FPGMPruner, group["tensor_fqn"]
+        fqn, dim = group["channel_group"].anchor
+        kept = sum(n for n, k in zip(group["channel_group"].channels_per_class, mask.tolist()) if k)
+        assert pruned.get_parameter(fqn).shape[dim] == kept + group["channel_group"].fixed
+    assert params(pruned) < 0.75 * params(model)
+    assert not [n for n, _ in pruned.named_buffers() if "channel_mask" in n]
+    assert torch.equal(model(x), make()(x))  # the user's model is not touched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet_basic", "shufflenet_v2", "vit", "swin"])
+def test_pruned_models_compile_and_export(name):
+    make, shape = MODELS[name]
+    x = torch.randn(*shape)
+    _, pruned = prune(make(), SaliencyPruner(0.5), x)
+    torch.testing.assert_close(torch.compile(pruned)(x), pruned(x), rtol=1e-4, atol=1e-4)
+    exported = torch.export.export(pruned, (x,)).module()
+    torch.testing.assert_close(exported(x), pruned(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "densenet", "resnext", "shufflenet_v2", "vit",
+                                  "swin"])
+def test_export_traced_models_prune_as_the_symbolic_ones(name):
+    make, shape = MODELS[name]
+    x = torch.randn(*shape)
+    symbolic = SaliencyPruner(0.5)
+    _, by_symbolic = prune(make(), symbolic, x)
+    exported = SaliencyPruner(0.5)
+    masked, by_export = prune(make(), exported, x, tracer="export")
+    assert sorted(g["tensor_fqn"] for g in exported.groups) == sorted(g["tensor_fqn"] for g in symbolic.groups)
+    torch.testing.assert_close(by_export(x), masked(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_export(x), by_symbolic(x), rtol=1e-5, atol=1e-5)
+    assert params(by_export) == params(by_symbolic)
+
+
+def test_masks_and_cuts_match_torch_ao_pruners():
+    from torch.ao.pruning._experimental.pruner import FPGMPruner as AoFPGM
+    from torch.ao.pruning._experimental.pruner import SaliencyPruner as AoSaliency
+
+    for ours, theirs in ((SaliencyPruner(0.3), AoSaliency({"sparsity_level": 0.3})), (FPGMPruner(0.3), AoFPGM(0.3))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        reference = copy.deepcopy(model)
+        theirs.prepare(reference, [{"tensor_fqn": "0.weight"}])
+        theirs.step()
+        expected = reference[0].parametrizations.weight[0].mask.clone()
+        fxs.prepare_fx_sparse(model, ours, [{"tensor_fqn": "0.weight"}], example_inputs=(torch.randn(2, 16),))
+        ours.step()
+        assert torch.equal(ours.get_mask("0.weight").bool(), expected)
+        x = torch.randn(4, 16)
+        cut_theirs, cut_ours = theirs.prune(), ours.prune()
+        assert cut_ours.get_submodule("0").weight.shape == cut_theirs.get_submodule("0").weight.shape
+        torch.testing.assert_close(cut_ours(x), cut_theirs(x))
 
 
 def test_resnet_groups_follow_the_residual_adds():
     model = resnet_like().eval()
     groups = find_channel_groups(torch.fx.symbolic_trace(model), (torch.randn(1, 3, 16, 16),))
-    by_first = {g.producers[0]: g for g in groups if g.problem is None}
-    shared = next(g for g in by_first.values() if "stem.0" in g.producers)
-    assert sorted(shared.producers) == ["layer1.0.conv2", "layer1.1.conv2", "stem.0"]  # all added together
-    assert sorted(shared.norms) == [("layer1.0.bn2", 0), ("layer1.1.bn2", 0), ("stem.1", 0)]
-    refused = [g for g in groups if g.problem]
-    assert [(g.producers, g.problem) for g in refused] == [(["fc"], "its channels are a model output")]
+    shared = next(g for g in groups if ("stem.0.weight", 0) in g.producers)
+    assert shared.producers == [("stem.0.weight", 0), ("layer1.0.conv2.weight", 0), ("layer1.1.conv2.weight", 0)]
+    assert {"layer1.0.bn2.weight", "stem.1.running_mean", "layer2.0.conv1.weight"} <= {f for f, _ in shared.tensors}
+    assert shared.prunable and shared.num_classes == 8
+    refused = [g for g in groups if not g.prunable]
+    assert [(g.producers, g.problem) for g in refused] == [([("fc.weight", 0)], "its channels are a model output")]
 
 
-def test_densenet_concat_groups_are_cut_at_their_offsets():
+def test_densenet_concat_segments_are_groups_of_their_own():
     model = SmallDenseNet().eval()
     x = torch.randn(2, 3, 8, 8)
     groups = find_channel_groups(torch.fx.symbolic_trace(model), (x,))
-    stem = next(g for g in groups if g.producers == ["stem"])
-    # the stem's 16 channels start every concatenation: every layer's norm1 and conv1 read them at offset 0
-    assert sorted(stem.norms) == [("layers.0.norm1", 0), ("layers.1.norm1", 0), ("layers.2.norm1", 0), ("norm", 0)]
-    second = next(g for g in groups if g.producers == ["layers.1.conv2"])
-    assert sorted(second.consumers) == [("fc", 24, 1), ("layers.2.conv1", 24, 1)]  # after 16 + 8 channels
+    stem = next(g for g in groups if ("stem.weight", 0) in g.producers)
+    assert stem.producers == [("stem.weight", 0)]  # the stem's 16 channels: a group apart from the layers' outputs
+    # every later norm and conv over the concatenation holds them (at offset 0)
+    assert {"layers.0.norm1.weight", "layers.1.conv1.weight", "layers.2.norm1.weight", "norm.weight",
+            "fc.weight"} <= {f for f, _ in stem.tensors}
     masked, pruned = prune(model, SaliencyPruner(0.5), x)
-    assert pruned.get_submodule("fc").in_features == 20  # 40 channels, each group halved
+    assert pruned.get_submodule("fc").in_features == 20  # 16 + 3 * 8 channels, each group halved
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
-def test_resnext_grouped_convs_lose_the_same_channels_in_every_group():
+def test_resnext_grouped_convs_lose_the_same_number_of_channels_in_every_conv_group():
     model = SmallResNeXt().eval()
     x = torch.randn(2, 3, 8, 8)
     pruner = SaliencyPruner(0.5)
     masked, pruned = prune(model, pruner, x)
     group = next(g for g in pruner.groups if g["module_fqn"] == "blocks.0.conv1")
-    assert group["channel_group"].balance == 4 and group["channel_group"].grouped == ["blocks.0.conv2"]
-    kept = pruner.get_mask("blocks.0.conv1.weight").reshape(4, 4).sum(1)
-    assert kept.tolist() == [2, 2, 2, 2]
+    assert group["channel_group"].balance == 4
+    assert pruner.get_mask("blocks.0.conv1.weight").reshape(4, 4).sum(1).tolist() == [2, 2, 2, 2]
+    assert pruner.get_mask("blocks.0.conv2.weight").reshape(4, 4).sum(1).tolist() == [2, 2, 2, 2]
     conv = pruned.get_submodule("blocks.0.conv2")
     assert (conv.in_channels, conv.out_channels, conv.groups, tuple(conv.weight.shape[:2])) == (8, 8, 4, (8, 2))
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
-def test_compile_and_export_the_pruned_model():
-    model = resnet_like().eval()
+def test_grouped_conv_with_more_outputs_than_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = SaliencyPruner(0.5)
+    masked, pruned = prune(model, pruner, x)
+    assert sorted(g["module_fqn"] for g in pruner.groups) == ["0", "2"]
+    grouped = pruned.get_submodule("2")
+    assert (grouped.in_channels, grouped.out_channels, grouped.groups) == (4, 8, 2)
+    assert tuple(grouped.weight.shape[:2]) == (8, 2)
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shufflenet_split_and_shuffle_pair_channels_across_branches():
+    model = SmallShuffleNetV2().eval()
+    x = torch.randn(2, 3, 32, 32)
+    groups = find_channel_groups(torch.fx.symbolic_trace(model), (x,))
+    stage = next(g for g in groups if ("stages.0.0.branch1.2.weight", 0) in g.producers)
+    # the shuffle interleaves the two branches: channel j of each goes with channel j of the other, and the
+    # next block's untouched half carries them on
+    assert stage.producers == [("stages.0.0.branch1.2.weight", 0), ("stages.0.0.branch2.5.weight", 0),
+                               ("stages.0.1.branch2.5.weight", 0)]
+    assert stage.num_classes == 16 and stage.prunable
+    masked, pruned = prune(model, SaliencyPruner(0.5), x)
+    splits = [n for n in pruned.graph.nodes if n.target == "split"]
+    assert splits and all(n.kwargs["dim"] == 1 for n in splits)  # chunk(2) became split with the new halves
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_heads_are_pruned_whole():
+    model = MODELS["vit_matmul_attention"][0]()
+    x = torch.randn(2, 5, 32)
+    pruner = SaliencyPruner(0.5)
+    masked, pruned = prune(model, pruner, x)
+    heads = next(g for g in pruner.groups if g["tensor_fqn"] == "0.attn.q.weight")["channel_group"]
+    assert heads.producers == [("0.attn.q.weight", 0), ("0.attn.k.weight", 0), ("0.attn.v.weight", 0)]
+    assert heads.channels_per_class == [8, 8, 8, 8]  # one class per head: 8 channels of q
+    assert pruner.get_mask("0.attn.q.weight").tolist() in ([1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0],
+                                                            [0, 1, 0, 1], [0, 0, 1, 1])
+    assert pruned.get_submodule("0.attn.q").out_features == 16
+    assert pruned.get_submodule("0.attn.proj").in_features == 16
+    assert any(n.target == "view" and 2 in n.args for n in pruned.graph.nodes)  # the head count in the graph
+    other = torch.randn(3, 7, 32)  # other batch and sequence sizes
+    torch.testing.assert_close(pruned(other), masked(other), rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_is_written_out_and_its_heads_pruned():
+    model = SmallViT().eval()
     x = torch.randn(2, 3, 16, 16)
-    _, pruned = prune(model, SaliencyPruner(0.5), x)
-    torch.testing.assert_close(torch.compile(pruned)(x), pruned(x), rtol=1e-4, atol=1e-4)
-    exported = torch.export.export(pruned, (x,)).module()
-    torch.testing.assert_close(exported(x), pruned(x), rtol=1e-5, atol=1e-5)
+    pruner = SaliencyPruner(0.5)
+    masked, pruned = prune(model, pruner, x)
+    heads = next(g for g in pruner.groups if g["tensor_fqn"] == "layers.0.self_attention.in_proj_weight")
+    assert heads["channel_group"].channels_per_class == [24] * 4  # q, k and v rows of each head
+    assert pruned.get_parameter("layers.0.self_attention.in_proj_weight").shape == (48, 32)
+    assert pruned.get_submodule("layers.0.self_attention.out_proj").in_features == 16
+    assert not [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
+    torch.testing.assert_close(masked(x), model(x), rtol=1e-5, atol=1e-5) if not pruner.groups else None
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_written_out_multihead_attention_computes_what_the_module_does():
+    from fx_sparsity.nn.attention import multi_head_attention
+
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        for kdim in (None, 12):
+            m = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+            q = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+            kv = torch.randn(2, 7, kdim or 16) if batch_first else torch.randn(7, 2, kdim or 16)
+            padding = torch.zeros(2, 7, dtype=torch.bool)
+            padding[1, 5:] = True
+            mask = torch.triu(torch.ones(5, 7, dtype=torch.bool), 1)
+            for need_weights in (True, False):
+                ours = multi_head_attention(m, q, kv, kv, key_padding_mask=padding, attn_mask=mask,
+                                            need_weights=need_weights)
+                theirs = m(q, kv, kv, key_padding_mask=padding, attn_mask=mask, need_weights=need_weights)
+                torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+                if need_weights:
+                    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_swin_windows_keep_the_relative_position_bias_per_head():
+    model = SmallSwin().eval()
+    x = torch.randn(2, 3, 32, 32)
+    masked, pruned = prune(model, SaliencyPruner(0.5), x)
+    table = pruned.get_parameter("blocks.1.attn.relative_position_bias_table")
+    assert table.shape[1] == 2  # the bias table keeps the columns of the heads that stay
+    assert pruned.get_submodule("blocks.1.attn.qkv").out_features == 48
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
 def test_config_names_a_group_and_refusals_say_why():
@@ -110,10 +317,65 @@ def test_config_names_a_group_and_refusals_say_why():
     with pytest.raises(fxs.SparsityConfigError, match="the channels of 'fc.weight' cannot be pruned exactly: its "
                                                       "channels are a model output"):
         SaliencyPruner().prepare(model, [{"tensor_fqn": "fc.weight"}], example_inputs=(x,))
-    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.Conv2d(16, 4, 1))
-    with pytest.raises(fxs.SparsityConfigError, match=r"grouped convolution '1' \(groups=2\) with in_channels != "
-                                                      r"out_channels"):
-        SaliencyPruner().prepare(grouped, [{"tensor_fqn": "0.weight"}], example_inputs=(torch.randn(1, 3, 4, 4),))
+    with pytest.raises(fxs.SparsityConfigError, match=r"'stem.9.weight' is not a weight whose channels fx_sparsity "
+                                                      r"follows to a group; the nearest that name a prunable group: "
+                                                      r"\['stem.0.weight', "):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "stem.9.weight"}], example_inputs=(x,))
+    with pytest.raises(fxs.SparsityConfigError, match="is in a group an earlier entry already names"):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "stem.0.weight"}, {"tensor_fqn": "layer1.0.conv2.weight"}],
+                                 example_inputs=(x,))
+    with pytest.raises(fxs.SparsityConfigError, match="needs example_inputs"):
+        SaliencyPruner().prepare(model)
+    with pytest.raises(fxs.SparsityConfigError, match="every channel group crosses layers"):
+        SaliencyPruner().prepare(model, scope="layers", example_inputs=(x,))
+
+
+class _Einsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.einsum("bc,bc->bc", self.fc1(x), self.fc1(x))
+        return self.fc2(h)
+
+
+def test_an_op_that_is_not_followed_refuses_its_group_and_names_itself():
+    model = _Einsum()
+    x = torch.randn(2, 8)
+    pruner = SaliencyPruner(0.5)
+    pruner.prepare(model, example_inputs=(x,))
+    assert pruner.groups == []  # nothing can be cut exactly
+    with pytest.raises(fxs.SparsityConfigError, match=r"'einsum' \(einsum\) is not an op whose channel coupling "
+                                                      r"fx_sparsity follows"):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "fc1.weight"}], example_inputs=(x,))
+
+
+def test_normalised_widths_are_left_out_by_default_and_pruned_on_request_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), _ViTMLPBlock(), _ViTMLPBlock(), nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 5, 16)
+    pruner = SaliencyPruner(0.5)
+    masked, pruned = prune(model, pruner, x)
+    assert sorted(g["module_fqn"] for g in pruner.groups) == ["1.fc1", "2.fc1"]  # the hidden widths only
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    pruner = SaliencyPruner(0.5)
+    with pytest.warns(UserWarning, match=r"pruning the channels of '0.weight' changes what the model computes: "
+                                         r"LayerNorm '1.norm' normalises them together"):
+        masked = pruner.prepare(model, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
+    pruner.step()
+    pruned = pruner.prune()
+    assert pruned.get_submodule("1.norm").normalized_shape == (16,)
+    assert pruned.get_submodule("3").in_features == 16
+    assert pruned(x).shape == masked(x).shape
+
+
+def test_compile_and_export_the_pruned_model():
+    model = resnet_like().eval()
+    x = torch.randn(2, 3, 16, 16)
+    _, pruned = prune(model, SaliencyPruner(0.5), x)
+    exported = torch.export.export(pruned, (x,)).module()
+    torch.testing.assert_close(exported(x), pruned(x), rtol=1e-5, atol=1e-5)
 
 
 def test_schedulers_drive_structured_pruners():
@@ -121,11 +383,124 @@ def test_schedulers_drive_structured_pruners():
     pruner = SaliencyPruner(0.5)
     pruner.prepare(model, example_inputs=(torch.randn(2, 3, 16, 16),))
     scheduler = fxs.CubicSL(pruner, init_sl=0.0, init_t=0, delta_t=1, total_t=3)
+    levels = []
     for _ in range(4):
         pruner.step()
         scheduler.step()
+        levels.append(pruner.groups[0]["sparsity_level"])
+    assert levels[0] < levels[1] < levels[2] == levels[3] == 0.5
+    pruner.step()
     mask = pruner.get_mask(pruner.groups[0]["tensor_fqn"])
     assert (mask == 0).float().mean().item() == 0.5
+
+
+def test_training_through_the_masked_model_leaves_pruned_channels_without_gradient():
+    model = resnet_like()
+    x = torch.randn(4, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    masked = pruner.prepare(model, [{"tensor_fqn": "layer2.0.conv1.weight"}], example_inputs=(x,))
+    pruner.step()
+    masked.train()
+    masked(x).square().sum().backward()
+    mask = pruner.get_mask("layer2.0.conv1.weight").bool()
+    grad = masked.get_submodule("layer2.0.conv2").weight.grad
+    assert grad[:, ~mask].abs().sum() == 0 and grad[:, mask].abs().sum() > 0
+
+
+def test_printed_graph_shows_each_groups_channels():
+    pruner = SaliencyPruner(0.5)
+    prepared = fxs.prepare_fx_sparse(resnet_like(), pruner, example_inputs=(torch.randn(2, 3, 16, 16),))
+    pruner.step()
+    text = fxs.format_sparse_graph(prepared)
+    rows = [line.split() for line in text.splitlines() if "channels of" in line]
+    assert len(rows) == 9  # one per value a sink reads (convs reading the same value share it)
+    assert rows[5][:9] == ["mul_5", "call_function", "torch.mul", "group", "4,", "channels", "of", "layer2.0.conv1:",
+                           "8/16"]
+    assert rows[5][-1] == "50.0%"
+    assert "channel groups: 6 masked, 36 of their 72 channels kept (50.0% to cut; prune() removes them)" in text
+
+
+def test_printed_graph_counts_heads_as_units():
+    pruner = SaliencyPruner(0.5)
+    prepared = fxs.prepare_fx_sparse(SmallViT(), pruner, example_inputs=(torch.randn(1, 3, 16, 16),))
+    pruner.step()
+    text = fxs.format_sparse_graph(prepared)
+    assert "group 1, channels of layers.0.self_attention.in_proj_weight: 48/96 kept, 2/4 units" in text
+
+
+def test_pruner_state_dict_round_trips_through_torch_save(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(resnet_like(), pruner, example_inputs=(x,))
+    pruner.step()
+    torch.save(pruner.state_dict(), tmp_path / "pruner.pt")
+    fresh = SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(resnet_like(seed=1), fresh, example_inputs=(x,))
+    fresh.load_state_dict(torch.load(tmp_path / "pruner.pt"))  # weights_only
+    for group in pruner.groups:
+        assert torch.equal(fresh.get_mask(group["tensor_fqn"]), pruner.get_mask(group["tensor_fqn"]))
+    wrong = SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(SmallMobileNet(), wrong, example_inputs=(x,))
+    with pytest.raises(RuntimeError, match="saved mask has 8 entries, this model's group 16"):
+        wrong.load_state_dict(torch.load(tmp_path / "pruner.pt"))
+
+
+def test_a_failed_prepare_leaves_the_model_and_the_pruner_as_they_were():
+    model = resnet_like()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = SaliencyPruner(0.5)
+    with pytest.raises(fxs.SparsityConfigError):
+        pruner.prepare(model, [{"tensor_fqn": "fc.weight"}], example_inputs=(torch.randn(2, 3, 16, 16),),
+                       inplace=True)
+    assert pruner.model is None and pruner.groups == []
+    assert type(model) is SmallResNet and model.state_dict().keys() == before.keys()
+    assert not [n for n, _ in model.named_buffers() if "channel_mask" in n]
+    pruner.prepare(model, example_inputs=(torch.randn(2, 3, 16, 16),))  # and it can be used again
+
+
+def test_block_scope_keeps_the_users_model_and_prunes_inside_each_block():
+    model = resnet_like().eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, scope=BasicBlock, example_inputs=(x,))
+    assert type(masked) is SmallResNet and isinstance(masked.layer1[0], torch.fx.GraphModule)
+    # inside each block only its conv1 -> conv2 width can go; the residual width leaves the block
+    assert [g["module_fqn"] for g in pruner.groups] == ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1",
+                                                       "layer2.1.conv1"]
+    pruner.step()
+    masked.eval()
+    pruned = pruner.prune().eval()
+    assert type(pruned) is SmallResNet and type(pruned.layer2[0]) is BasicBlock  # the blocks' own class back
+    assert pruned.get_submodule("layer2.0.conv1").out_channels == 8
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(fxs.SparsityConfigError, match=r"its channels leave the block 'layer1.0' \(the group crosses "
+                                                      r"graphs\): prune it with scope=\"model\""):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "layer1.0.conv2.weight"}], scope=BasicBlock,
+                                 example_inputs=(x,))
+
+
+class _FixedWidthBlock(nn.Module):
+    """A block whose code fixes a width: its own class cannot run once the width is cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h.view(h.shape[0], 16))
+
+
+def test_a_block_whose_code_fixes_a_size_stays_a_pruned_graph_with_a_warning():
+    model = nn.Sequential(_FixedWidthBlock(), nn.ReLU(), _FixedWidthBlock())
+    x = torch.randn(3, 8)
+    pruner = SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, scope=_FixedWidthBlock, example_inputs=(x,))
+    pruner.step()
+    with pytest.warns(UserWarning, match=r"'0' \(_FixedWidthBlock\) does not run with its smaller layers"):
+        pruned = pruner.prune()
+    assert isinstance(pruned[0], torch.fx.GraphModule) and pruned[0].fc1.out_features == 8
+    torch.testing.assert_close(pruned(x), masked(x))
 
 
 @pytest.mark.slow
@@ -152,122 +527,15 @@ def test_digits_cnn_keeps_its_accuracy_at_half_the_channels():
     assert result["dense_params"] / result["pruned_params"] > 3.5
 
 
-def test_printed_graph_shows_each_groups_channels():
-    pruner = SaliencyPruner(0.5)
-    prepared = fxs.prepare_fx_sparse(resnet_like(), pruner, example_inputs=(torch.randn(2, 3, 16, 16),))
-    pruner.step()
-    rows = [line.split() for line in fxs.format_sparse_graph(prepared).splitlines() if "channels of" in line]
-    assert len(rows) == 10  # one per consumer input (the four convs reading the shared stem group included)
-    assert rows[6][:7] == ["mul_6", "call_function", "torch.mul", "channels", "of", "layer2.0.conv1:", "8/16"]
-    assert rows[6][-1] == "50.0%"
-
-
-class _ViTMLPBlock(nn.Module):
-    """A transformer block's feed-forward half: x + fc2(gelu(fc1(norm(x)))), tokens (B, N, C)."""
-
-    def __init__(self, dim=32, hidden=64):
-        super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
-
-
-def test_transformer_mlp_hidden_width_is_pruned_and_the_normalised_width_is_refused():
-    torch.manual_seed(0)
-    model = nn.Sequential(_ViTMLPBlock(), _ViTMLPBlock()).eval()
-    x = torch.randn(2, 5, 32)
-    pruner = SaliencyPruner(0.5)
-    masked, pruned = prune(model, pruner, x)
-    assert sorted(g["module_fqn"] for g in pruner.groups) == ["0.fc1", "1.fc1"]  # the hidden widths
-    assert pruned.get_submodule("0.fc2").in_features == 32
+def test_channels_never_empty_a_tensor():
+    """A split's half whose channels would all go keeps its best one (its consumer needs an input)."""
+    model = SmallShuffleNetV2().eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = SaliencyPruner(0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked, pruned = prune(model, pruner, x)
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.in_channels > 0 and m.out_channels > 0
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(fxs.SparsityConfigError, match="cannot be pruned exactly"):
-        SaliencyPruner().prepare(model, [{"tensor_fqn": "0.fc2.weight"}], example_inputs=(x,))
-
-
-class _Attention(nn.Module):
-    """Multi-head self-attention written out (as ViT and many models do): q, k, v, heads, projection."""
-
-    def __init__(self, dim=32, heads=4, sdpa=False):
-        super().__init__()
-        self.heads, self.head_dim, self.sdpa = heads, dim // heads, sdpa
-        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
-        if self.sdpa:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        else:
-            out = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1) @ v
-        return x + self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-
-class _ViTBlock(nn.Module):
-    def __init__(self, sdpa=False):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(32), _Attention(sdpa=sdpa)
-        self.mlp = _ViTMLPBlock()
-
-    def forward(self, x):
-        return self.mlp(self.attn(self.norm1(x)))
-
-
-@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
-@pytest.mark.parametrize("pruner_cls", [SaliencyPruner, FPGMPruner])
-def test_attention_heads_are_pruned_whole(pruner_cls, sdpa):
-    torch.manual_seed(0)
-    model = nn.Sequential(_ViTBlock(sdpa), _ViTBlock(sdpa)).eval()
-    x = torch.randn(2, 5, 32)
-    pruner = pruner_cls(0.5)
-    masked, pruned = prune(model, pruner, x)
-    heads = next(g for g in pruner.groups if g["module_fqn"] in ("0.attn.q", "0.attn.k", "0.attn.v"))
-    group = heads["channel_group"]
-    assert sorted(group.producers) == ["0.attn.k", "0.attn.q", "0.attn.v"] and group.head_dim == 8
-    mask = pruner.get_mask(heads["tensor_fqn"]).reshape(4, 8)
-    assert mask.all(1).sum().item() == 2 and (~mask.any(1)).sum().item() == 2  # two whole heads kept
-    assert pruned.get_submodule("0.attn.q").out_features == 16
-    assert pruned.get_submodule("0.attn.proj").in_features == 16
-    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
-    other = torch.randn(3, 7, 32)  # other batch and sequence sizes: the new head count is in the graph
-    torch.testing.assert_close(pruned(other), masked(other), rtol=1e-5, atol=1e-5)
-
-
-def test_pruner_state_dict_round_trips_through_torch_save(tmp_path):
-    x = torch.randn(2, 3, 16, 16)
-    pruner = SaliencyPruner(0.5)
-    fxs.prepare_fx_sparse(resnet_like(), pruner, example_inputs=(x,))
-    pruner.step()
-    torch.save(pruner.state_dict(), tmp_path / "pruner.pt")
-    fresh = SaliencyPruner(0.5)
-    fxs.prepare_fx_sparse(resnet_like(seed=1), fresh, example_inputs=(x,))
-    fresh.load_state_dict(torch.load(tmp_path / "pruner.pt"))  # weights_only
-    for group in pruner.groups:
-        assert torch.equal(fresh.get_mask(group["tensor_fqn"]), pruner.get_mask(group["tensor_fqn"]))
-
-
-def test_block_scope_keeps_the_users_model_and_prunes_inside_each_block():
-    from models import BasicBlock, SmallResNet
-
-    model = resnet_like().eval()
-    x = torch.randn(2, 3, 16, 16)
-    pruner = SaliencyPruner(0.5)
-    masked = fxs.prepare_fx_sparse(model, pruner, scope=BasicBlock, example_inputs=(x,))
-    assert type(masked) is SmallResNet and isinstance(masked.layer1[0], torch.fx.GraphModule)
-    # inside each block only its conv1 -> conv2 width can go; the residual width leaves the block
-    assert [g["module_fqn"] for g in pruner.groups] == ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1",
-                                                       "layer2.1.conv1"]
-    pruner.step()
-    masked.eval()
-    pruned = pruner.prune().eval()
-    assert type(pruned) is SmallResNet and pruned.get_submodule("layer2.0.conv1").out_channels == 8
-    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(fxs.SparsityConfigError, match=r"its channels leave the block 'layer1.0' \(the group crosses "
-                                                      r"graphs\): prune it with scope=\"model\""):
-        SaliencyPruner().prepare(model, [{"tensor_fqn": "layer1.0.conv2.weight"}], scope=BasicBlock,
-                                 example_inputs=(x,))
-    with pytest.raises(fxs.SparsityConfigError, match="scope=\"layers\" puts every layer in its own graph"):
-        SaliencyPruner().prepare(model, scope="layers", example_inputs=(x,))

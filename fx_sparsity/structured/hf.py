@@ -7,6 +7,8 @@ Attention modules are recognised by their projections (``q_proj``/``query``/``q`
 """
 from __future__ import annotations
 
+from typing import Any, cast
+
 from torch import nn
 
 from ..errors import warn_user
@@ -57,12 +59,12 @@ def update_attention_attributes(root: nn.Module) -> None:
                 if kv is not None and isinstance(getattr(module, name, None), int):
                     setattr(module, name, kv)
             if isinstance(getattr(module, "all_head_size", None), int):
-                module.all_head_size = heads * (_head_size(module) or 0)
+                cast(Any, module).all_head_size = heads * (_head_size(module) or 0)
             if kv is not None and isinstance(getattr(module, "num_key_value_groups", None), int) and kv:
-                module.num_key_value_groups = heads // kv
+                cast(Any, module).num_key_value_groups = heads // kv
         up = _linear_child(module, ("up_proj", "gate_proj", "fc1"))
         if up is not None and isinstance(getattr(module, "intermediate_size", None), int):
-            module.intermediate_size = up.out_features
+            cast(Any, module).intermediate_size = up.out_features
 
 
 def _intermediate(module: nn.Module, name: str) -> int | None:

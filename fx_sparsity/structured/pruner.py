@@ -10,6 +10,7 @@ the example inputs.
 from __future__ import annotations
 
 import copy
+import difflib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,12 +112,12 @@ class BaseStructuredSparsifier(BaseSparsifier):
         work = model if inplace else copy.deepcopy(model)
         restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "state", "parts"))
         try:
-            return self._prepare(work, config, block_types, tracer, example_inputs)
+            return self._prepare_groups(work, config, block_types, tracer, example_inputs)
         except BaseException:
             restore()
             raise
 
-    def _prepare(self, work: nn.Module, config: list[dict] | None, block_types: tuple | None, tracer: str,
+    def _prepare_groups(self, work: nn.Module, config: list[dict] | None, block_types: tuple | None, tracer: str,
                  example_inputs: Any) -> nn.Module:
         if block_types is None:
             units = [("", work, CallInputs(*as_args_kwargs(example_inputs)))]
@@ -177,8 +178,10 @@ class BaseStructuredSparsifier(BaseSparsifier):
         try:
             return export_module(module, *as_args_kwargs(inputs))
         except Exception as e:
+            hint = (" A Hugging Face cache reached it: pass use_cache=False in example_inputs (the pruned blocks get "
+                    "their own class back, and generate() with the cache works on them)." if "Cache" in str(e) else "")
             raise TraceError(f"torch.export cannot trace {where} on its example inputs: {type(e).__name__}: {e}\n"
-                             f"Check that example_inputs match the model's forward.") from e
+                             f"Check that example_inputs match the model's forward.{hint}") from e
 
     def _choose(self, part: _Part, config: list[dict] | None) -> list[tuple[ChannelGroup, dict]]:
         found = part.analysis.groups
@@ -197,10 +200,11 @@ class BaseStructuredSparsifier(BaseSparsifier):
             fqn = entry["tensor_fqn"]
             group = part.analysis.group_of_tensor(fqn)
             if group is None or not group.producers:
-                names = sorted({p for g in found if g.prunable for p, _ in g.producers})
+                names = sorted({prefix + p for g in found if g.prunable for p, _ in g.producers})
+                nearest = difflib.get_close_matches(prefix + fqn, names, n=3, cutoff=0.0)
                 raise SparsityConfigError(
                     f"config[{i}]: '{prefix}{fqn}' is not a weight whose channels fx_sparsity follows to a group; "
-                    f"groups can be named by {[prefix + n for n in names[:8]]}{' ...' if len(names) > 8 else ''}")
+                    f"the nearest that name a prunable group: {nearest}")
             if group.problem is not None:
                 raise SparsityConfigError(f"config[{i}]: the channels of '{prefix}{fqn}' cannot be pruned exactly: "
                                           f"{group.problem}")
@@ -209,8 +213,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
                                           f"(its producers: {[prefix + p for p, _ in group.producers]})")
             if group.normalized is not None:
                 warn_user(f"pruning the channels of '{prefix}{fqn}' changes what the model computes: "
-                          f"{group.normalized}, so the pruned model is close to, not equal to, the masked one; "
-                          f"fine-tune after pruning")
+                          f"{group.normalized}, so the pruned model computes something else than the masked one (close "
+                          f"when the channels cut are small); fine-tune after pruning")
             chosen.append((group, entry))
         return chosen
 
@@ -295,7 +299,6 @@ class BaseStructuredSparsifier(BaseSparsifier):
         return self.prune()
 
     # -- cutting
-    @torch.no_grad()
     def prune(self) -> nn.Module:
         """A physically smaller copy of the prepared model, computing what the masked one does.
 
@@ -303,7 +306,10 @@ class BaseStructuredSparsifier(BaseSparsifier):
         left as it is. With a block scope, each block gets its own class back when its forward runs
         with the smaller layers (a block whose code fixes a size stays a pruned GraphModule).
         """
-        model = self._require_prepared("prune")
+        with torch.no_grad():
+            return self._prune(self._require_prepared("prune"))
+
+    def _prune(self, model: nn.Module) -> nn.Module:
         pruned = _copy(model)
         exact = True
         for part in self.parts:

@@ -1,0 +1,152 @@
+"""Structured pruning of Hugging Face transformers (tiny random configs, no download): BERT and Llama with
+grouped-query attention, traced with torch.export, whole model or block by block. Heads and MLP widths are cut;
+the pruned model computes what the masked one does, keeps its class (block scope), runs on other shapes,
+compiles, exports, and its config says the new sizes so save_pretrained / from_pretrained round-trips."""
+import warnings
+
+import pytest
+import torch
+
+import fx_sparsity as fxs
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:.*:DeprecationWarning")]
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", module="transformers")
+
+from transformers.models.bert.modeling_bert import BertLayer  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # noqa: E402
+
+
+def params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def inputs(batch=2, length=8, padded=True, cache=True):
+    ids = torch.randint(3, 100, (batch, length))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[-1, length - 2:] = 0
+    out = {"input_ids": ids, "attention_mask": mask}
+    if not cache:
+        out["use_cache"] = False
+    return out
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def prune(model, scope, example, config=None):
+    pruner = fxs.SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, config, scope=scope, tracer="export", example_inputs=example)
+    pruner.step()
+    return pruner, masked, pruner.prune()
+
+
+def test_llama_gqa_keeps_query_heads_with_their_kv_head():
+    pruner, masked, pruned = prune(llama(), "model", inputs(cache=False))
+    heads = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "model.layers.0.self_attn.q_proj.weight")
+    assert heads.producers == [("model.layers.0.self_attn.q_proj.weight", 0), ("model.layers.0.self_attn.k_proj.weight", 0),
+                               ("model.layers.0.self_attn.v_proj.weight", 0)]
+    assert heads.channels_per_class == [32, 32]  # a class: one kv head and its 2 query heads of 16
+    mlp = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "model.layers.0.mlp.gate_proj.weight")
+    assert mlp.producers == [("model.layers.0.mlp.gate_proj.weight", 0), ("model.layers.0.mlp.up_proj.weight", 0)]
+    assert not any(g["tensor_fqn"] == "model.embed_tokens.weight" for g in pruner.groups)  # RMSNorm'd: left out
+    layer = "model.layers.1.self_attn"
+    assert pruned.get_parameter(f"{layer}.q_proj.weight").shape == (32, 64)
+    assert pruned.get_parameter(f"{layer}.k_proj.weight").shape == (16, 64)
+    assert pruned.get_parameter(f"{layer}.o_proj.weight").shape == (64, 32)
+    assert pruned.get_parameter("model.layers.1.mlp.down_proj.weight").shape == (64, 64)
+    example = inputs(cache=False)
+    torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
+    other = inputs(3, 13, cache=False)  # export keeps batch and sequence dynamic
+    torch.testing.assert_close(logits(pruned(**other)), logits(masked(**other)), rtol=1e-5, atol=1e-5)
+    assert params(pruned) < 0.7 * params(llama())
+
+
+def test_llama_block_scope_keeps_the_model_class_and_its_config(tmp_path):
+    model = llama()
+    pruner, masked, pruned = prune(model, LlamaDecoderLayer, inputs(cache=False))  # blocks export without a cache
+    assert type(pruned) is transformers.LlamaForCausalLM
+    assert all(type(layer) is LlamaDecoderLayer for layer in pruned.model.layers)  # the blocks' own class back
+    config = pruned.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == \
+        (2, 1, 16, 64)
+    assert model.config.num_attention_heads == 4  # the user's model keeps its own
+    example = inputs(cache=False)
+    torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
+    prompt = torch.tensor([[1, 5, 9, 12]])
+    generated = pruned.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # with the KV cache: the class's own code
+    assert generated.shape == (1, 8)
+    pruned.save_pretrained(tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert params(reloaded) == params(pruned)
+    torch.testing.assert_close(logits(reloaded(**example)), logits(pruned(**example)))
+
+
+def test_llama_residual_width_is_pruned_only_on_request():
+    pruner = fxs.SaliencyPruner(0.25)
+    with pytest.warns(UserWarning, match=r"pruning the channels of 'model.embed_tokens.weight' changes what the model "
+                                         r"computes: LlamaRMSNorm 'model.layers.0.input_layernorm' normalises them"):
+        fxs.prepare_fx_sparse(llama(), pruner, [{"tensor_fqn": "model.embed_tokens.weight"}], tracer="export",
+                              example_inputs=inputs(cache=False))
+    pruner.step()
+    pruned = pruner.prune()
+    assert pruned.get_parameter("model.embed_tokens.weight").shape == (128, 48)
+    assert pruned.get_parameter("model.norm.weight").shape == (48,)
+    assert logits(pruned(**inputs(cache=False))).shape == (2, 8, 128)
+
+
+def test_bert_heads_and_intermediate_widths():
+    pruner, masked, pruned = prune(bert(), "model", inputs())
+    tensors = sorted(g["tensor_fqn"] for g in pruner.groups)
+    assert tensors == ["bert.encoder.layer.0.attention.self.query.weight",
+                       "bert.encoder.layer.0.intermediate.dense.weight",
+                       "bert.encoder.layer.1.attention.self.query.weight",
+                       "bert.encoder.layer.1.intermediate.dense.weight", "bert.pooler.dense.weight"]
+    heads = pruner.groups[0]["channel_group"]
+    assert heads.channels_per_class == [8, 8, 8, 8]
+    example, other = inputs(), inputs(3, 11)
+    torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(pruned(**other)), logits(masked(**other)), rtol=1e-5, atol=1e-5)
+    assert pruned.get_parameter("bert.encoder.layer.0.attention.self.value.weight").shape == (16, 32)
+
+
+def test_bert_block_scope_restores_bert_layers_and_says_what_its_config_cannot():
+    with pytest.warns(UserWarning, match=r"BertForSequenceClassification.config cannot describe num_attention_heads=2 "
+                                         r"\(the config derives the head size from hidden_size\)"):
+        pruner, masked, pruned = prune(bert(), BertLayer, inputs())
+    layer = pruned.bert.encoder.layer[0]
+    assert type(layer) is BertLayer
+    assert (layer.attention.self.num_attention_heads, layer.attention.self.all_head_size) == (2, 16)
+    assert pruned.config.intermediate_size == 32
+    example = inputs(3, 6)
+    torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [bert, llama], ids=["bert", "llama"])
+def test_pruned_transformers_compile_and_export(make):
+    example = inputs(cache=make is bert)
+    _, _, pruned = prune(make(), "model", example)
+    expected = logits(pruned(**example))
+    compiled = torch.compile(pruned, backend="aot_eager")
+    torch.testing.assert_close(logits(compiled(**example)), expected, rtol=1e-4, atol=1e-4)
+    exported = torch.export.export(pruned, (), example).module()
+    torch.testing.assert_close(logits(exported(**example)), expected, rtol=1e-5, atol=1e-5)
