@@ -326,8 +326,6 @@ def test_config_names_a_group_and_refusals_say_why():
                                  example_inputs=(x,))
     with pytest.raises(fxs.SparsityConfigError, match="needs example_inputs"):
         SaliencyPruner().prepare(model)
-    with pytest.raises(fxs.SparsityConfigError, match="every channel group crosses layers"):
-        SaliencyPruner().prepare(model, scope="layers", example_inputs=(x,))
 
 
 class _Einsum(nn.Module):
@@ -477,6 +475,28 @@ def test_block_scope_keeps_the_users_model_and_prunes_inside_each_block():
                                                       r"graphs\): prune it with scope=\"model\""):
         SaliencyPruner().prepare(model, [{"tensor_fqn": "layer1.0.conv2.weight"}], scope=BasicBlock,
                                  example_inputs=(x,))
+
+
+def test_layers_scope_prunes_what_lies_inside_one_layer():
+    model = SmallViT().eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, scope="layers", example_inputs=(x,))
+    # every layer is a graph: only an nn.MultiheadAttention holds a whole group (its heads)
+    assert [g["tensor_fqn"] for g in pruner.groups] == ["layers.0.self_attention.in_proj_weight",
+                                                       "layers.1.self_attention.in_proj_weight"]
+    pruner.step()
+    with pytest.warns(UserWarning, match="does not run with its smaller layers"):  # MultiheadAttention's own code
+        pruned = pruner.prune()  # cannot hold fewer heads: those stay pruned graphs
+    assert type(pruned) is SmallViT and type(pruned.layers[0].mlp[0]) is nn.Linear
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(fxs.SparsityConfigError, match=r"with scope=\"layers\" each layer is a graph of its own, and the "
+                                                      r"channels of 'layers.0.mlp.0' \(Linear\) leave it \(the "
+                                                      r"group crosses graphs\)"):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "layers.0.mlp.0.weight"}], scope="layers",
+                                 example_inputs=(x,))
+    with pytest.warns(UserWarning, match="found no channel group it can cut exactly"):
+        SaliencyPruner().prepare(resnet_like(), scope="layers", example_inputs=(torch.randn(1, 3, 16, 16),))
 
 
 class _FixedWidthBlock(nn.Module):

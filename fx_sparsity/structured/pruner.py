@@ -98,11 +98,6 @@ class BaseStructuredSparsifier(BaseSparsifier):
         if tracer not in TRACERS:
             raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
         block_types = check_scope(scope)
-        if block_types == ():
-            raise SparsityConfigError(
-                "structured pruning with scope=\"layers\": every layer would be its own graph, and every channel "
-                "group crosses layers (a Linear's output channels are its consumer's input channels). Use "
-                "scope=\"model\" or a block scope, e.g. scope=BasicBlock")
         if example_inputs is None:
             raise SparsityConfigError("structured pruning needs example_inputs (the shapes decide how channels move "
                                       "through views and flattens), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)")
@@ -122,7 +117,19 @@ class BaseStructuredSparsifier(BaseSparsifier):
         if block_types is None:
             units = [("", work, CallInputs(*as_args_kwargs(example_inputs)))]
         else:
-            blocks = unit_fqns(work, block_types, [])
+            blocks = unit_fqns(work, block_types, []) if block_types else _layers(work)
+            if not block_types:  # scope="layers": a standard layer alone holds no whole group; its channels leave it
+                alone = [b for b in blocks if not isinstance(work.get_submodule(b), nn.MultiheadAttention)
+                         and type(work.get_submodule(b)).__module__.startswith("torch.nn")]
+                for entry in config or []:
+                    owner = next((b for b in alone if str(entry.get("tensor_fqn", "")).startswith(b + ".")), None)
+                    if owner is not None:
+                        raise SparsityConfigError(
+                            f"'{entry['tensor_fqn']}': with scope=\"layers\" each layer is a graph of its own, and "
+                            f"the channels of '{owner}' ({type(work.get_submodule(owner)).__name__}) leave it (the "
+                            f"group crosses graphs): prune it with scope=\"model\" or a block scope holding the "
+                            f"whole group")
+                blocks = [b for b in blocks if b not in alone]
             captured = capture_inputs(work, blocks, example_inputs)
             units = [(fqn, work.get_submodule(fqn), captured[fqn]) for fqn in blocks]
             outside = [e.get("tensor_fqn") for e in config or []
@@ -151,7 +158,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
                 settings = {**copy.deepcopy(self.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
                 check_level(settings["sparsity_level"], where=f"group of '{tensor_fqn}'")
                 prefix = f"{fqn}." if fqn else ""
-                groups.append({**settings, "tensor_fqn": prefix + tensor_fqn, "module_fqn": prefix + owner_fqn,
+                groups.append({**settings, "tensor_fqn": prefix + tensor_fqn, "module_fqn": ".".join(n for n in (fqn, owner_fqn) if n),
                                "tensor_name": tensor_name, "mask_name": _mask_name(tensor_name), "module": owner,
                                "channel_group": group, "graph_module": gm, "part": fqn})
             run_passes(gm, InsertChannelMasks(analysis, masks))
@@ -160,6 +167,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
                     index = next(i for i, f in masks.items() if f == mask_fqn)
                     node.meta.setdefault("channel_groups", {})[mask_fqn] = analysis.groups[index]
             parts.append(part)
+        if not groups and config is None:
+            _warn_nothing_to_prune(self, parts)
         for part in parts:
             if part.fqn:
                 work.set_submodule(part.fqn, part.graph_module)
@@ -170,6 +179,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
 
     def _trace(self, module: nn.Module, tracer: str, inputs: CallInputs, fqn: str) -> fx.GraphModule:
         where = f"'{fqn}' ({type(module).__name__})" if fqn else type(module).__name__
+        if isinstance(module, nn.MultiheadAttention):
+            tracer = "export"  # a layer of its own (scope="layers"): its forward branches on its flags
         if tracer == "symbolic":
             try:
                 return trace_written_out(module)
@@ -189,7 +200,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
             for group in found:
                 if group.problem and ("model output" in group.problem or "model input" in group.problem):
                     group.problem = (f"its channels leave the block '{part.fqn}' (the group crosses graphs): prune "
-                                     f"it with scope=\"model\"")
+                                     f"it with scope=\"model\" or a block scope holding the whole group")
         if config is None:
             return [(g, {}) for g in found if g.prunable and g.normalized is None]
         chosen: list[tuple[ChannelGroup, dict]] = []
@@ -336,6 +347,24 @@ class BaseStructuredSparsifier(BaseSparsifier):
                     pruned.set_submodule(part.fqn, restored)
         update_config(pruned)
         return pruned
+
+
+def _layers(model: nn.Module) -> list[str]:
+    """scope="layers": the outermost submodules that hold parameters themselves (each a graph of its own)."""
+    owners: list[str] = []
+    for name, module in model.named_modules():
+        if name and next(module.parameters(recurse=False), None) is not None and not any(
+                name.startswith(o + ".") for o in owners):
+            owners.append(name)
+    return owners
+
+
+def _warn_nothing_to_prune(pruner: BaseStructuredSparsifier, parts: list[_Part]) -> None:
+    reasons = sorted({g.problem or g.normalized or "" for p in parts for g in p.analysis.groups if g.producers} - {""})
+    warn_user(f"prepare: {type(pruner).__name__} found no channel group it can cut exactly (without changing the "
+              f"model's output shapes); step() and prune() will do nothing. Why the groups were left out: "
+              f"{reasons[:4]}{' ...' if len(reasons) > 4 else ''}. A group a LayerNorm/RMSNorm normalises can still "
+              f"be named in the config.")
 
 
 _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
