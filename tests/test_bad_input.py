@@ -394,7 +394,72 @@ CATALOG: list[Row] = [
     Row("`convert_fx_sparse`", "`max_rel_error` < 0",
         lambda: fxs.convert_fx_sparse(stepped(), "auto", example_inputs=(torch.randn(2, 16),), max_rel_error=-1),
         fxs.SparsityConfigError, "max_rel_error must be a number >= 0, got -1"),
+    # structured pruners
+    Row("`SaliencyPruner.prepare`", "no `example_inputs`", lambda: prep(sparsifier=fxs.SaliencyPruner()),
+        fxs.SparsityConfigError, "structured pruning needs example_inputs (the shapes decide how channels move through "
+        "views and flattens), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)"),
+    Row("`SaliencyPruner.prepare`", "a group whose channels are the model's output",
+        lambda: prep([{"tensor_fqn": "4.weight"}], fxs.SaliencyPruner(), example_inputs=(torch.randn(2, 16),)),
+        fxs.SparsityConfigError, "config[0]: the channels of '4.weight' cannot be pruned exactly: its channels are a "
+        "model output"),
+    Row("`SaliencyPruner.prepare`", "a name that is no weight of a group",
+        lambda: prep([{"tensor_fqn": "3.weight"}], fxs.SaliencyPruner(), example_inputs=(torch.randn(2, 16),)),
+        fxs.SparsityConfigError, "config[0]: '3.weight' is not a weight whose channels fx_sparsity follows to a "
+        "group; the nearest that name a prunable group: ['2.weight', '0.weight']"),
+    Row("`SaliencyPruner.prepare`", "two entries naming one group",
+        lambda: prep([{"tensor_fqn": "0.weight"}, {"tensor_fqn": "0.weight"}], fxs.SaliencyPruner(),
+                     example_inputs=(torch.randn(2, 16),)),
+        fxs.SparsityConfigError, "config[1]: '0.weight' is in a group an earlier entry already names (its producers: "
+        "['0.weight'])"),
+    Row("`SaliencyPruner.prepare`", "a group that leaves its block (block scope)",
+        lambda: prep([{"tensor_fqn": "block.0.weight"}], fxs.SaliencyPruner(), model=WithBlock(), scope=nn.Sequential,
+                     example_inputs=(torch.randn(2, 16),)),
+        fxs.SparsityConfigError, "config[0]: the channels of 'block.0.weight' cannot be pruned exactly: its channels "
+        "leave the block 'block' (the group crosses graphs): prune it with scope=\"model\" or a block scope holding "
+        "the whole group"),
+    Row("`SaliencyPruner.prepare`", "a layer's channels with `scope=\"layers\"`",
+        lambda: prep([{"tensor_fqn": "0.weight"}], fxs.SaliencyPruner(), scope="layers",
+                     example_inputs=(torch.randn(2, 16),)),
+        fxs.SparsityConfigError, "'0.weight': with scope=\"layers\" each layer is a graph of its own, and the "
+        "channels of '0' (Linear) leave it (the group crosses graphs): prune it with scope=\"model\" or a block "
+        "scope holding the whole group"),
+    Row("`SaliencyPruner.prepare`", "an op whose channel coupling is not followed",
+        lambda: prep([{"tensor_fqn": "fc1.weight"}], fxs.SaliencyPruner(), model=Einsum(),
+                     example_inputs=(torch.randn(2, 8),)),
+        fxs.SparsityConfigError, "config[0]: the channels of 'fc1.weight' cannot be pruned exactly: 'einsum' (einsum) "
+        "is not an op whose channel coupling fx_sparsity follows"),
+    Row("`SaliencyPruner.load_state_dict`", "masks of another model",
+        lambda: structured_prepared(mlp()).load_state_dict(structured_prepared(narrow_mlp()).state_dict()),
+        RuntimeError, "Error loading '0.weight': saved mask has 8 entries, this model's group 32 (a state dict from "
+        "another model?)"),
+    Row("`FPGMPruner`", "unknown `dist`", lambda: fxs.FPGMPruner(0.5, dist=3), fxs.SparsityConfigError,
+        "FPGMPruner: dist=3; use 1, 2 or a callable"),
 ]
+
+
+class WithBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.block, self.out = nn.Linear(16, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.block(self.a(x)))
+
+
+class Einsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.einsum("bc,bc->bc", h, h))
+
+
+def structured_prepared(model):
+    pruner = fxs.SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(model, pruner, example_inputs=(torch.randn(2, 16),))
+    return pruner
 
 
 # -- tests -------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_pruned_model_equals_the_masked_one(name, pruner_cls):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet_basic", "shufflenet_v2", "vit", "swin"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_pruned_models_compile_and_export(name):
     make, shape = MODELS[name]
     x = torch.randn(*shape)
@@ -301,6 +301,31 @@ def test_swin_windows_keep_the_relative_position_bias_per_head():
     table = pruned.get_parameter("blocks.1.attn.relative_position_bias_table")
     assert table.shape[1] == 2  # the bias table keeps the columns of the heads that stay
     assert pruned.get_submodule("blocks.1.attn.qkv").out_features == 48
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+class _UNet(nn.Module):
+    """Down, up (transposed convolution) and a skip connection concatenated with the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.mid = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 1, 1)
+        self.up, self.out = nn.ConvTranspose2d(16, 8, 2, 2), nn.Conv2d(8 + 3, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.mid(torch.relu(self.down(x))))
+        return self.out(torch.cat([torch.relu(self.up(h)), x], 1))
+
+
+def test_transposed_convolutions_and_a_concatenated_input():
+    torch.manual_seed(0)
+    model = _UNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruner = SaliencyPruner(0.5)
+    masked, pruned = prune(model, pruner, x)
+    assert [g["tensor_fqn"] for g in pruner.groups] == ["down.weight", "mid.weight", "up.weight"]
+    assert pruned.up.weight.shape == (8, 4, 2, 2)  # (in, out): the transposed layout
+    assert pruned.out.in_channels == 7  # 4 of up's channels, and the 3 input channels, which cannot go
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 

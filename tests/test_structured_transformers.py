@@ -150,3 +150,24 @@ def test_pruned_transformers_compile_and_export(make):
     torch.testing.assert_close(logits(compiled(**example)), expected, rtol=1e-4, atol=1e-4)
     exported = torch.export.export(pruned, (), example).module()
     torch.testing.assert_close(logits(exported(**example)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_fused_qkv_conv1d_and_tied_embeddings():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    example = {"input_ids": torch.randint(0, 100, (2, 8)), "use_cache": False}
+    pruner, masked, pruned = prune(model, "model", example)
+    heads = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "transformer.h.0.attn.c_attn.weight")
+    assert heads.producers == [("transformer.h.0.attn.c_attn.weight", 1)]  # Conv1D: (in, out), q, k, v side by side
+    assert heads.channels_per_class == [24] * 4
+    torch.testing.assert_close(pruned(**example).logits, masked(**example).logits, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="config cannot describe num_attention_heads=2"):
+        _, masked, pruned = prune(model, GPT2Block, example)
+    block = pruned.transformer.h[0]
+    assert type(block) is GPT2Block and (block.attn.num_heads, block.attn.split_size, block.attn.c_attn.nf) == \
+        (2, 16, 48)
+    torch.testing.assert_close(pruned(**example).logits, masked(**example).logits, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from ..errors import warn_user
@@ -37,17 +38,33 @@ def _head_size(module: nn.Module) -> int | None:
     return None
 
 
+def _fused_width(module: nn.Module) -> int | None:
+    """GPT-2's attention: one fused ``c_attn`` (HF ``Conv1D``, ``nf`` outputs) for q, k and v."""
+    fused = getattr(module, "c_attn", None)
+    nf = getattr(fused, "nf", None)
+    return nf // 3 if isinstance(nf, int) and isinstance(getattr(module, "split_size", None), int) else None
+
+
 def _attention_counts(module: nn.Module) -> tuple[int, int | None] | None:
     """(query heads, kv heads) of an attention module, from its projections' sizes."""
     q, k, size = _linear_child(module, _Q), _linear_child(module, _K), _head_size(module)
-    if q is None or size is None or q.out_features % size:
+    if size is None:
         return None
-    return q.out_features // size, (k.out_features // size if k is not None and k.out_features % size == 0 else None)
+    width = q.out_features if q is not None else _fused_width(module)
+    if width is None or width % size:
+        return None
+    if q is None:
+        return width // size, width // size
+    return width // size, (k.out_features // size if k is not None and k.out_features % size == 0 else None)
 
 
 def update_attention_attributes(root: nn.Module) -> None:
     """Set head-count attributes of attention modules (and ``all_head_size``, ``intermediate_size``) from their
     projections, after a cut."""
+    for module in root.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(getattr(module, "nf", None), int) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            cast(Any, module).nf = weight.shape[1]  # HF's Conv1D: a Linear with its weight transposed
     for module in root.modules():
         counts = _attention_counts(module)
         if counts is not None:
@@ -58,6 +75,8 @@ def update_attention_attributes(root: nn.Module) -> None:
             for name in _KV_HEADS:
                 if kv is not None and isinstance(getattr(module, name, None), int):
                     setattr(module, name, kv)
+            if _fused_width(module) is not None:
+                cast(Any, module).split_size = _fused_width(module)
             if isinstance(getattr(module, "all_head_size", None), int):
                 cast(Any, module).all_head_size = heads * (_head_size(module) or 0)
             if kv is not None and isinstance(getattr(module, "num_key_value_groups", None), int) and kv:
