@@ -97,3 +97,12 @@ def test_which_scope_example_runs(capsys, tmp_path, monkeypatch):
              namespace)
     assert isinstance(namespace["prepared"], namespace["LlamaForCausalLM"])
     assert capsys.readouterr().out.strip().endswith("tensor(0.5000)")
+
+
+def test_structured_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", _section(README, "Structured pruning: a smaller model"), re.S)
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile("import torch, torch.nn as nn\nimport fx_sparsity as fxs\n" + blocks[0], "README.md (Structured)",
+                 "exec"), namespace)
+    assert capsys.readouterr().out.strip() == "torch.Size([32, 16, 3, 3])"

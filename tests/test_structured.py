@@ -1,5 +1,6 @@
 """Structured pruning: channel groups through the graph, masked, then physically cut out."""
 import copy
+import itertools
 import warnings
 
 import pytest
@@ -89,6 +90,19 @@ class _ViTBlock(nn.Module):
         return self.mlp(self.attn(self.norm1(x)))
 
 
+class _UNet(nn.Module):
+    """Down, up (transposed convolution) and a skip connection concatenated with the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.mid = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 1, 1)
+        self.up, self.out = nn.ConvTranspose2d(16, 8, 2, 2), nn.Conv2d(8 + 3, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.mid(torch.relu(self.down(x))))
+        return self.out(torch.cat([torch.relu(self.up(h)), x], 1))
+
+
 MODELS = {
     "resnet_basic": (seeded(SmallResNet), (2, 3, 16, 16)),
     "resnet_bottleneck": (seeded(bottleneck_net), (2, 3, 16, 16)),
@@ -100,6 +114,7 @@ MODELS = {
     "vit_matmul_attention": (seeded(lambda: nn.Sequential(_ViTBlock(), _ViTBlock())), (2, 5, 32)),
     "vit_sdpa_attention": (seeded(lambda: nn.Sequential(_ViTBlock(True), _ViTBlock(True))), (2, 5, 32)),
     "swin": (seeded(SmallSwin), (2, 3, 32, 32)),
+    "unet": (seeded(_UNet), (2, 3, 8, 8)),
 }
 
 
@@ -157,17 +172,19 @@ def test_masks_and_cuts_match_torch_ao_pruners():
     from torch.ao.pruning._experimental.pruner import FPGMPruner as AoFPGM
     from torch.ao.pruning._experimental.pruner import SaliencyPruner as AoSaliency
 
-    for ours, theirs in ((SaliencyPruner(0.3), AoSaliency({"sparsity_level": 0.3})), (FPGMPruner(0.3), AoFPGM(0.3))):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    cases = [(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), torch.randn(4, 16)),
+             (nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 8, 3)), torch.randn(4, 3, 8, 8))]
+    for (make_ours, make_theirs), (model, x) in itertools.product(
+            ((lambda: SaliencyPruner(0.3), lambda: AoSaliency({"sparsity_level": 0.3})),
+             (lambda: FPGMPruner(0.3), lambda: AoFPGM(0.3))), cases):
+        ours, theirs = make_ours(), make_theirs()
         reference = copy.deepcopy(model)
         theirs.prepare(reference, [{"tensor_fqn": "0.weight"}])
         theirs.step()
         expected = reference[0].parametrizations.weight[0].mask.clone()
-        fxs.prepare_fx_sparse(model, ours, [{"tensor_fqn": "0.weight"}], example_inputs=(torch.randn(2, 16),))
+        fxs.prepare_fx_sparse(model, ours, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
         ours.step()
         assert torch.equal(ours.get_mask("0.weight").bool(), expected)
-        x = torch.randn(4, 16)
         cut_theirs, cut_ours = theirs.prune(), ours.prune()
         assert cut_ours.get_submodule("0").weight.shape == cut_theirs.get_submodule("0").weight.shape
         torch.testing.assert_close(cut_ours(x), cut_theirs(x))
@@ -302,19 +319,6 @@ def test_swin_windows_keep_the_relative_position_bias_per_head():
     assert table.shape[1] == 2  # the bias table keeps the columns of the heads that stay
     assert pruned.get_submodule("blocks.1.attn.qkv").out_features == 48
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
-
-
-class _UNet(nn.Module):
-    """Down, up (transposed convolution) and a skip connection concatenated with the input."""
-
-    def __init__(self):
-        super().__init__()
-        self.down, self.mid = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 1, 1)
-        self.up, self.out = nn.ConvTranspose2d(16, 8, 2, 2), nn.Conv2d(8 + 3, 4, 1)
-
-    def forward(self, x):
-        h = torch.relu(self.mid(torch.relu(self.down(x))))
-        return self.out(torch.cat([torch.relu(self.up(h)), x], 1))
 
 
 def test_transposed_convolutions_and_a_concatenated_input():
