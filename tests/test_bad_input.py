@@ -395,9 +395,11 @@ CATALOG: list[Row] = [
         lambda: fxs.convert_fx_sparse(stepped(), "auto", example_inputs=(torch.randn(2, 16),), max_rel_error=-1),
         fxs.SparsityConfigError, "max_rel_error must be a number >= 0, got -1"),
     # structured pruners
-    Row("`SaliencyPruner.prepare`", "no `example_inputs`", lambda: prep(sparsifier=fxs.SaliencyPruner()),
+    Row("`SaliencyPruner.prepare`", "no `example_inputs`, and none can be made",
+        lambda: prep(sparsifier=fxs.SaliencyPruner(), model=MaybeMasked()),
         fxs.SparsityConfigError, "structured pruning needs example_inputs (the shapes decide how channels move through "
-        "views and flattens), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)"),
+        "views and flattens), and its input does not feed one layer: pass them, e.g. "
+        "example_inputs=(torch.randn(1, 3, 32, 32),)"),
     Row("`SaliencyPruner.prepare`", "a group whose channels are the model's output",
         lambda: prep([{"tensor_fqn": "4.weight"}], fxs.SaliencyPruner(), example_inputs=(torch.randn(2, 16),)),
         fxs.SparsityConfigError, "config[0]: the channels of '4.weight' cannot be pruned exactly: its channels are a "

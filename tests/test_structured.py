@@ -190,6 +190,40 @@ def test_masks_and_cuts_match_torch_ao_pruners():
         torch.testing.assert_close(cut_ours(x), cut_theirs(x))
 
 
+TORCH_AO_MODELS = ["SimpleLinear", "LinearBias", "LinearActivation", "LinearActivationFunctional", "SimpleConv2d",
+                   "Conv2dBias", "Conv2dActivation", "Conv2dPadBias", "Conv2dPool", "Conv2dPoolFlatten",
+                   "Conv2dPoolFlattenFunctional"]
+
+
+@pytest.mark.parametrize("name", TORCH_AO_MODELS)
+def test_torch_ao_test_models_prune_as_torch_ao_does(name):
+    """torch.ao's own structured-pruning test models, configured as its tests do (every layer but the last):
+    the same masks, the same pruned outputs, and never more parameters (torch.ao keeps padded convs whole)."""
+    from torch.ao.pruning._experimental.pruner import SaliencyPruner as AoSaliency
+    from torch.testing._internal import common_pruning
+
+    torch.manual_seed(0)
+    model = getattr(common_pruning, name)().eval()
+    x = torch.randn(2, 7) if "Linear" in name else torch.randn(2, 1, 28, 28)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    config = [{"tensor_fqn": f"{n}.weight"} for n in layers[:-1]]
+    reference = copy.deepcopy(model)
+    theirs = AoSaliency({"sparsity_level": 0.5})
+    theirs.prepare(reference, config)
+    theirs.step()
+    ours = SaliencyPruner(0.5)
+    masked = ours.prepare(model, config)  # as torch.ao's: no example inputs (made from the first layer)
+    ours.step()
+    assert len(ours.groups) == len(config)
+    for group in ours.groups:
+        expected = reference.get_submodule(group["module_fqn"]).parametrizations.weight[0].mask
+        assert torch.equal(ours.get_mask(group["tensor_fqn"]).bool(), expected), group["tensor_fqn"]
+    torch.testing.assert_close(masked(x), reference(x), rtol=1e-5, atol=1e-6)
+    cut_theirs, cut_ours = theirs.prune(), ours.prune()
+    torch.testing.assert_close(cut_ours(x), cut_theirs(x), rtol=1e-5, atol=1e-6)
+    assert params(cut_ours) <= params(cut_theirs)
+
+
 def test_resnet_groups_follow_the_residual_adds():
     model = resnet_like().eval()
     groups = find_channel_groups(torch.fx.symbolic_trace(model), (torch.randn(1, 3, 16, 16),))
@@ -353,8 +387,12 @@ def test_config_names_a_group_and_refusals_say_why():
     with pytest.raises(fxs.SparsityConfigError, match="is in a group an earlier entry already names"):
         SaliencyPruner().prepare(model, [{"tensor_fqn": "stem.0.weight"}, {"tensor_fqn": "layer1.0.conv2.weight"}],
                                  example_inputs=(x,))
-    with pytest.raises(fxs.SparsityConfigError, match="needs example_inputs"):
-        SaliencyPruner().prepare(model)
+    guessed = SaliencyPruner()
+    guessed.prepare(model)  # as torch.ao's prepare(model, config): an input is made for the first conv
+    assert len(guessed.groups) == 6
+    with pytest.raises(fxs.SparsityConfigError, match="needs example_inputs .* and its input does not go straight "
+                                                      "into a Linear, Conv or Embedding"):
+        SaliencyPruner().prepare(nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2)))
 
 
 class _Einsum(nn.Module):

@@ -98,13 +98,12 @@ class BaseStructuredSparsifier(BaseSparsifier):
         if tracer not in TRACERS:
             raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
         block_types = check_scope(scope)
-        if example_inputs is None:
-            raise SparsityConfigError("structured pruning needs example_inputs (the shapes decide how channels move "
-                                      "through views and flattens), e.g. example_inputs=(torch.randn(1, 3, 32, 32),)")
         if config is not None and not isinstance(config, (list, tuple)):
             raise TypeError(f"config must be a list of dicts (or None for every prunable group), got "
                             f"{type(config).__name__}")
         work = model if inplace else copy.deepcopy(model)
+        if example_inputs is None:  # torch.ao's prepare(model, config) takes none: make one from the first layer
+            example_inputs = _guess_inputs(work)
         restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "state", "parts"))
         try:
             return self._prepare_groups(work, config, block_types, tracer, example_inputs)
@@ -122,11 +121,11 @@ class BaseStructuredSparsifier(BaseSparsifier):
                 alone = [b for b in blocks if not isinstance(work.get_submodule(b), nn.MultiheadAttention)
                          and type(work.get_submodule(b)).__module__.startswith("torch.nn")]
                 for entry in config or []:
-                    owner = next((b for b in alone if str(entry.get("tensor_fqn", "")).startswith(b + ".")), None)
-                    if owner is not None:
+                    holder = next((b for b in alone if str(entry.get("tensor_fqn", "")).startswith(b + ".")), None)
+                    if holder is not None:
                         raise SparsityConfigError(
                             f"'{entry['tensor_fqn']}': with scope=\"layers\" each layer is a graph of its own, and "
-                            f"the channels of '{owner}' ({type(work.get_submodule(owner)).__name__}) leave it (the "
+                            f"the channels of '{holder}' ({type(work.get_submodule(holder)).__name__}) leave it (the "
                             f"group crosses graphs): prune it with scope=\"model\" or a block scope holding the "
                             f"whole group")
                 blocks = [b for b in blocks if b not in alone]
@@ -158,7 +157,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
                 settings = {**copy.deepcopy(self.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
                 check_level(settings["sparsity_level"], where=f"group of '{tensor_fqn}'")
                 prefix = f"{fqn}." if fqn else ""
-                groups.append({**settings, "tensor_fqn": prefix + tensor_fqn, "module_fqn": ".".join(n for n in (fqn, owner_fqn) if n),
+                module_fqn = ".".join(n for n in (fqn, owner_fqn) if n)
+                groups.append({**settings, "tensor_fqn": prefix + tensor_fqn, "module_fqn": module_fqn,
                                "tensor_name": tensor_name, "mask_name": _mask_name(tensor_name), "module": owner,
                                "channel_group": group, "graph_module": gm, "part": fqn})
             run_passes(gm, InsertChannelMasks(analysis, masks))
@@ -347,6 +347,55 @@ class BaseStructuredSparsifier(BaseSparsifier):
                     pruned.set_submodule(part.fqn, restored)
         update_config(pruned)
         return pruned
+
+
+_SIDES = (28, 32, 224, 64, 16, 8, 7, 4, 1)  # spatial sizes tried for a guessed convolution input
+
+
+def _guess_inputs(model: nn.Module) -> tuple:
+    """An input for a model whose one input goes straight into a Linear, Conv or Embedding: the first size that
+    runs (torch.ao's ``prepare(model, config)`` takes no example); else the error asks for example_inputs."""
+    def ask(why: str) -> SparsityConfigError:
+        return SparsityConfigError(
+            f"structured pruning needs example_inputs (the shapes decide how channels move through views and "
+            f"flattens), and {why}: pass them, e.g. example_inputs=(torch.randn(1, 3, 32, 32),)")
+
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception:
+        raise ask("the model does not trace to find its first layer") from None
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1 or len(inputs[0].users) != 1:
+        raise ask("its input does not feed one layer")
+    user = next(iter(inputs[0].users))
+    first = model.get_submodule(str(user.target)) if user.op == "call_module" else None
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    if isinstance(first, nn.Linear):
+        candidates = [torch.randn(2, first.in_features, dtype=dtype, device=device)]
+    elif isinstance(first, nn.Embedding):
+        candidates = [torch.randint(0, first.num_embeddings, (2, 8), device=device)]
+    elif isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)]
+        candidates = [torch.randn(2, first.in_channels, *([side] * dims), dtype=dtype, device=device)
+                      for side in _SIDES]
+    else:
+        raise ask("its input does not go straight into a Linear, Conv or Embedding")
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for x in candidates:
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    model(x)
+                return (x,)
+            except Exception:
+                continue
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    raise ask(f"no input of the sizes tried runs through it (spatial sides {list(_SIDES)})")
 
 
 def _layers(model: nn.Module) -> list[str]:
