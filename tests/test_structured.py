@@ -534,6 +534,8 @@ def test_block_scope_keeps_the_users_model_and_prunes_inside_each_block():
                                                        "layer2.1.conv1"]
     pruner.step()
     masked.eval()
+    text = fxs.format_sparse_graph(masked)  # one table, a section per block
+    assert "[layer2.0]" in text and "group 0, channels of conv1: 8/16 kept" in text
     pruned = pruner.prune().eval()
     assert type(pruned) is SmallResNet and type(pruned.layer2[0]) is BasicBlock  # the blocks' own class back
     assert pruned.get_submodule("layer2.0.conv1").out_channels == 8

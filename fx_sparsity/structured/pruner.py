@@ -27,7 +27,7 @@ from ..passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_
 from ..passes.channel_masks import CHANNEL_MASK_META, InsertChannelMasks, RemoveChannelMasks
 from ..passes.cut_channels import CutError, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
 from ..rollback import snapshot
-from ..scoping import capture_inputs, check_scope, relative, unit_fqns
+from ..scoping import UNITS_ATTR, Unit, capture_inputs, check_scope, relative, unit_fqns
 from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.nm_sparsifier import check_level
 from ..tracing import TRACERS, export_module, trace_written_out
@@ -172,6 +172,9 @@ class BaseStructuredSparsifier(BaseSparsifier):
         for part in parts:
             if part.fqn:
                 work.set_submodule(part.fqn, part.graph_module)
+        if block_types is not None:  # what printing and the scoped helpers read
+            traced = [Unit(p.fqn, p.original, p.graph_module) for p in parts if p.original is not None]
+            setattr(work, UNITS_ATTR, traced)
         self.parts, self.groups = parts, groups
         self.model = work if block_types is not None else parts[0].graph_module
         self.config = list(config) if config is not None else None
@@ -346,6 +349,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
                 if restored is not None:
                     pruned.set_submodule(part.fqn, restored)
         update_config(pruned)
+        if hasattr(pruned, UNITS_ATTR):
+            delattr(pruned, UNITS_ATTR)
         return pruned
 
 
