@@ -324,6 +324,25 @@ def test_multihead_attention_is_written_out_and_its_heads_pruned():
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
+def test_vit_blocks_keep_their_class_with_fewer_attention_heads(tmp_path):
+    from models import ViTEncoderBlock
+
+    model = SmallViT().eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruner = SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, scope=ViTEncoderBlock, example_inputs=(x,))
+    assert len(pruner.groups) == 4  # per block: the heads and the MLP width
+    pruner.step()
+    pruned = pruner.prune().eval()
+    block = pruned.layers[1]
+    assert type(block) is ViTEncoderBlock and block.self_attention.num_heads == 2
+    assert block.self_attention.in_proj_weight.shape == (48, 32) and block.mlp[0].out_features == 32
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    torch.save(pruned, tmp_path / "vit.pt")
+    reloaded = torch.load(tmp_path / "vit.pt", weights_only=False)
+    torch.testing.assert_close(reloaded(x), pruned(x))
+
+
 def test_written_out_multihead_attention_computes_what_the_module_does():
     from fx_sparsity.nn.attention import multi_head_attention
 
@@ -555,9 +574,11 @@ def test_layers_scope_prunes_what_lies_inside_one_layer():
     assert [g["tensor_fqn"] for g in pruner.groups] == ["layers.0.self_attention.in_proj_weight",
                                                        "layers.1.self_attention.in_proj_weight"]
     pruner.step()
-    with pytest.warns(UserWarning, match="does not run with its smaller layers"):  # MultiheadAttention's own code
-        pruned = pruner.prune()  # cannot hold fewer heads: those stay pruned graphs
+    pruned = pruner.prune()
     assert type(pruned) is SmallViT and type(pruned.layers[0].mlp[0]) is nn.Linear
+    attention = pruned.layers[0].self_attention  # nn.MultiheadAttention cannot hold fewer heads than its width
+    assert isinstance(attention, nn.MultiheadAttention) and type(attention).__name__ == "PrunedMultiheadAttention"
+    assert (attention.embed_dim, attention.num_heads, attention.head_dim) == (32, 2, 8)
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(fxs.SparsityConfigError, match=r"with scope=\"layers\" each layer is a graph of its own, and the "
                                                       r"channels of 'layers.0.mlp.0' \(Linear\) leave it \(the "

@@ -1,5 +1,6 @@
 """The modules lowering produces: sparse fp32 weights (CSR/BSR), and torch.ao's quantized Linears
 pinned to their engines."""
+from .attention import PrunedMultiheadAttention
 from .quantized import (
     DenseDynamicInt8Linear,
     SparseQuantizedDynamicLinear,
@@ -12,4 +13,4 @@ from .sparse_linear import SparseBSRLinear, SparseCSRLinear, sparse_kernel_avail
 
 __all__ = ["SparseCSRLinear", "SparseBSRLinear", "sparse_kernel_available", "SparseQuantizedDynamicLinear",
            "SparseQuantizedLinear", "DenseDynamicInt8Linear", "block_shape_supported", "quantized_engine",
-           "SemiStructuredSparseLinear"]
+           "SemiStructuredSparseLinear", "PrunedMultiheadAttention"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["multi_head_attention"]
+__all__ = ["multi_head_attention", "PrunedMultiheadAttention"]
 
 
 def _additive(mask: Any, dtype: torch.dtype) -> Any:
@@ -38,14 +38,14 @@ def multi_head_attention(m: nn.MultiheadAttention, query: torch.Tensor, key: tor
                                   f"its heads cannot be followed")
     if not m.batch_first:  # (L, B, E) -> (B, L, E)
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    embed, heads = m.embed_dim, m.num_heads
-    head_dim = embed // heads
+    heads, head_dim = m.num_heads, m.head_dim
+    inner = heads * head_dim  # embed_dim, unless heads were cut (PrunedMultiheadAttention)
     if m._qkv_same_embed_dim:
-        w_q, w_k, w_v = m.in_proj_weight[:embed], m.in_proj_weight[embed:2 * embed], m.in_proj_weight[2 * embed:]
+        w_q, w_k, w_v = m.in_proj_weight[:inner], m.in_proj_weight[inner:2 * inner], m.in_proj_weight[2 * inner:]
     else:
         w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
     b = m.in_proj_bias
-    b_q, b_k, b_v = (None, None, None) if b is None else (b[:embed], b[embed:2 * embed], b[2 * embed:])
+    b_q, b_k, b_v = (None, None, None) if b is None else (b[:inner], b[inner:2 * inner], b[2 * inner:])
     batch, length, source = query.size(0), query.size(1), key.size(1)
     q = F.linear(query, w_q, b_q).view(batch, length, heads, head_dim).transpose(1, 2)
     k = F.linear(key, w_k, b_k).view(batch, source, heads, head_dim).transpose(1, 2)
@@ -69,7 +69,20 @@ def multi_head_attention(m: nn.MultiheadAttention, query: torch.Tensor, key: tor
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                              is_causal=is_causal and mask is None)
-    out = m.out_proj(out.transpose(1, 2).reshape(batch, length, embed))
+    out = m.out_proj(out.transpose(1, 2).reshape(batch, length, inner))
     if not m.batch_first:
         out = out.transpose(0, 1)
     return out, weights
+
+
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """An ``nn.MultiheadAttention`` whose heads were cut: ``num_heads`` heads of ``head_dim`` inside, while
+    ``embed_dim`` (its input and output width) stays. ``nn.MultiheadAttention`` itself ties the inner width
+    to ``embed_dim``; this one computes with :func:`multi_head_attention`. Same call, same outputs."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return multi_head_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                    average_attn_weights, is_causal)

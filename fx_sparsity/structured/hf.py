@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import warn_user
+from ..nn.attention import PrunedMultiheadAttention
 
 __all__ = ["update_attention_attributes", "update_config"]
 
@@ -58,9 +59,29 @@ def _attention_counts(module: nn.Module) -> tuple[int, int | None] | None:
     return width // size, (k.out_features // size if k is not None and k.out_features % size == 0 else None)
 
 
+def _shrink_multihead_attention(m: nn.MultiheadAttention) -> None:
+    """An ``nn.MultiheadAttention`` whose tensors were cut: its fields from them, and, when it has fewer heads
+    than its width implies, the class that can hold them (``PrunedMultiheadAttention``)."""
+    q_rows = m.in_proj_weight.shape[0] // 3 if m._qkv_same_embed_dim else m.q_proj_weight.shape[0]
+    m.embed_dim = m.out_proj.out_features
+    if not m._qkv_same_embed_dim:
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+    else:
+        m.kdim = m.vdim = m.embed_dim
+    if q_rows != m.num_heads * m.head_dim:
+        m.num_heads = q_rows // m.head_dim
+    if m.num_heads * m.head_dim != m.embed_dim:
+        m.__class__ = PrunedMultiheadAttention
+    else:
+        m.head_dim = m.embed_dim // m.num_heads
+
+
 def update_attention_attributes(root: nn.Module) -> None:
     """Set head-count attributes of attention modules (and ``all_head_size``, ``intermediate_size``) from their
-    projections, after a cut."""
+    projections, after a cut; an ``nn.MultiheadAttention`` with fewer heads becomes a ``PrunedMultiheadAttention``."""
+    for module in root.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            _shrink_multihead_attention(module)
     for module in root.modules():
         weight = getattr(module, "weight", None)
         if isinstance(getattr(module, "nf", None), int) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
