@@ -23,7 +23,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .attrs import unique_attr_name
+from .attrs import fetch_attr, unique_attr_name
 from .channel_groups import ChannelAnalysis, Sink
 
 __all__ = ["InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META"]
@@ -80,12 +80,13 @@ class InsertChannelMasks(PassBase):
             offsets[g] = total
             total += self.analysis.groups[g].num_classes
             parts.append(_part(graph.get_attr(self.masks[g])))
+        device = fetch_attr(gm, self.masks[involved[0]]).device  # the index lives with the masks
         index = torch.full(shape, total, dtype=torch.long)
         for g in involved:
             mine = groups == g
             index[mine] = classes[mine] + offsets[g]
         name = unique_attr_name(gm, "_channel_mask_index")
-        gm.register_buffer(name, index, persistent=False)
+        gm.register_buffer(name, index.to(device), persistent=False)
         parts.append(_part(graph.call_method("new_ones", (parts[0], (1,)))))
         table = _part(graph.call_function(torch.cat, (parts,)))
         return _part(graph.call_function(operator.getitem, (table, _part(graph.get_attr(name)))))

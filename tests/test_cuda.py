@@ -85,3 +85,20 @@ def test_state_dicts_load_across_devices():
     cpu_prepared.load_state_dict(saved["model"])
     cpu_sparsifier.load_state_dict(saved["sparsifier"])
     assert torch.equal(cpu_sparsifier.get_mask("0.weight"), sparsifier.get_mask("0.weight").cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_structured_pruning_on_the_gpu(dtype):
+    from models import SmallViT, resnet_like
+
+    for make, shape in ((resnet_like, (2, 3, 16, 16)), (SmallViT, (2, 3, 16, 16))):
+        net = make().to("cuda", dtype).eval()
+        x = torch.randn(*shape, device="cuda", dtype=dtype)
+        pruner = fxs.SaliencyPruner(0.5)
+        masked = fxs.prepare_fx_sparse(net, pruner, example_inputs=(x,))
+        assert all(pruner.get_mask(g["tensor_fqn"]).device.type == "cuda" for g in pruner.groups)
+        pruner.step()
+        pruned = pruner.prune()
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(pruned(x), masked(x), rtol=tolerance, atol=tolerance)
+        assert next(pruned.parameters()).device.type == "cuda"

@@ -17,10 +17,11 @@ pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') skips it; CI run
 
 def test_sentences_ship_with_the_package_and_split_disjointly():
     sentences = eval_minilm.load_sentences()  # read through importlib.resources: package data
-    evals, calib = eval_minilm.split_sentences(sentences)
-    assert len(set(sentences)) == len(sentences) >= 264
-    assert len(evals) >= 200 and len(calib) >= 32
-    assert not set(evals) & set(calib)
+    assert len(set(sentences)) == len(sentences) == 304
+    for split in eval_minilm.SPLITS:
+        evals, calib = eval_minilm.split_sentences(sentences, split)
+        assert (len(evals), len(calib)) == (240, 64)  # 64 held-out calibration sentences, as the reference
+        assert not set(evals) & set(calib)
 
 
 def test_fast_evaluation_wanda_beats_magnitude():

@@ -9,7 +9,8 @@ normalisation) are traced together with ``torch.export`` (batch and sequence len
 dynamic), then each method prepares a copy with ``prepare_fx_sparse``, prunes every
 Linear (36: q, k, v, attention output, intermediate, output in each of 6 layers) in one
 ``step()``, and squashes. Wanda is calibrated first on sentences disjoint from the
-evaluation ones (every 5th line of ``fx_sparsity/data/sentences.txt``).
+evaluation ones: 64 of the 304 lines of ``fx_sparsity/data/sentences.txt`` (``--split``: the first
+64, the last 64, or 64 spread evenly), the other 240 are the evaluation set.
 
 Metric: cosine similarity between each sentence's pruned and dense embedding, mean and
 minimum over the evaluation sentences. Throughput: sentences/s over the evaluation set
@@ -42,7 +43,8 @@ from torch import nn  # noqa: E402
 import fx_sparsity as fxs  # noqa: E402
 from fx_sparsity.passes import observer_fqn_for  # noqa: E402
 
-CALIBRATION_EVERY = 5  # line i is a calibration sentence iff i % 5 == 4
+CALIBRATION = 64  # calibration sentences, held out of the evaluation
+SPLITS = ("first", "last", "spread")
 
 
 def load_sentences() -> list[str]:
@@ -50,11 +52,20 @@ def load_sentences() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def split_sentences(sentences: list[str]) -> tuple[list[str], list[str]]:
-    """(evaluation, calibration): disjoint, both spread over the whole file."""
-    calib = [s for i, s in enumerate(sentences) if i % CALIBRATION_EVERY == CALIBRATION_EVERY - 1]
-    evals = [s for i, s in enumerate(sentences) if i % CALIBRATION_EVERY != CALIBRATION_EVERY - 1]
-    return evals, calib
+def split_sentences(sentences: list[str], split: str = "first") -> tuple[list[str], list[str]]:
+    """(evaluation, calibration): disjoint; the calibration set is ``CALIBRATION`` lines, the first, the last
+    or spread evenly over the file."""
+    n = len(sentences)
+    if split == "first":
+        picked = set(range(CALIBRATION))
+    elif split == "last":
+        picked = set(range(n - CALIBRATION, n))
+    elif split == "spread":
+        picked = {k * n // CALIBRATION for k in range(CALIBRATION)}
+    else:
+        raise ValueError(f"split={split!r}: one of {SPLITS}")
+    calib = [s for i, s in enumerate(sentences) if i in picked]
+    return [s for i, s in enumerate(sentences) if i not in picked], calib
 
 
 class SentenceEncoder(nn.Module):
@@ -238,10 +249,11 @@ def time_rounds(modules: list[nn.Module], batches, repeat: int) -> list[list[flo
     return rounds
 
 
-def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=None, log=print) -> dict:
+def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=None, log=print,
+             split: str = "first") -> dict:
     """One row per method (see ``METHODS``); ``repeat=0`` skips the timing."""
     sentences = load_sentences()
-    evals, calib = split_sentences(sentences)
+    evals, calib = split_sentences(sentences, split)
     if fast:
         evals, calib = evals[:16], calib[:16]
     methods = list(methods or (FAST_METHODS if fast else METHODS))
@@ -277,8 +289,9 @@ def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=
             row["dense_sent_per_s"] = dense_rate
             row["pruned_sent_per_s"] = len(evals) / min(r[i] for r in rounds)
             row["speed_vs_dense"] = statistics.median(r[0] / r[i] for r in rounds)
-    return {"n_eval": len(evals), "n_calib": len(calib), "n_linear": len(config), "eager_gap": eager_gap, "rows": rows,
-            "threads": torch.get_num_threads(), "batch_size": batch_size, "repeat": repeat}
+    return {"n_eval": len(evals), "n_calib": len(calib), "split": split, "n_linear": len(config),
+            "eager_gap": eager_gap, "rows": rows, "threads": torch.get_num_threads(), "batch_size": batch_size,
+            "repeat": repeat}
 
 
 def check_against_sentence_transformers(log=print) -> float:
@@ -315,11 +328,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timing passes per model, best kept (0: no timing)")
     parser.add_argument("--check-st", action="store_true",
                         help="also check the pooling head against SentenceTransformer.encode")
+    parser.add_argument("--split", choices=SPLITS, default="first",
+                        help="which 64 lines calibrate (the other 240 evaluate)")
+    parser.add_argument("--methods", help="comma-separated method names (default: all)")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args(argv)
     if args.check_st:
         check_against_sentence_transformers()
-    result = evaluate(fast=args.fast, batch_size=args.batch_size, repeat=args.repeat)
+    methods = args.methods.split(",") if args.methods else None
+    result = evaluate(fast=args.fast, batch_size=args.batch_size, repeat=args.repeat, methods=methods,
+                      split=args.split)
     print(f"\nall-MiniLM-L6-v2, one-shot pruning of all {result['n_linear']} Linear weights; cosine similarity to "
           f"the dense "
           f"embeddings over {result['n_eval']} sentences (Wanda calibrated on {result['n_calib']} others); "
