@@ -31,6 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .config import sparsity_config
 from .inputs import graph_inputs
 from .passes import INFO_ATTR, fetch_attr, find_masked_uses
+from .passes.channel_masks import CHANNEL_GROUPS_META
 from .scoping import capture_inputs, graph_parts
 
 __all__ = ["format_sparse_graph", "print_sparse_graph", "format_sparse_code"]
@@ -199,15 +200,16 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
     for node in gm.graph.nodes:
         for mask_fqn in node.meta.get("channel_mask") or ():
             mask = fetch_attr(gm, mask_fqn)
-            group = (node.meta.get("channel_groups") or {}).get(mask_fqn)
+            group = (node.meta.get(CHANNEL_GROUPS_META) or {}).get(mask_fqn)
             kept_classes = mask != 0
             owner = mask_fqn.rpartition(".")[0]
             if group is not None and not group.anchor[0].endswith(".weight") and group.anchor[0] != "weight":
                 owner = group.anchor[0]
-            if group is not None and len(group.channels_per_class) == mask.numel():
-                per_class = torch.tensor(group.channels_per_class)
-                kept, total = int(per_class[kept_classes.cpu()].sum()) + group.fixed, int(per_class.sum()) + group.fixed
-                units = "" if bool((per_class == 1).all()) else f", {int(kept_classes.sum())}/{mask.numel()} units"
+            counted = _channels_kept(group, mask) if group is not None else None
+            if counted is not None:
+                kept, total = counted
+                units = ("" if set(group.channels_per_class) == {1} else
+                         f", {int(kept_classes.sum())}/{mask.numel()} units")
                 text = f"group {group.index}, channels of {owner}: {kept}/{total} kept{units}"
             else:
                 kept, total = int(kept_classes.sum()), mask.numel()
@@ -380,18 +382,24 @@ def format_sparse_graph(gm: nn.Module, *, example_inputs: Any = None) -> str:
     return table + "\n\n" + "\n".join(footer)
 
 
+def _channels_kept(group: Any, mask: torch.Tensor) -> tuple[int, int] | None:
+    """(kept, total) channels of a channel group's first producer under ``mask`` (one entry per class)."""
+    per_class = torch.tensor(group.channels_per_class, dtype=torch.long)
+    if per_class.numel() != mask.numel():
+        return None
+    return int(per_class[(mask != 0).cpu()].sum()) + group.fixed, int(per_class.sum()) + group.fixed
+
+
 def _channel_footer(parts: list[fx.GraphModule]) -> list[str]:
     """One line for structured pruners: how many channel groups are masked and how many channels they keep."""
     counts: dict[int, tuple[int, int]] = {}
     for part in parts:
         for node in part.graph.nodes:
-            for mask_fqn, group in (node.meta.get("channel_groups") or {}).items():
+            for mask_fqn, group in (node.meta.get(CHANNEL_GROUPS_META) or {}).items():
                 mask = fetch_attr(part, mask_fqn)
-                per_class = torch.tensor(group.channels_per_class)
-                if per_class.numel() != mask.numel():
-                    continue
-                kept = int(per_class[(mask != 0).cpu()].sum()) + group.fixed
-                counts[id(mask)] = (kept, int(per_class.sum()) + group.fixed)
+                counted = _channels_kept(group, mask)
+                if counted is not None:
+                    counts[id(mask)] = counted
     if not counts:
         return []
     kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())

@@ -74,6 +74,14 @@ def _symbolic_trace(model: nn.Module, see_inside: Callable[[str, nn.Module], boo
     return fx.symbolic_trace(model)
 
 
+def _untraceable(name: str, e: Exception) -> TraceError:
+    return TraceError(
+        f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {e}\n"
+        f"Symbolic tracing fails on Python control flow that depends on tensor values or "
+        f"shapes, and on non-tensor inputs. Use tracer=\"export\" with example_inputs=(...) "
+        f"(torch.export specialises such code on the example inputs).")
+
+
 class _WriteOut(_SeeInside):
     """``symbolic_trace``'s tracer with ``nn.MultiheadAttention`` written out in plain ops (its heads visible)."""
 
@@ -94,10 +102,7 @@ def trace_written_out(model: nn.Module) -> fx.GraphModule:
         tracer = _WriteOut()
         graph = tracer.trace(model)
     except Exception as e:
-        raise TraceError(
-            f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {e}\n"
-            f"Symbolic tracing fails on Python control flow that depends on tensor values or shapes, and on "
-            f"non-tensor inputs. Use tracer=\"export\" with example_inputs=(...).") from e
+        raise _untraceable(name, e) from e
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -124,11 +129,7 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
         try:
             return _symbolic_trace(model, see_inside)
         except Exception as e:  # symbolic_trace raises many types; all mean "not traceable"
-            raise TraceError(
-                f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {e}\n"
-                f"Symbolic tracing fails on Python control flow that depends on tensor values or "
-                f"shapes, and on non-tensor inputs. Use tracer=\"export\" with example_inputs=(...) "
-                f"(torch.export specialises such code on the example inputs).") from e
+            raise _untraceable(name, e) from e
     if example_inputs is None:
         raise SparsityConfigError(
             "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword "

@@ -202,9 +202,11 @@ class _Tracker:
         return Block((at,), broadcast_form(self.space(tensor, dim), at, ndim))
 
     def spaces_of(self, ids: torch.Tensor) -> list[tuple[str, int]]:
-        """The (tensor, dim) spaces the elements ``ids`` belong to."""
-        found = {int(i) for i in ids.reshape(-1).tolist() if i > FIXED}
-        return [(s.fqn, s.dim) for s in self.spaces if any(s.base <= i < s.base + s.size for i in found)]
+        """The (tensor, dim) spaces the elements ``ids`` belong to (spaces are allocated in order of base)."""
+        ids = ids.reshape(-1)
+        bases = torch.tensor([s.base for s in self.spaces])
+        found = torch.searchsorted(bases, ids[ids > FIXED], right=True).unique() - 1
+        return [(self.spaces[i].fqn, self.spaces[i].dim) for i in found.tolist()]
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = torch.broadcast_tensors(a, b)
@@ -358,12 +360,9 @@ class _Rules:
             for block in _flat_blocks([t.value(a) for a in _tensor_nodes(node.args)]):
                 t.fix(block.ids, "its channels are a model output")
             return
-        followed = [a for a in node.all_input_nodes if _followed(t, a)]
-        if not followed:
-            if node.op == "call_module" and _owns_followed(t, node):
-                pass  # a layer on untracked inputs still gives its outputs channels
-            else:
-                return
+        if not any(_followed(t, a) for a in node.all_input_nodes) and not (
+                node.op == "call_module" and _owns_followed(t, node)):  # a layer on an input still makes channels
+            return
         why: str | None = None
         try:
             handled = self.dispatch(node)
@@ -538,8 +537,6 @@ class _Rules:
                     t.balances.append((xb.ids.reshape(-1), groups, node.name))
                     t.grouped.append(GroupedConv(fqn, groups, xb.ids.reshape(-1)))
                     self._sink(node, 0, x, xb)
-                else:
-                    t.space(w, 1)
                 t.balances.append((out_ids, groups, node.name))
                 t.producers.append((fqn, 0))
         if b is not None:
@@ -661,22 +658,27 @@ class _Rules:
         return True
 
     def elementwise(self, node: fx.Node, operands: list[fx.Node]) -> bool:
-        """Operands broadcast together hold the same channels: their blocks are joined. Where an operand
-        that is not followed (an input, a constant) has entries along a block's dims, those cannot be cut:
-        the block is fixed, or, when other dims of it are free (heads under a rotary table over head_dim),
-        joined along them."""
+        """Operands broadcast together hold the same channels: their blocks are joined (:meth:`_combine`)."""
         t = self.t
         out_shape = t.shape(node)
         if out_shape is None:
             return False
         ndim = len(out_shape)
         aligned = [(align_shape(t.shape(a) or (), ndim), [align(b, ndim) for b in t.value(a)]) for a in operands]
-        joined = t.join_blocks([b for _, value in aligned for b in value])
-        why = f"'{node.name}' combines them with values whose channels are not followed (a model input or a constant)"
+        t.values[node] = self._combine(aligned, f"'{node.name}' combines them with values whose channels are not "
+                                                f"followed (a model input or a constant)")
+        return True
+
+    def _combine(self, parts: list[tuple[tuple, list[Block]]], why: str) -> Value:
+        """The blocks of values laid over each other (``(shape, blocks)`` each, one rank), joined. Where a value
+        that is not followed (an input, a constant) has entries along a block's dims, those cannot be cut: the
+        block is fixed, or, when other dims of it are free (heads under a rotary table over head_dim), joined
+        along them."""
+        t = self.t
         out = []
-        for blk in joined:
+        for blk in t.join_blocks([b for _, value in parts for b in value]):
             stuck: set[int] = set()
-            for shape, value in aligned:
+            for shape, value in parts:
                 covered = {d for b in value for d in b.dims}
                 stuck |= {d for d in blk.dims if d not in covered and shape[d] > 1}
             if stuck and not [d for d in blk.dims if d not in stuck and blk.ids.shape[d] > 1]:
@@ -685,8 +687,7 @@ class _Rules:
             for d in stuck:
                 t.union(blk.ids, blk.ids.narrow(d, 0, 1))
             out.append(blk)
-        t.values[node] = tuple(out)
-        return True
+        return tuple(out)
 
     def _add_tensor(self, value: Value, tensor: torch.Tensor | None, ndim: int) -> Value:
         """``value`` plus a 1-D tensor (a bias) along the last dim."""
@@ -801,7 +802,7 @@ class _Rules:
                 value = tuple(Block(tuple(d + (d >= dim) for d in b.dims), b.ids.unsqueeze(dim)) for b in value)
             parts.append((shape, value))
         along = [[b for b in v if dim in b.dims] for _, v in parts]
-        rest = [b for _, v in parts for b in v if dim not in b.dims]
+        rest = [b for _, v in parts for b in v if dim not in b.dims]  # along other dims: the same channels
         cat_block = None
         if any(along):
             dims_sets = {b.dims for a in along for b in a}
@@ -816,14 +817,9 @@ class _Rules:
                 size = _with(common, dim, a[0].ids.shape[dim] if a else shape[dim])
                 pieces.append(a[0].ids.expand(size) if a else torch.full(size, FIXED, dtype=torch.long))
             cat_block = Block(dims, torch.cat(pieces, dim))
-        joined = t.join_blocks(rest)
-        for blk in joined:
-            for shape, value in parts:
-                covered = {d for b in value for d in b.dims}
-                for d in blk.dims:
-                    if d not in covered and shape[d] > 1:
-                        t.join_along(blk, d, f"'{node.name}' concatenates them with values whose channels are not "
-                                             f"followed")
+        rest_parts = [(shape, [b for b in value if dim not in b.dims]) for shape, value in parts]
+        joined = self._combine(rest_parts, f"'{node.name}' concatenates them with values whose channels are not "
+                                           f"followed")
         t.values[node] = blocks([*joined, cat_block])
         return True
 

@@ -26,9 +26,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .attrs import fetch_attr, unique_attr_name
 from .channel_groups import ChannelAnalysis, Sink
 
-__all__ = ["InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META"]
+__all__ = ["InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META", "CHANNEL_GROUPS_META"]
 
 CHANNEL_MASK_META = "channel_mask"  # on each masking mul: the mask fqns it reads
+CHANNEL_GROUPS_META = "channel_groups"  # and the group each mask is for (printing reads it)
 _PART_META = "channel_mask_part"  # on the nodes that build a mask
 
 
@@ -57,6 +58,7 @@ class InsertChannelMasks(PassBase):
                     mask = _part(gm.graph.call_method("type_as", (mask, source)))
                     masked = gm.graph.call_function(torch.mul, (source, mask))
                 masked.meta[CHANNEL_MASK_META] = [self.masks[g] for g in involved]
+                masked.meta[CHANNEL_GROUPS_META] = {self.masks[g]: self.analysis.groups[g] for g in involved}
                 made[key] = masked
             if isinstance(sink.arg, int):
                 node.update_arg(sink.arg, masked)

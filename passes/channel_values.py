@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["Block", "Value", "Many", "canonical", "align", "permute", "reshape", "dim_groups", "take",
-           "keep_sizes", "broadcast_form"]
+           "keep_sizes", "kept_along", "broadcast_form"]
 
 
 class Block(NamedTuple):
@@ -137,12 +137,14 @@ def take(ids: torch.Tensor, dim: int, index) -> torch.Tensor:
     return ids[(slice(None),) * dim + (index,)]
 
 
+def kept_along(block: Block, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    """Per index along ``dim`` of ``block``: does any of its elements stay (``keep``: per element)?"""
+    kept = keep[block.ids]
+    others = [o for o in range(kept.dim()) if o != dim]
+    return kept.amax(dim=others) if others else kept
+
+
 def keep_sizes(block: Block, keep: torch.Tensor) -> dict[int, int]:
     """``{dim: entries left}`` along each dim of ``block`` once the elements where ``keep`` is False go
     (the block's kept entries form a grid: see ``channel_groups``)."""
-    kept = keep[block.ids]
-    sizes = {}
-    for d in block.dims:
-        others = [o for o in range(kept.dim()) if o != d]
-        sizes[d] = int(kept.amax(dim=others).sum()) if others else int(kept.sum())
-    return sizes
+    return {d: int(kept_along(block, d, keep).sum()) for d in block.dims}

@@ -33,7 +33,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .attrs import fetch_attr
 from .channel_groups import ChannelAnalysis, Seen
-from .channel_values import Block, Many, keep_sizes
+from .channel_values import Many, keep_sizes, kept_along
 
 __all__ = ["CutPlan", "plan_cut", "cut_tensors", "RewriteSizes", "update_layer_attributes", "CutError"]
 
@@ -141,14 +141,9 @@ def _new_shape(value: Any, shape: tuple, keep: torch.Tensor) -> list[int]:
     return out
 
 
-def _kept_along(value: Any, dim: int, size: int, keep: torch.Tensor) -> torch.Tensor | None:
-    """Per index along ``dim``: kept? (None when no block holds ``dim``)."""
-    for blk in value:
-        if dim in blk.dims:
-            kept = keep[blk.ids]
-            others = [d for d in range(kept.dim()) if d != dim]
-            return kept.amax(dim=others) if others else kept
-    return None
+def _kept_along(value: Any, dim: int, keep: torch.Tensor) -> torch.Tensor | None:
+    """Per index along ``dim`` of a value: kept? (None when no block holds ``dim``)."""
+    return next((kept_along(blk, dim, keep) for blk in value if dim in blk.dims), None)
 
 
 def _shape_of(meta: Any) -> tuple:
@@ -198,7 +193,7 @@ class RewriteSizes(PassBase):
         if kind in ("slice", "narrow", "select"):
             ndim = len(seen.in_shape)
             dim = int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % ndim
-            kept = _kept_along(seen.inputs, dim, seen.in_shape[dim], keep)
+            kept = _kept_along(seen.inputs, dim, keep)
             if kept is None or bool(kept.all()):
                 return False
             before = torch.cat([torch.zeros(1, dtype=torch.long), kept.long().cumsum(0)])
@@ -274,7 +269,7 @@ class RewriteSizes(PassBase):
             if item is Ellipsis:
                 d += len(shape) - explicit
             elif item is not None:
-                kept = _kept_along(seen.inputs, d, shape[d], self.keep)
+                kept = _kept_along(seen.inputs, d, self.keep)
                 if kept is not None and not bool(kept.all()):
                     before = torch.cat([torch.zeros(1, dtype=torch.long), kept.long().cumsum(0)])
                     if isinstance(item, int):
@@ -294,7 +289,7 @@ class RewriteSizes(PassBase):
         ndim = len(seen.in_shape)
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         dim = int(dim) % ndim
-        kept = _kept_along(seen.inputs, dim, seen.in_shape[dim], self.keep)
+        kept = _kept_along(seen.inputs, dim, self.keep)
         if kept is None or bool(kept.all()):
             return False
         sizes, start = [], 0
@@ -313,7 +308,3 @@ class RewriteSizes(PassBase):
             node.target = torch.split
             node.args, node.kwargs = (x, sizes), {"dim": dim}
         return True
-
-
-def blocks_of(value: Any) -> list[Block]:
-    return list(value) if not isinstance(value, Many) else [b for v in value for b in v]

@@ -24,7 +24,7 @@ from ..errors import SparsityConfigError, TraceError, warn_user
 from ..inputs import CallInputs, as_args_kwargs, call_with, graph_inputs
 from ..passes import fetch_attr, run_passes
 from ..passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
-from ..passes.channel_masks import CHANNEL_MASK_META, InsertChannelMasks, RemoveChannelMasks
+from ..passes.channel_masks import InsertChannelMasks, RemoveChannelMasks
 from ..passes.cut_channels import CutError, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
 from ..rollback import snapshot
 from ..scoping import UNITS_ATTR, Unit, capture_inputs, check_scope, relative, unit_fqns
@@ -162,10 +162,6 @@ class BaseStructuredSparsifier(BaseSparsifier):
                                "tensor_name": tensor_name, "mask_name": _mask_name(tensor_name), "module": owner,
                                "channel_group": group, "graph_module": gm, "part": fqn})
             run_passes(gm, InsertChannelMasks(analysis, masks))
-            for node in gm.graph.nodes:
-                for mask_fqn in node.meta.get(CHANNEL_MASK_META) or ():
-                    index = next(i for i, f in masks.items() if f == mask_fqn)
-                    node.meta.setdefault("channel_groups", {})[mask_fqn] = analysis.groups[index]
             parts.append(part)
         if not groups and config is None:
             _warn_nothing_to_prune(self, parts)
@@ -273,7 +269,10 @@ class BaseStructuredSparsifier(BaseSparsifier):
         for members in ([torch.arange(len(scores))] if block_of is None else
                         [(block_of == b).nonzero().flatten() for b in range(channel_group.balance)]):
             drop = self.drop_count(sparsity_level, len(members))
-            order = members[(-scores[members]).topk(len(members)).indices]  # lowest score first (torch.ao's topk)
+            if not channel_group.keep_one:  # the common case: the lowest scores go (torch.ao's topk)
+                keep[members[(-scores[members]).topk(drop).indices]] = False
+                continue
+            order = members[(-scores[members]).topk(len(members)).indices]  # lowest score first
             for k in order.tolist():
                 if drop == 0:
                     break
