@@ -111,6 +111,63 @@ def test_int8_candidates_only_when_the_error_bound_admits_them():
     assert double.skipped["int8"] == "int8 kernels take float32 weights, this one is torch.float64"
 
 
+class _LinearVia(nn.Module):
+    """A stand-in low-precision kernel: the linear computed in float32, rounded to the weight's dtype, then scaled."""
+
+    def __init__(self, masked, bias, scale=1.0):
+        super().__init__()
+        self.masked, self.bias, self.scale = masked, bias, scale
+
+    def forward(self, x):
+        return (F.linear(x.float(), self.masked.float(), self.bias.float()) * self.scale).to(x.dtype)
+
+
+def test_low_precision_candidates_are_judged_at_their_dtypes_precision(monkeypatch):
+    """A bf16 kernel is ~1e-3 off the exact result, as dense bf16 is: max_rel_error=1e-4 must not refuse it for that."""
+    from fx_sparsity.lowering import auto
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 128, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
+    mask = torch.tensor([1, 1, 0, 0], dtype=torch.bfloat16).repeat(64, 32)
+    x = torch.randn(32, 128, dtype=torch.bfloat16)
+    masked = weight * mask
+    real_candidates = auto._candidates
+
+    def with_stand_ins(*args):
+        build, skipped = real_candidates(*args)
+        build["rounded"] = lambda: _LinearVia(masked, bias)
+        build["two_percent_off"] = lambda: _LinearVia(masked, bias, scale=1.02)
+        return build, skipped
+
+    monkeypatch.setattr(auto, "_candidates", with_stand_ins)
+    choice = choose_linear_lowering(weight, mask, bias, x, repeat=3)
+    dense_error = choice.rel_errors["dense"]
+    assert 1e-4 < dense_error < 1e-2  # dense bf16 itself, against the float32 masked layer
+    assert "rounded" in choice.timings_ms and choice.rel_errors["rounded"] <= 2 * dense_error
+    assert choice.skipped["two_percent_off"].startswith("relative error 0.02 > max_rel_error=0.0001 and > 2x the "
+                                                        "dense torch.bfloat16 layer's")
+    fp32 = choose_linear_lowering(weight.float(), mask.float(), bias.float(), x.float(), repeat=3)
+    assert fp32.rel_errors["dense"] == 0.0  # float32 layers: the bound is max_rel_error alone, as before
+
+
+def test_every_timed_sample_waits_for_the_device(monkeypatch):
+    """On a GPU a call returns once its kernels are queued: each sample must wait for them, or launches are timed."""
+    from fx_sparsity.lowering import auto
+    from fx_sparsity.timing import device_synchronizer, interleaved_times_ms
+
+    events = []
+    interleaved_times_ms({"a": lambda: events.append("call"), "b": lambda: events.append("call")}, warmup=1,
+                         repeat=3, number=2, synchronize=lambda: events.append("sync"))
+    assert events == ["call", "call"] + ["sync", "call", "call", "sync"] * 6  # warmup, then 3 rounds of 2
+    assert device_synchronizer("cpu") is None and device_synchronizer("meta") is None
+    assert callable(device_synchronizer("cuda"))  # made, not called: this machine may have no GPU
+
+    devices = []
+    monkeypatch.setattr(auto, "device_synchronizer", lambda device: devices.append(device) or (lambda: None))
+    choose_linear_lowering(torch.randn(32, 64), torch.ones(32, 64), None, torch.randn(8, 64), repeat=1)
+    assert devices == [torch.device("cpu")]  # auto times on the device of the layer's input
+
+
 def test_dense_int8_runs_under_any_engine_and_restores_it():
     torch.manual_seed(0)
     weight, bias, x = torch.randn(16, 32), torch.randn(16), torch.randn(4, 32)
