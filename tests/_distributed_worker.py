@@ -23,9 +23,9 @@ LEVEL = 0.75
 CONFIG = [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}, {"tensor_fqn": "4.weight", "sparsity_level": 0.5}]
 
 
-def make(bool_mask: bool = False, scope="model"):
+def make(bool_mask: bool = False, scope="model", device="cpu"):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).to(device)
     config = [dict(entry) for entry in CONFIG]
     if bool_mask:
         config[1]["mask_dtype"] = torch.bool
@@ -73,13 +73,13 @@ def reference(world_size: int) -> list[dict]:
     return records
 
 
-def train(rank, wrapped, prepared, sparsifier, scheduler, step_sparsifier, one_more_forward=False):
+def train(rank, wrapped, prepared, sparsifier, scheduler, step_sparsifier, one_more_forward=False, device="cpu"):
     """SGD steps on this rank's batches; ``step_sparsifier`` (a callable, or None on ranks that don't) runs
     after ``optimizer.step()``, then the scheduler."""
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
     records = []
     for step in range(STEPS):
-        x, y = batch(rank, step)
+        x, y = (t.to(device) for t in batch(rank, step))
         loss = (wrapped(x) - y).square().mean()
         opt.zero_grad()
         loss.backward()
@@ -221,6 +221,54 @@ def fsdp2_run(rank: int) -> dict:
         k: before[k] * final_masks[k] if k in final_masks else before[k] for k in before},
         "output": prepared(batch(0, 99)[0]).detach(), "has_masks": any("_mask" in n for n, _ in prepared.named_buffers())}
     return out
+
+
+def run_ddp_on_gpus(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """DDP over a module prepared on the GPU: NCCL with a GPU per rank where there are enough GPUs, else gloo
+    with the ranks sharing one (NCCL refuses two ranks on one GPU)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    nccl = dist.is_nccl_available() and torch.cuda.device_count() >= world_size
+    device = torch.device("cuda", rank if nccl else 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if nccl else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        prepared, sparsifier, scheduler = make(device=device)
+        records = train(rank, DDP(prepared, device_ids=[device], broadcast_buffers=False), prepared, sparsifier,
+                        scheduler, sparsifier.step, device=device)
+        on_cpu = [{k: {n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v for k, v in r.items()}
+                  for r in records]
+        mask_devices = sorted({str(sparsifier.get_mask(g["tensor_fqn"]).device) for g in sparsifier.groups})
+        torch.save({"backend": dist.get_backend(), "mask_devices": mask_devices, "records": on_cpu},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(target, world_size: int, out_dir, timeout_s: float = 120) -> list[dict]:
+    """Run ``target(rank, world_size, port, out_dir)`` on ``world_size`` spawned ranks; what each saved."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(target, args=(world_size, port, str(out_dir)), nprocs=world_size, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout_s  # a hung collective must fail the test, not hang CI
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed workers did not finish in {timeout_s:g} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
 def run(rank: int, world_size: int, port: int, out_dir: str) -> None:

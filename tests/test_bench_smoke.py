@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -119,3 +120,30 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     proc = run("-m", "fx_sparsity", "bench", "--quick", "--cases", "prepare")
     assert proc.returncode == 0, proc.stderr
     assert "## prepare" in proc.stdout and "10 Linear layers" in proc.stdout
+
+
+def test_semi_structured_benchmark_runs_on_the_cpu_and_says_why_2_4_is_refused(tmp_path, capsys):
+    """The GPU benchmark's code, on the CPU: every row timed, 2:4 refused with its reason, auto's choice recorded."""
+    from fx_sparsity.benchmarks import semi_structured
+
+    out = tmp_path / "ss.json"
+    assert semi_structured.main(["--device", "cpu", "--quick", "--sizes", "64x128", "--tokens", "1,8",
+                                 "--train", "none", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["linear"]
+    assert [(r["dtype"], r["weight"], r["tokens"]) for r in rows] == [
+        ("float16", "64x128", 1), ("float16", "64x128", 8), ("bfloat16", "64x128", 1), ("bfloat16", "64x128", 8)]
+    for row in rows:
+        assert row["two_four_ms"] is None and row["auto_picked"] == "dense" and row["dense_ms"] > 0
+        assert row["two_four_refused"] == "'0.weight': the 2:4 kernels run on CUDA only, the weight is on cpu"
+    assert "auto picked a sparse kernel in 0 of 4 rows" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_every_cuda_test():
+    """tools/gpu_check.sh names the test files to run on the GPU: every file with a `cuda` test must be among them."""
+    script = open(os.path.join(ROOT, "tools", "gpu_check.sh"), encoding="utf-8").read()
+    tests = os.path.join(ROOT, "tests")
+    marked = re.compile(r"^(@pytest\.mark\.cuda|pytestmark = .*pytest\.mark\.cuda)", re.MULTILINE)
+    with_cuda = {f"tests/{name}" for name in os.listdir(tests) if name.endswith(".py")
+                 and marked.search(open(os.path.join(tests, name), encoding="utf-8").read())}
+    assert with_cuda == {"tests/test_cuda.py", "tests/test_semi_structured.py"}
+    assert all(f" {path}" in script for path in with_cuda)

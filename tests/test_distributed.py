@@ -6,14 +6,10 @@ process trained on both ranks' batches.
 """
 from __future__ import annotations
 
-import socket
-import time
-
 import _distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                                    reason="needs torch.distributed with gloo")]
@@ -29,27 +25,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(worker.run, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 120  # a hung collective must fail the test, not hang CI
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed workers did not finish in 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return worker.spawn(worker.run, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")

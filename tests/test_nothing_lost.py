@@ -391,27 +391,6 @@ def test_to_device_and_meta():
     assert meta(torch.randn(2, 16, device="meta")).shape == (2, 10)
 
 
-@pytest.mark.cuda
-def test_to_cuda_keeps_masks_and_steps_on_device():
-    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
-    prepared = fxs.prepare_fx_sparse(mlp(), sparsifier, [{"tensor_fqn": "0.weight", "mask_dtype": torch.bool},
-                                                         {"tensor_fqn": "2.weight"}])
-    sparsifier.step()
-    cpu = copy.deepcopy(prepared)
-    prepared.to("cuda")
-    for fqn in ("0.weight", "2.weight"):
-        assert sparsifier.get_mask(fqn).device.type == "cuda"
-        assert torch.equal(sparsifier.get_mask(fqn).cpu(), cpu.get_buffer(fqn + "_mask"))
-    assert sparsifier.get_mask("0.weight").dtype == torch.bool
-    for group in sparsifier.groups:
-        group["sparsity_level"] = 0.75
-    sparsifier.step()
-    assert sparsifier.get_mask("2.weight").device.type == "cuda"
-    assert sparsifier.get_mask("2.weight").mean().item() == 0.25
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(prepared(x.cuda()).cpu(), prepared.cpu()(x))
-
-
 # -- checkpoint, fresh process, continue -------------------------------------------------------
 
 def _assert_same_state(a, b, path="state"):

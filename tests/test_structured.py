@@ -649,3 +649,25 @@ def test_channels_never_empty_a_tensor():
         if isinstance(m, nn.Conv2d):
             assert m.in_channels > 0 and m.out_channels > 0
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cut_check_allows_for_tf32_float32_math():
+    """On CUDA, float32 convolutions run in TF32 by default; a float16-sized difference is rounding there, not a bad cut."""
+    from types import SimpleNamespace
+
+    from fx_sparsity.structured.pruner import _rtol
+
+    def on(device, dtype=torch.float32):
+        return SimpleNamespace(dtype=dtype, device=torch.device(device))  # this machine may have no GPU
+
+    assert _rtol(on("cpu")) == 1e-4 and _rtol(on("cpu", torch.float16)) == 1e-2
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert _rtol(on("cuda")) == 1e-2
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert _rtol(on("cuda")) == 1e-4
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls where the device has them
+        assert _rtol(on("cpu")) == _rtol(on("cuda")) == 1e-2
+    finally:
+        torch.set_float32_matmul_precision(precision)

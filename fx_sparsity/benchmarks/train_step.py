@@ -1,7 +1,7 @@
 """Training-step overhead of masking: dense vs fx_sparsity vs torch.ao.pruning, eager and compiled.
 
-    python -m fx_sparsity.benchmarks.train_step [--quick] [--json PATH] [--models mlp,encoder] [--rounds N]
-                                                [--threads N] [--profile]
+    python -m fx_sparsity.benchmarks.train_step [--quick] [--json PATH] [--models mlp,encoder,mlp4096] [--rounds N]
+                                                [--threads N] [--profile] [--device cuda]
     python tools/bench_train_step.py ...   (same thing, from a checkout)
 
 One training step is forward + loss + backward + ``SGD.step`` (mask updates are measured by
@@ -40,6 +40,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fx_sparsity as fxs
+from fx_sparsity.timing import device_synchronizer
 
 __all__ = ["CASES", "measure", "main"]
 
@@ -69,7 +70,17 @@ def encoder_case(quick: bool):
             (torch.randn(batch, seq, d_model),), torch.randn(batch, seq, d_model))
 
 
-CASES = {"mlp": mlp_case, "encoder": encoder_case}
+def mlp4096_case(quick: bool):
+    """The GPU case: MLP 4 x 4096², batch 64, whatever ``quick`` says (CPU: seconds per step)."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (nn.Linear(4096, 4096), nn.ReLU())][:-1]
+    config = [{"tensor_fqn": f"{i}.weight"} for i in range(0, 7, 2)]
+    return ("MLP 4 x 4096², batch 64", nn.Sequential(*layers), config, "symbolic", (torch.randn(64, 4096),),
+            torch.randn(64, 4096))
+
+
+CASES = {"mlp": mlp_case, "encoder": encoder_case, "mlp4096": mlp4096_case}
+DEFAULT_CASES = ("mlp", "encoder")
 
 
 def _variants(model: nn.Module, config: list[dict], tracer: str, inputs: tuple) -> dict[str, nn.Module]:
@@ -101,8 +112,10 @@ class Step:
         self.optimizer.step()
 
 
-def measure(case: str, quick: bool, rounds: int, profile: bool = False) -> dict:
+def measure(case: str, quick: bool, rounds: int, profile: bool = False, device: str = "cpu") -> dict:
     name, model, config, tracer, inputs, target = CASES[case](quick)
+    model, inputs, target = model.to(device), tuple(x.to(device) for x in inputs), target.to(device)
+    wait = device_synchronizer(device) or (lambda: None)  # a GPU step returns before its kernels finish
     steps, graphs = {}, {}
     for kind, module in _variants(model, config, tracer, inputs).items():
         steps[f"{kind} eager"] = Step(module, module, inputs, target)
@@ -115,6 +128,7 @@ def measure(case: str, quick: bool, rounds: int, profile: bool = False) -> dict:
         start = time.perf_counter()
         for _ in range(3):
             step()
+        wait()
         compile_s[label] = time.perf_counter() - start
     # One step of each variant in turn, many times: load changes on a shared machine hit
     # every variant alike.
@@ -122,8 +136,10 @@ def measure(case: str, quick: bool, rounds: int, profile: bool = False) -> dict:
     cpu: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(rounds):
         for label, step in steps.items():
+            wait()
             start, start_cpu = time.perf_counter(), time.process_time()
             step()
+            wait()
             cpu[label].append((time.process_time() - start_cpu) * 1e3)
             times[label].append((time.perf_counter() - start) * 1e3)
     if profile:
@@ -151,7 +167,7 @@ def measure(case: str, quick: bool, rounds: int, profile: bool = False) -> dict:
     spread = {label: (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / statistics.median(t)
               for label, t in times.items()}
     return {"case": "train_step", "name": name, "params": {"sparsity": SPARSITY, "rounds": rounds,
-                                                            "threads": torch.get_num_threads()},
+                                                            "threads": torch.get_num_threads(), "device": device},
             "ms": ms, "min_ms": min_ms, "cpu_ms": cpu_ms, "ratios": ratios, "ratios_min": ratios_min,
             "ratios_cpu": ratios_cpu,
             "compiled_graphs": {k: c.frame_count for k, c in graphs.items()},
@@ -163,7 +179,8 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_CASES), help=f"comma-separated subset of {list(CASES)}")
+    parser.add_argument("--device", default="cpu", help="where the models train, e.g. cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (dense vs ours)")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10 quick, 100 full)")
@@ -175,13 +192,13 @@ def main(argv=None) -> int:
     rounds = args.rounds or (10 if args.quick else 100)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, on {args.device}; "
           f"sparsity {SPARSITY}; per-step medians over {rounds} round-robin rounds")
     warnings.filterwarnings("ignore", category=UserWarning)
     rows = []
     for case in cases:
         torch._dynamo.reset()
-        row = measure(case, args.quick, rounds, args.profile)
+        row = measure(case, args.quick, rounds, args.profile, args.device)
         rows.append(row)
         print(f"\n## {row['name']}\n")
         table = []

@@ -169,11 +169,11 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
     """Time the candidates for ``F.linear(x, weight * mask, bias)`` on ``x`` and keep the fastest.
 
     A candidate's error is the relative Frobenius norm of its output against the masked
-    layer computed in float32 or wider. Candidates beyond ``max_rel_error`` are dropped,
-    except that float16/bfloat16 layers are judged at their own precision: a candidate
-    within twice the dense layer's error in that dtype passes too (the dense fp16 layer is
-    itself ~1e-4 off, bf16 ~1e-3). A sparse one must beat dense by ``min_speedup``. The
-    returned module carries the record in ``fx_sparsity_info``.
+    layer computed in float64. Candidates beyond ``max_rel_error`` are dropped, except
+    that a layer is judged at the precision its dtype and device give: a candidate within
+    twice the dense layer's own error passes too (dense float16 is ~1e-4 off, bfloat16 and
+    TF32 ~1e-3). A sparse one must beat dense by ``min_speedup``. The returned module
+    carries the record in ``fx_sparsity_info``.
     """
     if max_rel_error < 0:
         raise ValueError(f"max_rel_error must be >= 0, got {max_rel_error}")
@@ -183,8 +183,8 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
     x = x.detach()
     # Modules are built under no_grad only: inference-mode tensors could not be used with autograd later.
     with torch.no_grad():
-        wide = torch.promote_types(weight.dtype, torch.float32)
-        ref = F.linear(x.to(wide), (weight * mask.to(weight.dtype)).to(wide), None if bias is None else bias.to(wide))
+        # float64: exact beside any float32 kernel, also where float32 matmuls run in TF32
+        ref = F.linear(x.double(), (weight * mask.to(weight.dtype)).double(), None if bias is None else bias.double())
         modules, errors = {}, {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # beta-state and deprecation notices of the candidate kernels
@@ -199,9 +199,9 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
                     continue
                 allowed = max(max_rel_error, 2 * errors["dense"])
                 if errors[name] > allowed and name != "dense":
-                    dense_too = f" and > 2x the dense {weight.dtype} layer's ({errors['dense']:.2g})"
-                    skipped[name] = (f"relative error {errors[name]:.2g} > max_rel_error={max_rel_error:g}"
-                                     + (dense_too if errors["dense"] else ""))
+                    dense_own = f", 2x the dense {weight.dtype} layer's own error" if allowed > max_rel_error else ""
+                    skipped[name] = (f"relative error {errors[name]:.2g} > {allowed:.2g} "
+                                     f"(max_rel_error={max_rel_error:g}{dense_own})")
                     continue
                 modules[name] = module
             with torch.inference_mode():

@@ -467,7 +467,7 @@ def _check(masked: nn.Module, pruned: nn.Module, inputs: CallInputs, exact: bool
     ours = _outputs(masked, inputs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         # the cut model sums fewer terms: equal up to the rounding of the output's dtype
-        rtol = _RTOL.get(a.dtype, 1e-4)
+        rtol = _rtol(a)
         scale = float(a.float().abs().max()) if a.numel() and a.is_floating_point() else 1.0
         if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=rtol, atol=rtol * 0.1 * max(1.0, scale)):
             diff = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else "shapes differ"
@@ -477,6 +477,19 @@ def _check(masked: nn.Module, pruned: nn.Module, inputs: CallInputs, exact: bool
 
 
 _RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-7}
+
+
+def _rtol(output: torch.Tensor) -> float:
+    """How close a cut model's ``output`` is to the masked one's: the rounding of the math that made it.
+
+    float32 is computed at float16's precision where TF32 (or bf16) may be used: CUDA convolutions by
+    default (``torch.backends.cudnn.allow_tf32``), and any matmul under ``set_float32_matmul_precision``
+    "high" or "medium".
+    """
+    if output.dtype == torch.float32 and (torch.get_float32_matmul_precision() != "highest" or (
+            output.device.type == "cuda" and torch.backends.cudnn.allow_tf32)):
+        return _RTOL[torch.float16]
+    return _RTOL.get(output.dtype, 1e-4)
 
 
 def _restore_class(part: _Part, gm: fx.GraphModule) -> nn.Module | None:
@@ -501,8 +514,8 @@ def _restore_class(part: _Part, gm: fx.GraphModule) -> nn.Module | None:
     try:
         ours, theirs = _outputs(gm, part.inputs), _outputs(restored, part.inputs)
         same = len(ours) == len(theirs) and all(
-            a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=_RTOL.get(a.dtype, 1e-4),
-                                                  atol=_RTOL.get(a.dtype, 1e-4) * 0.1) for a, b in zip(ours, theirs))
+            a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=_rtol(a), atol=_rtol(a) * 0.1)
+            for a, b in zip(ours, theirs))
     except Exception:
         same = False
     if not same:
