@@ -79,3 +79,19 @@ def test_cuda_auto_never_slower_than_dense():
         info = lowered.get_submodule(name).fx_sparsity_info
         assert "2:4" in info["candidates_ms"] or "2:4" in info.get("not_timed", {})
         assert info["auto_choice"] == "dense" or info["speedup_vs_dense"] >= 1.05
+
+
+def test_a_gpu_without_a_2_4_kernel_is_named(monkeypatch):
+    """No cuSPARSELt in the build: CUTLASS's kernels cover sm8x only (pytorch#132928); other GPUs are refused."""
+    from fx_sparsity.nn import semi_structured
+
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert semi_structured._kernel_problem(torch.device("cuda")) == (
+        "this torch build has no cuSPARSELt, and its CUTLASS 2:4 kernels run on sm8x GPUs only; this GPU is sm90 "
+        "(install a torch CUDA build that ships cuSPARSELt)")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert semi_structured._kernel_problem(torch.device("cuda")) is None
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert semi_structured._kernel_problem(torch.device("cuda")) is None

@@ -48,7 +48,25 @@ def semi_structured_problem(masked: torch.Tensor) -> str | None:
                 f"the weight is {tuple(masked.shape)}")
     if masked.device.type != "cuda":
         return f"the 2:4 kernels run on CUDA only, the weight is on {masked.device.type}"
-    return None
+    return _kernel_problem(masked.device)
+
+
+def _kernel_problem(device: torch.device) -> str | None:
+    """Why this torch build has no 2:4 kernel for the GPU ``device``, or None."""
+    if torch.backends.cusparselt.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major == 8:
+        return None  # CUTLASS's 2:4 kernels
+    return (f"this torch build has no cuSPARSELt, and its CUTLASS 2:4 kernels run on sm8x GPUs only; "
+            f"this GPU is sm{major}{minor} (install a torch CUDA build that ships cuSPARSELt)")
+
+
+def _pack(dense: torch.Tensor) -> torch.Tensor:
+    """``dense`` (exactly 2:4) as a semi-structured tensor: cuSPARSELt where the build has it, else CUTLASS."""
+    if torch.backends.cusparselt.is_available():
+        return torch.sparse.SparseSemiStructuredTensorCUSPARSELT.from_dense(dense.contiguous())
+    return torch.sparse.SparseSemiStructuredTensorCUTLASS.from_dense(dense.contiguous())
 
 
 class SemiStructuredSparseLinear(nn.Module):
@@ -64,7 +82,7 @@ class SemiStructuredSparseLinear(nn.Module):
         if problem is not None:
             raise ValueError(f"SemiStructuredSparseLinear: {problem}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(weight.detach()), requires_grad=False)
+        self.weight = nn.Parameter(_pack(weight.detach()), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
         self.fx_sparsity_info: dict[str, Any] = {"lowered_to": type(self).__name__, "format": "2:4"}
 
@@ -95,7 +113,7 @@ class SemiStructuredSparseLinear(nn.Module):
         if problem is not None:
             error_msgs.append(f"SemiStructuredSparseLinear '{prefix[:-1]}': {problem}")
             return
-        self.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(dense), requires_grad=False)
+        self.weight = nn.Parameter(_pack(dense), requires_grad=False)
         if self.bias is not None and prefix + "bias" in state_dict:
             with torch.no_grad():
                 self.bias.copy_(state_dict[prefix + "bias"])
