@@ -425,10 +425,8 @@ def test_nearly_diagonal_torch_ao_rejects_even_and_float():
 @pytest.mark.parametrize(
     "level, pattern",
     [
-        (1.5, r"sparsity_level must be a real number in \[0, 1\], got 1.5; clamp it into \[0, 1\]"),
-        (-0.1, r"sparsity_level must be a real number in \[0, 1\], got -0.1; clamp"),
-        (math.nan, r"sparsity_level must be a real number in \[0, 1\], got nan \(float\)"),
-        ("0.5", r"sparsity_level must be a real number in \[0, 1\], got '0.5' \(str\); pass a float"),
+        (math.nan, r"sparsity_level must be a real number, got nan \(float\)"),
+        ("0.5", r"sparsity_level must be a real number, got '0.5' \(str\); pass a float"),
         (True, r"got True \(bool\)"),
         (None, r"got None \(NoneType\)"),
         (torch.tensor(0.5), r"got tensor\(0.5000\) \(Tensor\); pass a float such as 0.5 \(use .item\(\) for a tensor\)"),
@@ -461,13 +459,14 @@ def test_check_weight_norm_config_zeros(zeros):
 
 
 def test_check_weight_norm_config_accepts_valid_and_prefixes_where():
-    for level in (0, 0.0, 1, 0.5):
+    for level in (0, 0.0, 1, 0.5, -1.0, 2):  # outside [0, 1]: acts as 0 or 1, as in torch.ao
         for block, zeros in (((1, 4), 0), ([2, 3], 6), ((1, 1), 1)):
             check_weight_norm_config(level, block, zeros)
     with pytest.raises(ValueError, match=r"^group 'fc1.weight': zeros_per_block must be an int in \[0, 6\]"):
         check_weight_norm_config(0.5, [2, 3], 7, where="group 'fc1.weight'")
     with pytest.raises(ValueError, match=r"^group 'fc1.weight': sparsity_level"):
-        check_weight_norm_config(2, (1, 4), 4, where="group 'fc1.weight'")
+        check_weight_norm_config(math.nan, (1, 4), 4, where="group 'fc1.weight'")
+    check_weight_norm_config(0.5, [2, 3], 7, ranges=False)  # the range is torch.ao's step-time check
     with pytest.raises(ValueError, match=r"^group 'fc1.weight': sparse_block_shape"):
         check_weight_norm_config(0.5, (1, 0), 0, where="group 'fc1.weight'")
 
@@ -475,8 +474,8 @@ def test_check_weight_norm_config_accepts_valid_and_prefixes_where():
 def test_weight_norm_mask_validates_config():
     with pytest.raises(ValueError, match=r"zeros_per_block must be an int in \[0, 4\]"):
         weight_norm_mask(torch.randn(4, 8), 0.5, (1, 4), 5, mm.l2_norm)
-    with pytest.raises(ValueError, match=r"sparsity_level must be a real number in \[0, 1\], got 1.2"):
-        weight_norm_mask(torch.randn(4, 8), 1.2, (1, 4), 4, mm.l2_norm)
+    torch.testing.assert_close(weight_norm_mask(torch.randn(4, 8), 1.2, (1, 4), 4, mm.l2_norm), torch.zeros(4, 8))
+    torch.testing.assert_close(weight_norm_mask(torch.randn(4, 8), -3, (1, 4), 4, mm.l2_norm), torch.ones(4, 8))
 
 
 @pytest.mark.parametrize(
@@ -506,6 +505,8 @@ def test_check_nearliness_accepts_and_prefixes_where():
     check_nearliness(3, torch.Size([2, 5]))
     with pytest.raises(ValueError, match=r"^layer 'fc': nearliness must be odd"):
         check_nearliness(6, where="layer 'fc'")
+    check_nearliness(6, (4, 4), ranges=False)  # odd and small enough: torch.ao's step-time checks
+    check_nearliness(21, (4, 4), ranges=False)
 
 
 def test_check_2d_messages():

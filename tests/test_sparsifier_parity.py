@@ -186,3 +186,48 @@ def test_deepcopy_and_pickle_round_trip():
     assert copied.model is not prepared
     copied.step()
     assert torch.equal(copied.get_mask("hidden.weight"), sparsifier.get_mask("hidden.weight"))
+
+
+def test_levels_outside_0_1_act_as_torch_ao_s_ends():
+    """torch.ao's own test_sparsity_levels: levels -1 and 2 are taken (as 0 and 1); masks identical to torch.ao's."""
+    model, config = nn.Sequential(), []
+    for i, (level, block, zeros) in enumerate((level, block, zeros) for level in (-1.0, 0.0, 0.5, 1.0, 2.0)
+                                              for block in ((1, 1), (1, 4), (2, 2), (4, 1)) for zeros in range(5)
+                                              if zeros <= block[0] * block[1]):
+        torch.manual_seed(i)
+        model.add_module(f"l{i}", nn.Linear(12, 12, bias=False))
+        config.append({"tensor_fqn": f"l{i}.weight", "sparsity_level": level, "sparse_block_shape": block,
+                       "zeros_per_block": zeros})
+    ours, theirs, ao_model = fxs.WeightNormSparsifier(), ao.WeightNormSparsifier(), copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"group 'l0.weight': sparsity_level=-1.0 is outside \[0, 1\]; it acts as 0 "
+                                         r"\(every weight kept\), as in torch.ao.pruning"):
+        fxs.prepare_fx_sparse(model, ours, config)
+    theirs.prepare(ao_model, config)
+    ours.step()
+    theirs.step()
+    for entry in config:
+        assert torch.equal(ours.get_mask(entry["tensor_fqn"]).float(), ao_mask(ao_model, entry["tensor_fqn"]).float())
+    # a scheduler may push a level past 1 (LambdaSL): every block goes, as in torch.ao
+    for group in ours.groups:
+        group["sparsity_level"] = 5.0
+    ours.step()
+    assert not ours.get_mask("l6.weight").any()  # (1, 4) blocks, 4 zeros each
+
+
+def test_nearliness_is_refused_at_step_as_torch_ao_does():
+    """torch.ao's own NearlyDiagonal test_sparsity_levels: prepare takes any int; step() refuses even or too large."""
+    for nearliness in range(-1, 40):
+        layer = nn.Sequential(nn.Linear(32, 32, bias=False))
+        ours, theirs, ao_layer = fxs.NearlyDiagonalSparsifier(1), ao.NearlyDiagonalSparsifier(1), copy.deepcopy(layer)
+        config = [{"tensor_fqn": "0.weight", "nearliness": nearliness}]
+        fxs.prepare_fx_sparse(layer, ours, config)
+        theirs.prepare(ao_layer, config)
+        if (nearliness > 0 and nearliness % 2 == 0) or nearliness // 2 >= 32:
+            with pytest.raises(ValueError):
+                theirs.step()
+            with pytest.raises(ValueError, match="nearliness"):
+                ours.step()
+        else:
+            ours.step()
+            theirs.step()
+            assert torch.equal(ours.get_mask("0.weight"), ao_mask(ao_layer, "0.weight")), nearliness

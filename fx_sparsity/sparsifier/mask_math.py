@@ -61,13 +61,14 @@ import torch
 import torch.nn.functional as F
 
 # A ValueError (and an AssertionError, as torch.ao raises for bad configs): one type to catch for every bad config.
-from ..errors import SparsityConfigError
+from ..errors import SparsityConfigError, warn_user
 
 __all__ = [
     "DEVIATIONS",
     "check_2d",
     "check_nearliness",
     "check_weight_norm_config",
+    "warn_if_clamped",
     "l1_norm",
     "l2_norm",
     "nearly_diagonal_mask",
@@ -162,27 +163,25 @@ def _describe(x) -> str:
 
 
 def check_weight_norm_config(
-    sparsity_level, sparse_block_shape, zeros_per_block, *, where: str = ""
+    sparsity_level, sparse_block_shape, zeros_per_block, *, where: str = "", ranges: bool = True
 ) -> None:
     """Raise ``ValueError`` unless the three WeightNorm settings are usable.
 
-    * ``sparsity_level``: a real number (not bool, not NaN) in ``[0, 1]``;
+    * ``sparsity_level``: a real number (not bool, not NaN); outside ``[0, 1]`` it acts as
+      the nearest end, as in torch.ao (see :func:`warn_if_clamped`);
     * ``sparse_block_shape``: a tuple or list of two positive ints;
-    * ``zeros_per_block``: an int in ``[0, block_h * block_w]``.
+    * ``zeros_per_block``: an int, in ``[0, block_h * block_w]`` when ``ranges``.
 
-    ``where`` (e.g. ``"group 'fc1.weight'"``) is prefixed to the message.
+    torch.ao checks the range of ``zeros_per_block`` when a mask is computed, not when the
+    sparsifier is made or prepared; ``ranges=False`` is that earlier check. ``where``
+    (e.g. ``"group 'fc1.weight'"``) is prefixed to the message.
     """
     p = _prefix(where)
     if not _is_real(sparsity_level) or math.isnan(sparsity_level):
         raise SparsityConfigError(
-            f"{p}sparsity_level must be a real number in [0, 1], got "
+            f"{p}sparsity_level must be a real number, got "
             f"{_describe(sparsity_level)}; pass a float such as 0.5 "
             "(use .item() for a tensor)"
-        )
-    if not 0 <= sparsity_level <= 1:
-        raise SparsityConfigError(
-            f"{p}sparsity_level must be a real number in [0, 1], got {sparsity_level!r}; "
-            "clamp it into [0, 1] (0 keeps every weight, 1 removes every block)"
         )
     if (
         not isinstance(sparse_block_shape, (tuple, list))
@@ -196,7 +195,7 @@ def check_weight_norm_config(
         )
     bh, bw = (int(b) for b in sparse_block_shape)
     values_per_block = bh * bw
-    if not _is_int(zeros_per_block) or not 0 <= zeros_per_block <= values_per_block:
+    if not _is_int(zeros_per_block) or (ranges and not 0 <= zeros_per_block <= values_per_block):
         raise SparsityConfigError(
             f"{p}zeros_per_block must be an int in [0, {values_per_block}] (a {bh}x{bw} "
             f"block has {values_per_block} elements), got {_describe(zeros_per_block)}; "
@@ -205,12 +204,21 @@ def check_weight_norm_config(
         )
 
 
-def check_nearliness(nearliness, shape=None, *, where: str = "") -> None:
+def warn_if_clamped(sparsity_level, *, where: str = "") -> None:
+    """Warn that a level outside ``[0, 1]`` acts as 0 or 1 (torch.ao's semantics, kept for parity)."""
+    if _is_real(sparsity_level) and not 0 <= sparsity_level <= 1:
+        end = 0 if sparsity_level < 0 else 1
+        warn_user(f"{_prefix(where)}sparsity_level={sparsity_level!r} is outside [0, 1]; it acts as {end} "
+                  f"({'every weight kept' if end == 0 else 'every block zeroed'}), as in torch.ao.pruning")
+
+
+def check_nearliness(nearliness, shape=None, *, where: str = "", ranges: bool = True) -> None:
     """Raise ``ValueError`` unless ``nearliness`` is usable (for ``shape`` if given).
 
     Mirrors torch.ao: ``nearliness <= 0`` is accepted (it gives an all-zero mask
     and is not checked further); a positive value must be odd and satisfy
-    ``nearliness // 2 < min(shape)``.
+    ``nearliness // 2 < min(shape)``. torch.ao checks those two when a mask is
+    computed; ``ranges=False`` checks only that it is an int (and ``shape`` 2-D).
     """
     p = _prefix(where)
     if not _is_int(nearliness):
@@ -218,7 +226,12 @@ def check_nearliness(nearliness, shape=None, *, where: str = "") -> None:
             f"{p}nearliness must be an int, got {_describe(nearliness)}; "
             "pass an odd positive int such as 1, 3 or 5"
         )
-    if nearliness <= 0:
+    if shape is not None and len(tuple(shape)) != 2:
+        raise SparsityConfigError(
+            f"{p}nearliness needs a 2-D tensor, got shape {tuple(int(s) for s in shape)}; "
+            "apply NearlyDiagonal only to 2-D weights such as nn.Linear.weight"
+        )
+    if nearliness <= 0 or not ranges:
         return
     if nearliness % 2 == 0:
         raise SparsityConfigError(
@@ -228,11 +241,6 @@ def check_nearliness(nearliness, shape=None, *, where: str = "") -> None:
     if shape is None:
         return
     shape = tuple(int(s) for s in shape)
-    if len(shape) != 2:
-        raise SparsityConfigError(
-            f"{p}nearliness needs a 2-D tensor, got shape {shape}; "
-            "apply NearlyDiagonal only to 2-D weights such as nn.Linear.weight"
-        )
     dist = nearliness // 2
     smallest = min(shape)
     if dist >= smallest:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base_sparsifier import BaseSparsifier
-from .mask_math import check_2d, check_weight_norm_config, resolve_norm_fn, weight_norm_mask
+from .mask_math import check_2d, check_weight_norm_config, resolve_norm_fn, warn_if_clamped, weight_norm_mask
 
 __all__ = ["WeightNormSparsifier"]
 
@@ -20,7 +20,9 @@ class WeightNormSparsifier(BaseSparsifier):
     inside each block. Blocks start at index 0, ``(rows, cols)`` of the 2-D tensor; for a
     Linear weight ``(out, in)`` the default ``(1, 4)`` groups 4 consecutive inputs. ``norm``
     is 1, 2 (default) or a callable mapping the tensor to elementwise norms. All four
-    are defaults that a config entry may override per tensor.
+    are defaults that a config entry may override per tensor. As in torch.ao, a level
+    outside ``[0, 1]`` acts as 0 or 1 (with a warning when given), and ``zeros_per_block``
+    beyond the block is refused when a mask is computed (``step()``).
     """
 
     def __init__(self, sparsity_level: float = 0.5, sparse_block_shape: tuple[int, int] = (1, 4),
@@ -28,7 +30,9 @@ class WeightNormSparsifier(BaseSparsifier):
         if zeros_per_block is None:
             check_weight_norm_config(sparsity_level, sparse_block_shape, 0)
             zeros_per_block = math.prod(sparse_block_shape)
-        check_weight_norm_config(sparsity_level, sparse_block_shape, zeros_per_block)
+        # Ranges are checked at step(), as torch.ao does (a level outside [0, 1] acts as 0 or 1).
+        check_weight_norm_config(sparsity_level, sparse_block_shape, zeros_per_block, ranges=False)
+        warn_if_clamped(sparsity_level)
         self.norm_fn = resolve_norm_fn(norm)
         super().__init__(defaults={
             "sparsity_level": sparsity_level,
@@ -40,7 +44,9 @@ class WeightNormSparsifier(BaseSparsifier):
         where = f"group '{group['tensor_fqn']}'"
         check_2d(tensor, where=where)
         check_weight_norm_config(group["sparsity_level"], group["sparse_block_shape"], group["zeros_per_block"],
-                                 where=where)
+                                 where=where, ranges=False)
+        if group["sparsity_level"] != self.defaults["sparsity_level"]:
+            warn_if_clamped(group["sparsity_level"], where=where)
 
     def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,  # type: ignore[override]
                     sparse_block_shape: tuple[int, int], zeros_per_block: int, **kwargs) -> None:
