@@ -29,7 +29,7 @@ def default_config(model: nn.Module) -> list[dict[str, Any]]:
     last non-Linear child first); group order matters for per-group scheduler lists and
     state dicts, so we keep it.
     """
-    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    names = {id(m): name for name, m in model.named_modules()}  # a module under two names: its first, as torch.ao
     config, stack = [], [model]
     while stack:
         module = stack.pop()

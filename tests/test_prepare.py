@@ -276,10 +276,10 @@ def test_squash_folds_masks_and_keeps_params():
     ([{"sparsity_level": 0.5}], r"config\[0\] has no tensor_fqn: tensor_fqn is a required argument"),
     (["0.weight"], r"config\[0\] is a str; config elements should be dicts"),
     ([{"tensor_fqn": "0.weight", "module_fqn": "2"}], r"config\[0\]: given both `module_fqn`='2' and `tensor_fqn`='0.weight'; they must agree"),
-    ([{"tensor_fqn": "0.weight", "sparsity_level": 1.5}], r"sparsity_level"),
+    ([{"tensor_fqn": "0.weight", "sparsity_level": "0.5"}], r"sparsity_level"),
     ([{"tensor_fqn": "0.weight", "sparsity_level": float("nan")}], r"sparsity_level"),
     ([{"tensor_fqn": "0.weight", "sparse_block_shape": (0, 4)}], r"sparse_block_shape"),
-    ([{"tensor_fqn": "0.weight", "sparse_block_shape": (2, 2), "zeros_per_block": 5}], r"zeros_per_block"),
+    ([{"tensor_fqn": "0.weight", "sparse_block_shape": (2, 2), "zeros_per_block": 5.0}], r"zeros_per_block"),
     ([{"tensor_fqn": "0.bias"}], r"2-D"),
     ([{"tensor_fqn": "0.weight", "mask_dtype": torch.int8}], r"mask_dtype must be torch.bool or a floating dtype"),
 ])
@@ -323,14 +323,20 @@ def test_sparsifier_used_twice_and_step_before_prepare():
 
 
 def test_constructor_arguments_checked():
+    """Types at construction; the ranges torch.ao checks at step() are checked there (as in torch.ao)."""
     with pytest.raises(ValueError, match="sparsity_level"):
-        fxs.WeightNormSparsifier(sparsity_level=-0.1)
+        fxs.WeightNormSparsifier(sparsity_level="0.1")
     with pytest.raises(ValueError, match="sparse_block_shape"):
         fxs.WeightNormSparsifier(sparse_block_shape=(1, 4, 2))
-    with pytest.raises(ValueError, match="zeros_per_block"):
-        fxs.WeightNormSparsifier(sparse_block_shape=(1, 4), zeros_per_block=5)
     with pytest.raises(ValueError, match="nearliness"):
-        fxs.NearlyDiagonalSparsifier(nearliness=2)
+        fxs.NearlyDiagonalSparsifier(nearliness=2.0)
+    with pytest.warns(UserWarning, match=r"sparsity_level=-0.1 is outside \[0, 1\]; it acts as 0"):
+        fxs.WeightNormSparsifier(sparsity_level=-0.1)
+    for sparsifier in (fxs.WeightNormSparsifier(sparse_block_shape=(1, 4), zeros_per_block=5),
+                       fxs.NearlyDiagonalSparsifier(nearliness=2)):
+        fxs.prepare_fx_sparse(mlp(), sparsifier, [{"tensor_fqn": "2.weight"}])
+        with pytest.raises(ValueError, match="zeros_per_block|nearliness"):
+            sparsifier.step()
 
 
 def test_leaf_module_use_is_reported():

@@ -231,3 +231,63 @@ def test_nearliness_is_refused_at_step_as_torch_ao_does():
             ours.step()
             theirs.step()
             assert torch.equal(ours.get_mask("0.weight"), ao_mask(ao_layer, "0.weight")), nearliness
+
+
+class CountingSparsifier(fxs.BaseSparsifier):
+    """torch.ao's ImplementedSparsifier: zero the first row, count steps in ``state``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(defaults=kwargs)
+
+    def update_mask(self, module, tensor_name, mask, **kwargs):
+        mask[0] = 0
+        state = self.state[f"{kwargs['module_fqn']}.{tensor_name}" if kwargs["module_fqn"] else tensor_name]
+        state["step_count"] = state.get("step_count", 0) + 1
+
+
+def test_state_holds_what_the_sparsifier_keeps_and_round_trips_as_torch_ao_s():
+    """torch.ao's own test_state_dict: ``state`` is the sparsifier's (masks live in the model) and loads equal."""
+    first = CountingSparsifier(test=3)
+    fxs.prepare_fx_sparse(mlp(), first, [{"tensor_fqn": "0.weight"}])
+    for _ in range(3):
+        first.step()
+    saved = first.state_dict()
+    assert saved["state"]["0.weight"]["step_count"] == 3 and saved["groups"][0]["test"] == 3
+    assert not saved["state"]["0.weight"]["mask"][0].any()  # the state dict carries the masks too
+    second = CountingSparsifier()
+    fxs.prepare_fx_sparse(mlp(), second, None)
+    assert first.state != second.state
+    second.load_state_dict(saved)
+    assert first.state == second.state == {"0.weight": {"step_count": 3}}
+    assert torch.equal(second.get_mask("0.weight"), first.get_mask("0.weight"))
+
+
+def test_default_config_names_a_shared_layer_by_its_first_name():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    ours, theirs = fxs.WeightNormSparsifier(), ao.WeightNormSparsifier()
+    fxs.prepare_fx_sparse(model, ours)
+    theirs.prepare(copy.deepcopy(model), None)
+    assert [g["tensor_fqn"] for g in ours.groups] == [g["tensor_fqn"] for g in theirs.groups] == ["0.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block, zeros", [((1, 4), 4), ((2, 2), 2)])
+def test_half_precision_masks_identical_at_every_step(dtype, block, zeros):
+    """torch.ao's masked weight turns float32 once its mask is recomputed (bool for partial blocks, so the
+    weight's dtype again); its norms, and so its fp16/bf16 masks, follow. Near-equal weights make ties matter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16, bias=False)).to(dtype)
+    ao_model = copy.deepcopy(model)
+    ours, theirs = fxs.WeightNormSparsifier(0.25, block, zeros), ao.WeightNormSparsifier(0.25, block, zeros)
+    prepared = fxs.prepare_fx_sparse(model, ours)
+    theirs.prepare(ao_model, None)
+    for level in (0.25, 0.5, 0.0, 0.6, 0.75):
+        ours.groups[0]["sparsity_level"] = theirs.groups[0]["sparsity_level"] = level
+        with torch.no_grad():
+            weight = 1 + 0.01 * torch.randn(16, 32)
+            prepared.get_parameter("0.weight").copy_(weight)
+            ao_model[0].parametrizations.weight.original.copy_(weight)
+        ours.step()
+        theirs.step()
+        assert torch.equal(ours.get_mask("0.weight").float(), ao_mask(ao_model, "0.weight").float()), level

@@ -130,7 +130,6 @@ class BaseSparsifier(abc.ABC):
             prepare_units(work, specs, block_types, tracer, example_inputs)
         for group in groups:
             group["module"] = prepared.get_submodule(group["module_fqn"])
-            self.state[group["tensor_fqn"]]["mask"] = prepared.get_buffer(mask_fqn_for(group["tensor_fqn"]))
         self.model = prepared
         self.config = list(config) if config is not None else None
         self.groups = groups
@@ -217,7 +216,6 @@ class BaseSparsifier(abc.ABC):
                 mask = self.get_mask(group["tensor_fqn"])
                 module = model.get_submodule(group["module_fqn"])
                 self.update_mask(**{**group, "module": module, "mask": mask})
-                self.state[group["tensor_fqn"]]["mask"] = mask
 
     def plan_masks(self) -> None:
         """Called by :meth:`step` before the groups' :meth:`update_mask`, with whole tensors (also under
@@ -275,15 +273,22 @@ class BaseSparsifier(abc.ABC):
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
-        """``{"state": {tensor_fqn: {"mask": ...}}, "groups": [...]}``, torch.ao.pruning's format."""
+        """``{"state": {tensor_fqn: {"mask": ..., **state}}, "groups": [...]}``, torch.ao.pruning's format.
+
+        ``self.state`` holds what a sparsifier keeps per tensor (as in torch.ao, not the masks:
+        they are buffers of the prepared module); the state dict adds each live mask, so it
+        restores a sparsifier on its own.
+        """
         groups = [{k: v for k, v in g.items() if k not in KEYS_NOT_IN_STATE_DICT} for g in self.groups]
         # A plain dict, not torch.ao's defaultdict: torch.load's default weights_only=True refuses defaultdict.
         state = {}
-        for fqn, s in self.state.items():
-            state[fqn] = dict(s)
+        for fqn in dict.fromkeys([g["tensor_fqn"] for g in self.groups] + list(self.state)):
+            entry = dict(self.state.get(fqn, {}))
             live = mask_or_none(self.model, mask_fqn_for(fqn))
             if live is not None:
-                state[fqn]["mask"] = live
+                entry["mask"] = live
+            if entry:
+                state[fqn] = entry
         return {"state": state, "groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -292,7 +297,9 @@ class BaseSparsifier(abc.ABC):
         groups = copy.deepcopy(state_dict["groups"])
         state: defaultdict[str, dict] = defaultdict(dict)
         for fqn, s in state_dict["state"].items():
-            state[fqn] = {k: v for k, v in s.items() if k != "mask"}
+            kept = {k: v for k, v in s.items() if k != "mask"}
+            if kept:
+                state[fqn] = kept
             mask = s.get("mask")
             live = mask_or_none(model, mask_fqn_for(fqn))
             if live is None:
@@ -309,7 +316,6 @@ class BaseSparsifier(abc.ABC):
                         f"tensor has {tuple(live.shape)} (a state dict from another model?)")
                 with torch.no_grad():
                     live.copy_(mask)
-            state[fqn]["mask"] = live
         for group in groups:
             info = get_arg_info_from_tensor_fqn(model, group["tensor_fqn"])
             if info["module"] is None and strict:

@@ -34,6 +34,8 @@ class WeightNormSparsifier(BaseSparsifier):
         check_weight_norm_config(sparsity_level, sparse_block_shape, zeros_per_block, ranges=False)
         warn_if_clamped(sparsity_level)
         self.norm_fn = resolve_norm_fn(norm)
+        # The dtype torch.ao's masked weight has at the next step, per tensor (see update_mask).
+        self._norm_dtype: dict[str, torch.dtype] = {}
         super().__init__(defaults={
             "sparsity_level": sparsity_level,
             "sparse_block_shape": sparse_block_shape,
@@ -47,11 +49,21 @@ class WeightNormSparsifier(BaseSparsifier):
                                  where=where, ranges=False)
         if group["sparsity_level"] != self.defaults["sparsity_level"]:
             warn_if_clamped(group["sparsity_level"], where=where)
+        start = group.get("mask")
+        self._norm_dtype[group["tensor_fqn"]] = start.dtype if isinstance(start, torch.Tensor) else tensor.dtype
 
     def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float,  # type: ignore[override]
                     sparse_block_shape: tuple[int, int], zeros_per_block: int, **kwargs) -> None:
         check_weight_norm_config(sparsity_level, sparse_block_shape, zeros_per_block,
                                  where=f"group '{kwargs.get('tensor_fqn', tensor_name)}'")
-        # torch.ao reads the parametrized (masked) tensor; so do we, or masks would diverge.
-        masked = getattr(module, tensor_name) * mask
-        weight_norm_mask(masked, sparsity_level, sparse_block_shape, zeros_per_block, self.norm_fn, out=mask)
+        # torch.ao reads the parametrized (masked) tensor; so do we, or masks would diverge. Its dtype follows
+        # torch.ao's mask: the weight's at first, float32 once a step computed one (bool, so the weight's again,
+        # for partial blocks). For float16/bfloat16 weights the norms, so the masks, depend on it.
+        fqn = kwargs.get("tensor_fqn", tensor_name)
+        weight = getattr(module, tensor_name)
+        dtype = torch.promote_types(weight.dtype, self._norm_dtype.get(fqn, weight.dtype))
+        weight_norm_mask(weight.to(dtype) * mask, sparsity_level, sparse_block_shape, zeros_per_block, self.norm_fn,
+                         out=mask)
+        whole_blocks = zeros_per_block == math.prod(sparse_block_shape)
+        if not (sparsity_level <= 0 or zeros_per_block == 0 or (sparsity_level >= 1 and whole_blocks)):
+            self._norm_dtype[fqn] = torch.get_default_dtype() if whole_blocks else torch.bool
