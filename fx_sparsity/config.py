@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .errors import SparsityConfigError
+from .errors import NotATensorError, SparsityConfigError, UnknownTensorError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, nearest_fqns
 from .parametrization import tensor_at
 
@@ -59,11 +59,11 @@ def _resolve_tensor(model: nn.Module, tensor_fqn: Any, where: str) -> torch.Tens
         target = tensor_at(model, tensor_fqn)
     if isinstance(target, nn.Module):
         tensors = [f"{tensor_fqn}.{n}" if tensor_fqn else n for n, _ in target.named_parameters(recurse=False)]
-        raise SparsityConfigError(
+        raise NotATensorError(
             f"{where}: tensor_fqn '{tensor_fqn}' names a module ({type(target).__name__}), not a tensor; "
             f"name one of its tensors, e.g. {tensors or nearest_fqns(model, tensor_fqn)}")
     if not isinstance(target, torch.Tensor):
-        raise SparsityConfigError(
+        raise UnknownTensorError(
             f"{where}: tensor_fqn '{tensor_fqn}' is not a parameter or buffer of {type(model).__name__}; "
             f"nearest real tensor fqns: {nearest_fqns(model, tensor_fqn)}")
     if not target.is_floating_point():

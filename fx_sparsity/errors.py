@@ -15,6 +15,14 @@ class SparsityConfigError(ValueError, AssertionError):
     """
 
 
+class UnknownTensorError(SparsityConfigError, AttributeError):
+    """A ``tensor_fqn`` that names no tensor of the model; an ``AttributeError`` too, as in torch.ao.pruning."""
+
+
+class NotATensorError(SparsityConfigError, TypeError):
+    """A ``tensor_fqn`` that names a module, not a tensor; a ``TypeError`` too, as in torch.ao.pruning."""
+
+
 class TraceError(RuntimeError):
     """The model could not be turned into an FX graph."""
 

@@ -27,7 +27,8 @@ class FakeSparsity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask.shape != x.shape:
-            raise ValueError(f"FakeSparsity: mask shape {tuple(self.mask.shape)} != tensor shape {tuple(x.shape)}")
+            raise SparsityConfigError(  # an AssertionError too, as torch.ao's
+                f"FakeSparsity: mask shape {tuple(self.mask.shape)} != tensor shape {tuple(x.shape)}")
         return self.mask * x
 
     def state_dict(self, *args, **kwargs):

@@ -21,6 +21,7 @@ from models import cnn, encoder_layer, mlp, tied
 from torch import nn
 
 import fx_sparsity as fxs
+from fx_sparsity.errors import NotATensorError, UnknownTensorError
 from fx_sparsity.passes import MaskInsertionError
 
 TABLE_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "reliability.md")
@@ -209,10 +210,11 @@ CATALOG: list[Row] = [
         "older `module` and [module]`fqn` arguments)"),
     Row(PREPARE, "`tensor_fqn` not a string", lambda: prep([{"tensor_fqn": 0}]), fxs.SparsityConfigError,
         "config[0]: tensor_fqn must be a string like 'fc1.weight', got 0"),
-    Row(PREPARE, "unknown `tensor_fqn` (typo)", lambda: prep([{"tensor_fqn": "2.wieght"}]), fxs.SparsityConfigError,
+    # also an AttributeError / a TypeError, as torch.ao raises for these
+    Row(PREPARE, "unknown `tensor_fqn` (typo)", lambda: prep([{"tensor_fqn": "2.wieght"}]), UnknownTensorError,
         "config[0]: tensor_fqn '2.wieght' is not a parameter or buffer of Sequential; nearest real tensor fqns: "
         "['2.weight', '4.weight', '0.weight']"),
-    Row(PREPARE, "`tensor_fqn` names a module", lambda: prep([{"tensor_fqn": "2"}]), fxs.SparsityConfigError,
+    Row(PREPARE, "`tensor_fqn` names a module", lambda: prep([{"tensor_fqn": "2"}]), NotATensorError,
         "config[0]: tensor_fqn '2' names a module (Linear), not a tensor; name one of its tensors, e.g. "
         "['2.weight', '2.bias']"),
     Row(PREPARE, "duplicate `tensor_fqn`", lambda: prep([{"tensor_fqn": "0.weight"}, {"tensor_fqn": "0.weight"}]),

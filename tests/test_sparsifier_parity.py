@@ -291,3 +291,11 @@ def test_half_precision_masks_identical_at_every_step(dtype, block, zeros):
         ours.step()
         theirs.step()
         assert torch.equal(ours.get_mask("0.weight").float(), ao_mask(ao_model, "0.weight").float()), level
+
+
+@pytest.mark.parametrize("fqn, error", [("2.wieght", AttributeError), ("nope.weight", AttributeError), ("2", TypeError)])
+def test_a_wrong_tensor_fqn_raises_what_torch_ao_raises(fqn, error):
+    with pytest.raises(error):
+        ao.WeightNormSparsifier().prepare(mlp(), [{"tensor_fqn": fqn}])
+    with pytest.raises(error, match=f"tensor_fqn '{fqn}'"):
+        fxs.prepare_fx_sparse(mlp(), fxs.WeightNormSparsifier(), [{"tensor_fqn": fqn}])
