@@ -95,15 +95,18 @@ DEVIATIONS: tuple[str, ...] = (
     "ranks blocks by the *truncated* integer mean from `avg_pool2d` (so blocks with "
     "means 1.25 and 1.0 tie); we convert the norms to float64 first (exact means, "
     "same result on every device).",
-    "WeightNorm, invalid config (`sparsity_level` outside [0, 1] or NaN or not a real "
-    "number, block shape not two positive ints, `zeros_per_block` not an int in "
-    "[0, bh*bw]): torch.ao clamps out-of-range levels silently and fails with assorted "
-    "errors otherwise; we raise `ValueError` naming the value.",
+    "WeightNorm, invalid config (`sparsity_level` NaN or not a real number, block shape "
+    "not two positive ints, `zeros_per_block` not an int): torch.ao fails with assorted "
+    "errors; we raise `ValueError` naming the value. A level outside [0, 1] acts as 0 or 1 "
+    "in both (we warn when it is given); `zeros_per_block` outside [0, bh*bw] raises "
+    "`ValueError` at `step()` in both.",
     "WeightNorm, non-2-D weight with a non-trivial config: torch.ao raises a "
     "`RuntimeError` from `avg_pool2d`; we raise `ValueError` naming the shape.",
     "WeightNorm, mask dtype: torch.ao's mask becomes `float32` (or `bool` once "
     "`zeros_per_block < bh*bw`); we return the weight's floating dtype (float32 for "
-    "non-floating weights). Values are the same 0/1.",
+    "non-floating weights). Values are the same 0/1, also for float16/bfloat16 weights: "
+    "torch.ao then ranks blocks on a float32 masked weight from its second step on, and so "
+    "do we.",
     "NearlyDiagonal, non-int `nearliness` (e.g. `3.0`) or a non-2-D weight with "
     "`nearliness > 0`: torch.ao raises `TypeError`/`ValueError` from deep inside; we "
     "raise `ValueError` with the value and the fix.",
