@@ -299,3 +299,32 @@ def test_a_wrong_tensor_fqn_raises_what_torch_ao_raises(fqn, error):
         ao.WeightNormSparsifier().prepare(mlp(), [{"tensor_fqn": fqn}])
     with pytest.raises(error, match=f"tensor_fqn '{fqn}'"):
         fxs.prepare_fx_sparse(mlp(), fxs.WeightNormSparsifier(), [{"tensor_fqn": fqn}])
+
+
+class RecordingSparseLinear(nn.Linear):
+    """A target in torch.ao's convention: ``from_dense(module)``; it keeps the weight it was given."""
+
+    @classmethod
+    def from_dense(cls, mod):
+        new = cls(mod.in_features, mod.out_features)
+        new.given_weight = mod.weight.detach().clone()
+        new.given_block = getattr(mod, "sparse_params", {}).get("sparse_block_shape")
+        return new
+
+
+def test_convert_takes_torch_ao_s_from_dense_targets():
+    """torch.ao's test_convert: only the configured Linear is swapped, and from_dense sees the masked weight."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    config = [{"tensor_fqn": "0.weight"}]
+    ours, theirs, ao_model = fxs.WeightNormSparsifier(0.5), ao.WeightNormSparsifier(0.5), copy.deepcopy(model)
+    prepared = fxs.prepare_fx_sparse(model, ours, config)
+    theirs.prepare(ao_model, config)
+    ours.step()
+    theirs.step()
+    mapping = {nn.Linear: RecordingSparseLinear}
+    lowered, ao_lowered = ours.convert(prepared, mapping=mapping), theirs.convert(ao_model, mapping=mapping)
+    assert [type(m) for m in (lowered.get_submodule("0"), lowered.get_submodule("2"))] == \
+           [type(m) for m in (ao_lowered[0], ao_lowered[2])] == [RecordingSparseLinear, nn.Linear]
+    assert torch.equal(lowered.get_submodule("0").given_weight, ao_lowered[0].given_weight)
+    assert lowered.get_submodule("0").given_block == (1, 4)
+    assert prepared.get_submodule("0") is not lowered.get_submodule("0")  # inplace=False: the prepared model stays

@@ -41,7 +41,8 @@ from ..passes import (
     run_passes,
 )
 
-__all__ = ["LoweringOptions", "LoweringStrategy", "DynamicQuantized", "StaticQuantized", "FromMasked", "SemiStructured",
+__all__ = ["LoweringOptions", "LoweringStrategy", "DynamicQuantized", "StaticQuantized", "FromMasked", "FromDense",
+           "SemiStructured",
            "STRATEGIES", "register_lowering", "strategy_for"]
 
 # Block shapes torch documents for its sparse kernels; which of them work is measured per build.
@@ -218,6 +219,24 @@ class FromMasked(LoweringStrategy):
         return self.target.from_masked(weight, mask, bias, sparse_block_shape=site.block_shape)
 
 
+class FromDense(FromMasked):
+    """A target class with torch.ao's ``from_dense(module)`` (what ``torch.ao.pruning``'s ``convert`` calls).
+
+    It gets an ``nn.Linear`` holding weight·mask and the bias, with ``sparse_params``
+    (``{"sparse_block_shape": ...}``), as torch.ao hands it the masked (parametrized) layer.
+    """
+
+    def make(self, site, weight, mask, bias):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight * mask.to(weight.dtype))
+            if bias is not None:
+                linear.bias.copy_(bias)
+        linear.sparse_params = {"sparse_block_shape": site.block_shape}  # type: ignore[assignment]
+        return self.target.from_dense(linear)
+
+
 class SemiStructured(FromMasked):
     """2:4 semi-structured weights (:class:`~fx_sparsity.nn.SemiStructuredSparseLinear`): CUDA, fp16/bf16."""
 
@@ -295,7 +314,10 @@ def strategy_for(mapping: Mapping[type, type] | str | None, options: LoweringOpt
         return SemiStructured(options)
     if callable(getattr(target, "from_masked", None)):
         return FromMasked(options, target)
+    if callable(getattr(target, "from_dense", None)):
+        return FromDense(options, target)
     raise SparsityConfigError(
         f"cannot lower to {target.__module__}.{target.__qualname__}: the target must be "
         f"torch.ao.nn.sparse.quantized.dynamic.Linear, torch.ao.nn.sparse.quantized.Linear, or a class "
-        f"with a classmethod from_masked(weight, mask, bias, *, sparse_block_shape)")
+        f"with a classmethod from_masked(weight, mask, bias, *, sparse_block_shape) or (torch.ao's) "
+        f"from_dense(linear)")
