@@ -372,7 +372,7 @@ CATALOG: list[Row] = [
     Row("`convert_fx_sparse`", "a target class it cannot build", lambda: fxs.convert_fx_sparse(stepped(), {nn.Linear: nn.Linear}),
         fxs.SparsityConfigError, "cannot lower to torch.nn.modules.linear.Linear: the target must be "
         "torch.ao.nn.sparse.quantized.dynamic.Linear, torch.ao.nn.sparse.quantized.Linear, or a class with a "
-        "classmethod from_masked(weight, mask, bias, *, sparse_block_shape)"),
+        "classmethod from_masked(weight, mask, bias, *, sparse_block_shape) or (torch.ao's) from_dense(linear)"),
     Row("`convert_fx_sparse`", "a block shape the sparse-quantized kernel does not run",
         lambda: fxs.convert_fx_sparse(stepped((8, 1))), fxs.SparsityConfigError,
         "the dynamic sparse-quantized kernel (qnnpack engine) of this torch build runs only block shapes [(1, 4)] (and "
