@@ -190,6 +190,40 @@ def test_masks_and_cuts_match_torch_ao_pruners():
         torch.testing.assert_close(cut_ours(x), cut_theirs(x))
 
 
+def test_torch_ao_constructor_forms_state_and_abstract_base():
+    """What torch.ao's pruners take and hold: ``SaliencyPruner(defaults)``, ``state[fqn]["mask"]`` (the live mask,
+    after ``.to()`` too) and a ``BaseStructuredSparsifier`` that scores nothing refused at construction."""
+    from fx_sparsity.structured import BaseStructuredSparsifier
+
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), torch.randn(4, 16)
+    pruner = SaliencyPruner({"sparsity_level": 0.25})
+    assert pruner.defaults == {"sparsity_level": 0.25}
+    masked = fxs.prepare_fx_sparse(model, pruner, example_inputs=(x,))
+    pruner.step()
+    assert list(pruner.state) == ["0.weight"]
+    assert int((pruner.state["0.weight"]["mask"] == 0).sum()) == 8
+    masked.to(torch.float64)
+    assert pruner.state["0.weight"]["mask"] is pruner.get_mask("0.weight")
+    assert pruner.state["0.weight"]["mask"].dtype == torch.float64
+    with pytest.warns(UserWarning, match="patterns are not used"):
+        SaliencyPruner({"sparsity_level": 0.5}, patterns={})
+    with pytest.raises(fxs.SparsityConfigError, match="sparsity_level must be in"):
+        SaliencyPruner({"sparsity_level": 2.0})
+    with pytest.raises(TypeError, match="Can't instantiate BaseStructuredSparsifier: it scores no channels"):
+        BaseStructuredSparsifier()
+
+    class LargestMagnitude(BaseStructuredSparsifier):
+        def filter_scores(self, weight, dim):
+            return weight.movedim(dim, 0).flatten(1).abs().amax(1)
+
+    mine = LargestMagnitude({"sparsity_level": 0.5})
+    fxs.prepare_fx_sparse(copy.deepcopy(model), mine, example_inputs=(x,))
+    mine.step()
+    expected = torch.ones(32)
+    expected[model[0].weight.abs().amax(1).topk(16, largest=False).indices] = 0
+    assert torch.equal(mine.get_mask("0.weight"), expected)
+
+
 TORCH_AO_MODELS = ["SimpleLinear", "LinearBias", "LinearActivation", "LinearActivationFunctional", "SimpleConv2d",
                    "Conv2dBias", "Conv2dActivation", "Conv2dPadBias", "Conv2dPool", "Conv2dPoolFlatten",
                    "Conv2dPoolFlattenFunctional"]

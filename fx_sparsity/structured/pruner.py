@@ -66,6 +66,11 @@ def analyse(gm: fx.GraphModule, inputs: Any) -> ChannelAnalysis:
                     b.copy_(buffers[name])
 
 
+def _inherits(cls: type, method: str) -> bool:
+    """Whether ``cls`` takes ``method`` from BaseStructuredSparsifier itself (does not override it)."""
+    return getattr(cls, method) is getattr(BaseStructuredSparsifier, method)
+
+
 def _mask_name(tensor_name: str) -> str:
     return MASK_NAME if tensor_name == "weight" else f"{tensor_name}_channel_mask"
 
@@ -73,9 +78,18 @@ def _mask_name(tensor_name: str) -> str:
 class BaseStructuredSparsifier(BaseSparsifier):
     """Prune whole channels of coupled layers; subclasses score them in :meth:`filter_scores`."""
 
-    def __init__(self, sparsity_level: float = 0.5):
-        check_level(sparsity_level)
-        super().__init__(defaults={"sparsity_level": sparsity_level})
+    def __init__(self, sparsity_level: float | dict[str, Any] = 0.5, patterns: Any = None):
+        if _inherits(type(self), "filter_scores") and _inherits(type(self), "channel_scores") and _inherits(type(self), "update_mask"):
+            raise TypeError(f"Can't instantiate {type(self).__name__}: it scores no channels. Use SaliencyPruner or "
+                            f"FPGMPruner, or subclass it and implement filter_scores(weight, dim) (one score per "
+                            f"channel), channel_scores(gm, group) or update_mask")
+        defaults = dict(sparsity_level) if isinstance(sparsity_level, dict) else {"sparsity_level": sparsity_level}
+        defaults.setdefault("sparsity_level", 0.5)  # torch.ao's SaliencyPruner(defaults) takes a dict
+        check_level(defaults["sparsity_level"])
+        if patterns is not None:
+            warn_user(f"{type(self).__name__}: patterns are not used; fx_sparsity follows every channel dependency "
+                      f"in the traced graph (docs/structured.md)")
+        super().__init__(defaults=defaults)
         self.parts: list[_Part] = []
 
     # -- preparing
@@ -104,7 +118,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
         work = model if inplace else copy.deepcopy(model)
         if example_inputs is None:  # torch.ao's prepare(model, config) takes none: make one from the first layer
             example_inputs = _guess_inputs(work)
-        restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "state", "parts"))
+        restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "_state", "parts"))
         try:
             return self._prepare_groups(work, config, block_types, tracer, example_inputs)
         except BaseException:
@@ -229,6 +243,18 @@ class BaseStructuredSparsifier(BaseSparsifier):
         return chosen
 
     # -- masks and steps
+    @property
+    def state(self) -> dict[str, dict]:
+        """torch.ao's ``state``: ``{tensor_fqn: {"mask": channel mask}}`` per group, the live buffers (after
+        ``.to()`` too)."""
+        for group in self.groups:
+            self._state[group["tensor_fqn"]]["mask"] = self.get_mask(group["tensor_fqn"])
+        return self._state
+
+    @state.setter
+    def state(self, value: dict[str, dict]) -> None:
+        self._state = value
+
     def _part(self, name: str) -> _Part:
         return next(p for p in self.parts if p.fqn == name)
 
