@@ -22,14 +22,15 @@ import torch
 from torch import fx, nn
 
 from .distributed import dtensor_type
-from .errors import SparsityConfigError, TraceError
+from .errors import SparsityConfigError, TraceError, warn_user
 from .inputs import CallInputs, as_args_kwargs, call_with
 from .passes import MaskSpec, fetch_attr, owns_one_of, prepare_masks
 from .passes.insert_masks import mask_fqn_for
-from .tracing import TRACERS, export_module, trace
+from .tracing import TRACERS, export_module, trace, warn_hooks_traced_through
 
-__all__ = ["Unit", "check_scope", "unit_fqns", "capture_calls", "capture_inputs", "trace_unit", "prepare_units",
-           "restore_units", "units_of", "graph_parts", "relative", "UNITS_ATTR"]
+__all__ = ["Unit", "check_scope", "check_eager_quantization", "stand_in", "unit_fqns", "capture_calls",
+           "capture_inputs", "trace_unit", "prepare_units", "restore_units", "units_of", "graph_parts", "relative",
+           "UNITS_ATTR", "HOOK_DICTS"]
 
 #: The attribute on a scoped model that lists its units.
 UNITS_ATTR = "fx_sparsity_units"
@@ -150,6 +151,68 @@ def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | No
             f"traced) or tracer=\"symbolic\".") from e
 
 
+#: A module's forward hook dicts (what ``register_forward_hook``/``register_forward_pre_hook`` fill).
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called")
+#: What eager-mode ``torch.ao.quantization.prepare`` reads (``qconfig``) and adds (the output observer).
+_EAGER_QUANT_ATTR, _EAGER_QUANT_CHILD = "qconfig", "activation_post_process"
+_OWN_HOOKS = "_fx_sparsity_own_hooks"
+
+
+def stand_in(original: nn.Module, graph_module: fx.GraphModule) -> None:
+    """Let ``graph_module``, put in ``original``'s place, act as it for hooks and eager-mode quantization.
+
+    It runs the original's forward hooks: the same dicts (a hook added or a handle removed while
+    prepared acts on the original too), or, for an exported graph with input-check hooks of its
+    own, the original's added to those. It carries the original's ``qconfig`` and output observer,
+    so ``torch.ao.quantization.prepare`` run on the prepared model sees the layer.
+    """
+    own = {name: set(getattr(graph_module, name)) for name in HOOK_DICTS}
+    for name in HOOK_DICTS:
+        if own[name]:
+            getattr(graph_module, name).update(getattr(original, name))
+        else:
+            graph_module.__dict__[name] = getattr(original, name)
+    graph_module.__dict__[_OWN_HOOKS] = own
+    if _EAGER_QUANT_ATTR in original.__dict__:
+        setattr(graph_module, _EAGER_QUANT_ATTR, getattr(original, _EAGER_QUANT_ATTR))
+    if _EAGER_QUANT_CHILD in original._modules:
+        graph_module.add_module(_EAGER_QUANT_CHILD, original._modules[_EAGER_QUANT_CHILD])
+
+
+def check_eager_quantization(model: nn.Module, owner_fqns: list[str]) -> None:
+    """Refuse to write a layer that eager-mode ``torch.ao.quantization.prepare`` observes into one model graph;
+    warn for one that has a ``qconfig`` for it."""
+    for fqn in dict.fromkeys(owner_fqns):
+        owner = model.get_submodule(fqn)
+        if getattr(owner, _EAGER_QUANT_ATTR, None) is not None and _EAGER_QUANT_CHILD not in owner._modules:
+            warn_user(f"'{fqn}' ({type(owner).__name__}) has a qconfig for eager-mode torch.ao.quantization, which "
+                      f"cannot find the layers scope=\"model\" writes into one graph: prepare with scope=\"layers\" "
+                      f"and quantize after squash_mask(), or quantize the prepared GraphModule with "
+                      f"prepare_fx/convert_fx")
+        if _EAGER_QUANT_CHILD in owner._modules:
+            raise SparsityConfigError(
+                f"'{fqn}' ({type(owner).__name__}) carries an output observer of eager-mode torch.ao.quantization "
+                f"(torch.ao.quantization.prepare ran before): scope=\"model\" writes it into one graph, where "
+                f"torch.ao.quantization.convert cannot find it. Prepare with scope=\"layers\" (the layers stay in "
+                f"your model; squash_mask() puts each back, with its observer, before convert), or quantize the "
+                f"prepared GraphModule with prepare_fx/convert_fx instead")
+
+
+def _hand_back(graph_module: fx.GraphModule, original: nn.Module) -> None:
+    """What was added to the unit while prepared (hooks, ``torch.ao.quantization.prepare``'s qconfig and
+    observer) goes to the original that takes its place again."""
+    own = graph_module.__dict__.get(_OWN_HOOKS, {})
+    for name in HOOK_DICTS:
+        hooks, theirs = getattr(graph_module, name), getattr(original, name)
+        if hooks is not theirs:
+            theirs.update({k: v for k, v in hooks.items() if k not in own.get(name, ()) and k not in theirs})
+    if _EAGER_QUANT_ATTR in graph_module.__dict__:
+        setattr(original, _EAGER_QUANT_ATTR, getattr(graph_module, _EAGER_QUANT_ATTR))
+    if _EAGER_QUANT_CHILD in graph_module._modules:
+        original.add_module(_EAGER_QUANT_CHILD, graph_module._modules[_EAGER_QUANT_CHILD])
+
+
 def _copy_back(original: nn.Module, graph_module: nn.Module) -> None:
     """Put the graph module's current values into the original's tensors where they are other objects."""
     current = dict(graph_module.named_parameters(remove_duplicate=False))
@@ -174,11 +237,19 @@ def restore_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
     with: it stays a (mask-free) GraphModule. Returns the units that stayed.
     """
     kept = []
+    observed = any(_EAGER_QUANT_CHILD in m._modules for m in model.modules())
     for unit in units:
         if _sharded(unit.graph_module):
             kept.append(unit)
             continue
         _copy_back(unit.original, unit.graph_module)
+        _hand_back(unit.graph_module, unit.original)
+        if (observed and getattr(unit.original, _EAGER_QUANT_ATTR, None) is not None
+                and _EAGER_QUANT_CHILD not in unit.original._modules):
+            warn_user(f"'{unit.fqn}' ({type(unit.original).__name__}) has a qconfig but no observer: "
+                      f"torch.ao.quantization.prepare ran while it was an fx_sparsity graph module, which eager-mode "
+                      f"quantization does not recognise. Run torch.ao.quantization.prepare again now, before "
+                      f"calibrating and convert (the layers it already observes are kept as they are)")
         unit.original.train(unit.graph_module.training)
         model.set_submodule(unit.fqn, unit.original)
     return kept
@@ -243,6 +314,8 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
                 continue
             unit_specs.append(MaskSpec(name, spec.mask, {**spec.meta, "model_fqn": spec.tensor_fqn}, persistent=owned))
         prepare_masks(gm, unit_specs, module)
+        warn_hooks_traced_through(module, gm, fqn)
+        stand_in(module, gm)
         units.append(Unit(fqn, module, gm))
     for unit in units:
         model.set_submodule(unit.fqn, unit.graph_module)

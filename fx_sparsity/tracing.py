@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import SparsityConfigError, TraceError
+from .errors import SparsityConfigError, TraceError, warn_user
 from .inputs import as_args_kwargs
 from .nn.attention import multi_head_attention
 from .passes import SetTrainingMode, run_passes
@@ -107,6 +107,19 @@ def trace_written_out(model: nn.Module) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def warn_hooks_traced_through(model: nn.Module, gm: fx.GraphModule, where: str = "") -> None:
+    """Warn about the forward hooks of ``model``'s submodules that ``gm`` traced through instead of calling."""
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    hooked = [name for name, module in model.named_modules() if name and name not in called
+              and (module._forward_hooks or module._forward_pre_hooks)]
+    if hooked:
+        prefix = f"{where}." if where else ""
+        warn_user(f"forward hooks on {[prefix + n for n in hooked][:5]}{' ...' if len(hooked) > 5 else ''} ran once "
+                  f"while tracing: the prepared graph holds their tensor ops but does not call them (side effects, "
+                  f"such as recording activations, will not happen). Register them on the prepared model, or use "
+                  f"scope=\"layers\" (each layer stays a module and keeps its hooks)")
 
 
 def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None,

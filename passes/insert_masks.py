@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+from torch.ao.nn.intrinsic import _FusedModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .attrs import fetch_attr
@@ -94,6 +95,13 @@ class InsertMasks(PassBase):
                 continue
             module = gm.get_submodule(node.target)
             for tensor in (*module.parameters(), *module.buffers()):
+                if id(tensor) in masked and isinstance(module, _FusedModule):
+                    raise MaskInsertionError(
+                        f"'{masked[id(tensor)]}' is used inside '{node.target}' ({type(module).__name__}), a module "
+                        f"torch.ao.quantization fused (prepare_fx or fuse_modules) and quantizes whole, so no mask "
+                        f"can be put in front of that use. Prepare sparsity first and quantize the prepared model "
+                        f"(prepare_fx on it keeps the masks, convert_fx folds them into the quantized weights), or "
+                        f"quantize after squash_mask().")
                 if id(tensor) in masked:
                     raise MaskInsertionError(
                         f"'{masked[id(tensor)]}' is used inside the leaf module '{node.target}' "

@@ -438,7 +438,50 @@ CATALOG: list[Row] = [
         "another model?)"),
     Row("`FPGMPruner`", "unknown `dist`", lambda: fxs.FPGMPruner(0.5, dist=3), fxs.SparsityConfigError,
         "FPGMPruner: dist=3; use 1, 2 or a callable"),
+    Row("`BaseStructuredSparsifier`", "the base class itself (it scores nothing)",
+        lambda: fxs.BaseStructuredSparsifier(), TypeError, "Can't instantiate BaseStructuredSparsifier: it scores no "
+        "channels. Use SaliencyPruner or FPGMPruner, or subclass it and implement filter_scores(weight, dim) (one "
+        "score per channel), channel_scores(gm, group) or update_mask"),
+    Row("`SaliencyPruner.prepare`", "a group that reaches an `nn.LSTM`",
+        lambda: prep([{"tensor_fqn": "lin.weight"}], fxs.SaliencyPruner(), model=IntoLSTM(),
+                     example_inputs=(torch.randn(2, 5, 8),)),
+        fxs.SparsityConfigError, "config[0]: the channels of 'lin.weight' cannot be pruned exactly: 'lstm' (LSTM) is "
+        "not an op whose channel coupling fx_sparsity follows"),
+    # with torch.ao.quantization
+    Row(PREPARE, "a layer eager `torch.ao.quantization.prepare` observes, with `scope=\"model\"`",
+        lambda: prep([{"tensor_fqn": "2.weight"}], model=eagerly_observed()), fxs.SparsityConfigError,
+        "'2' (Linear) carries an output observer of eager-mode torch.ao.quantization (torch.ao.quantization.prepare "
+        "ran before): scope=\"model\" writes it into one graph, where torch.ao.quantization.convert cannot find it. "
+        "Prepare with scope=\"layers\" (the layers stay in your model; squash_mask() puts each back, with its "
+        "observer, before convert), or quantize the prepared GraphModule with prepare_fx/convert_fx instead"),
+    Row(PREPARE, "a layer `prepare_fx` fused (`LinearReLU`)",
+        lambda: prep([{"tensor_fqn": "0.0.weight"}], model=fx_observed()), MaskInsertionError,
+        "'0.0.weight' is used inside '0' (LinearReLU), a module torch.ao.quantization fused (prepare_fx or "
+        "fuse_modules) and quantizes whole, so no mask can be put in front of that use. Prepare sparsity first and "
+        "quantize the prepared model (prepare_fx on it keeps the masks, convert_fx folds them into the quantized "
+        "weights), or quantize after squash_mask()."),
 ]
+
+
+class IntoLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lstm, self.out = nn.Linear(8, 16), nn.LSTM(16, 12, batch_first=True), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.out(self.lstm(self.lin(x))[0])
+
+
+def eagerly_observed():
+    model = mlp()
+    model[2].qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    return torch.ao.quantization.prepare(model)
+
+
+def fx_observed():
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    return prepare_fx(mlp(), torch.ao.quantization.get_default_qconfig_mapping("fbgemm"), (torch.randn(2, 16),))
 
 
 class WithBlock(nn.Module):

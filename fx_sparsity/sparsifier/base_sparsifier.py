@@ -22,8 +22,18 @@ from ..lowering import convert_fx_sparse
 from ..parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
 from ..passes import MaskSpec, fold_masks, mask_fqn_for, mask_or_none, owns_one_of, prepare_masks
 from ..rollback import snapshot
-from ..scoping import UNITS_ATTR, check_scope, graph_parts, prepare_units, relative, restore_units, units_of
-from ..tracing import TRACERS, trace
+from ..scoping import (
+    UNITS_ATTR,
+    check_eager_quantization,
+    check_scope,
+    graph_parts,
+    prepare_units,
+    relative,
+    restore_units,
+    stand_in,
+    units_of,
+)
+from ..tracing import TRACERS, trace, warn_hooks_traced_through
 
 __all__ = ["BaseSparsifier"]
 
@@ -122,9 +132,15 @@ class BaseSparsifier(abc.ABC):
         specs = [MaskSpec(g["tensor_fqn"], initial_mask(g, tensor_at(work, g["tensor_fqn"]), imported), {"group": i})
                  for i, g in enumerate(groups)]
         if block_types is None:
+            if not isinstance(work, fx.GraphModule):  # a GraphModule's qconfigs are prepare_fx's
+                check_eager_quantization(work, [g["module_fqn"] for g in groups])
             prepared: nn.Module = trace(work, tracer, example_inputs,
                                         see_inside=owns_one_of([tensor_at(work, g["tensor_fqn"]) for g in groups]))
+            if prepared is not work:
+                warn_hooks_traced_through(work, prepared)
             prepare_masks(prepared, specs, work)
+            if prepared is not work:
+                stand_in(work, prepared)
         else:
             prepared = work
             prepare_units(work, specs, block_types, tracer, example_inputs)

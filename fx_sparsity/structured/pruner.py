@@ -27,7 +27,7 @@ from ..passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_
 from ..passes.channel_masks import InsertChannelMasks, RemoveChannelMasks
 from ..passes.cut_channels import CutError, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
 from ..rollback import snapshot
-from ..scoping import UNITS_ATTR, Unit, capture_inputs, check_scope, relative, unit_fqns
+from ..scoping import HOOK_DICTS, UNITS_ATTR, Unit, capture_inputs, check_scope, relative, unit_fqns
 from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.nm_sparsifier import check_level
 from ..tracing import TRACERS, export_module, trace_written_out
@@ -79,7 +79,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
     """Prune whole channels of coupled layers; subclasses score them in :meth:`filter_scores`."""
 
     def __init__(self, sparsity_level: float | dict[str, Any] = 0.5, patterns: Any = None):
-        if _inherits(type(self), "filter_scores") and _inherits(type(self), "channel_scores") and _inherits(type(self), "update_mask"):
+        if all(_inherits(type(self), m) for m in ("filter_scores", "channel_scores", "update_mask")):
             raise TypeError(f"Can't instantiate {type(self).__name__}: it scores no channels. Use SaliencyPruner or "
                             f"FPGMPruner, or subclass it and implement filter_scores(weight, dim) (one score per "
                             f"channel), channel_scores(gm, group) or update_mask")
@@ -446,10 +446,6 @@ def _warn_nothing_to_prune(pruner: BaseStructuredSparsifier, parts: list[_Part])
               f"be named in the config.")
 
 
-_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-          "_forward_hooks_always_called")
-
-
 def _copy(model: nn.Module) -> nn.Module:
     """A deep copy. A GraphModule's own deep copy drops its forward hooks and the attributes torch.export
     and ``allow_train_eval`` add (input checks, ``train``/``eval``): put them back."""
@@ -457,7 +453,7 @@ def _copy(model: nn.Module) -> nn.Module:
     for (_, a), (_, b) in zip(model.named_modules(remove_duplicate=False), twin.named_modules(remove_duplicate=False)):
         if not isinstance(a, fx.GraphModule):
             continue
-        for name in _HOOKS:
+        for name in HOOK_DICTS:
             if getattr(a, name, None) and not getattr(b, name, None):
                 setattr(b, name, copy.copy(getattr(a, name)))
         for name in set(a.__dict__) - set(b.__dict__):
