@@ -14,7 +14,8 @@ from torch import fx, nn
 from .errors import SparsityConfigError, TraceError, warn_user
 from .inputs import as_args_kwargs
 from .nn.attention import multi_head_attention
-from .passes import SetTrainingMode, run_passes
+from .passes import SetTrainingMode, inline_modules, run_passes
+from .passes.recurrent import recurrent_graph
 
 __all__ = ["trace", "TRACERS", "export_module", "allow_train_eval", "SameNoneInputs", "trace_written_out"]
 
@@ -59,6 +60,8 @@ class _SeeInside(fx.Tracer):
 
 
 def _symbolic_trace(model: nn.Module, see_inside: Callable[[str, nn.Module], bool] | None) -> fx.GraphModule:
+    if isinstance(model, nn.RNNBase):  # its forward does not trace; the layer alone is one call on its weights
+        return fx.GraphModule(model, recurrent_graph(model), type(model).__name__)
     if see_inside is not None:
         try:
             tracer = _SeeInside(see_inside)
@@ -104,6 +107,7 @@ def trace_written_out(model: nn.Module) -> fx.GraphModule:
     except Exception as e:
         raise _untraceable(name, e) from e
     gm = fx.GraphModule(tracer.root, graph, name)
+    inline_modules(gm, lambda fqn, module: isinstance(module, nn.RNNBase))  # one call on its weights
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

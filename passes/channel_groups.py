@@ -38,6 +38,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .attrs import fetch_attr
 from .channel_values import Block, Many, Value, align, blocks, broadcast_form, permute, reshape, take
+from .recurrent import GATES, recurrent
 
 __all__ = ["Space", "ChannelGroup", "ChannelAnalysis", "find_channel_groups", "FIXED"]
 
@@ -181,6 +182,7 @@ class _Tracker:
         self.values: dict[fx.Node, Any] = {}
         self.seen: dict[str, Seen] = {}
         self.locks: list[tuple[torch.Tensor, int]] = []  # (ids, dim) joined along dim when solving
+        self.links: list[tuple[tuple[str, int], tuple[str, int]]] = []  # producer spaces scored as one group
 
     # -- elements
     def space(self, tensor: torch.Tensor, dim: int, fqn: str | None = None) -> torch.Tensor:
@@ -356,8 +358,10 @@ class _Rules:
             if isinstance(found, torch.Tensor):
                 t.values[node] = found
             return
-        if node.op == "output":
-            for block in _flat_blocks([t.value(a) for a in _tensor_nodes(node.args)]):
+        if node.op == "output":  # (a node of several outputs returned whole: each of them)
+            returned = [t.values.get(a) if isinstance(t.values.get(a), Many) else t.value(a)
+                        for a in _tensor_nodes(node.args)]
+            for block in _flat_blocks(returned):
                 t.fix(block.ids, "its channels are a model output")
             return
         if not any(_followed(t, a) for a in node.all_input_nodes) and not (
@@ -380,6 +384,8 @@ class _Rules:
         name = _op_name(node)
         if node.target is operator.getitem:
             return self.getitem(node)
+        if node.target is recurrent:
+            return self.recurrent(node)
         if name in _META:
             if name == "getattr" and node.args[1] in ("T", "mT"):
                 return self.transpose_last(node, node.args[0])
@@ -534,16 +540,78 @@ class _Rules:
                     t.fix(out_ids, f"'{node.name}' is a depthwise convolution of channels that are not followed")
             else:
                 if xb is not None:
-                    t.balances.append((xb.ids.reshape(-1), groups, node.name))
+                    t.balances.append((xb.ids.reshape(-1), groups, _split_another_way(node.name)))
                     t.grouped.append(GroupedConv(fqn, groups, xb.ids.reshape(-1)))
                     self._sink(node, 0, x, xb)
-                t.balances.append((out_ids, groups, node.name))
+                t.balances.append((out_ids, groups, _split_another_way(node.name)))
                 t.producers.append((fqn, 0))
         if b is not None:
             t.union(t.space(b, 0), out_ids)
         t.values[node] = (Block((1,), broadcast_form(out_ids, 1, ndim)),)
         if node.op == "call_function" and groups > 1 and w.shape[1] == 1 and not transposed:
             self._seen(node, "depthwise", node.args[0], t.values[node])
+        return True
+
+    def recurrent(self, node: fx.Node) -> bool:
+        """An LSTM, GRU or RNN written as one call (``passes.recurrent``). Each layer's hidden units are classes:
+        a unit is a row of every gate block of ``weight_ih``, ``weight_hh`` and the biases, and a column of
+        ``weight_hh`` and of the next layer's ``weight_ih``. Those columns are sinks (masked, a removed unit acts
+        on no kept one), as are the input's channels; the output carries the last layer's units."""
+        t = self.t
+        mode, x, hx, has_biases, num_layers, _dropout, _training, bidirectional, _batch_first = node.args[:9]
+        weight_nodes = node.args[9:]
+        per_layer = 4 if has_biases else 2
+        if bidirectional or len(weight_nodes) != num_layers * per_layer:
+            raise _Refuse(f"'{node.name}' is a {'bidirectional ' if bidirectional else ''}{mode}"
+                          f"{'' if bidirectional else ' with projections'}, whose units fx_sparsity does not follow")
+        weights = [_tensor(t, w) for w in weight_nodes]
+        shape = t.shape(x)
+        if shape is None or any(w is None for w in weights):
+            return False
+        ndim = len(shape)
+        for blk in t.value(x):
+            if blk.dims != (ndim - 1,):
+                raise _Refuse(f"'{node.name}' runs over dims that hold channels")
+            t.union(blk.ids.reshape(-1), t.space(weights[0], 1))
+            self._sink(node, 1, x, blk)
+        hiddens: list[torch.Tensor] = []
+        for layer in range(num_layers):
+            first = layer * per_layer
+            w_ih, w_hh, *biases = weights[first:first + per_layer]
+            rows = t.space(w_ih, 0).reshape(GATES[mode], -1)  # gate × unit
+            t.union(rows, rows[:1])
+            for tensor in (w_hh, *biases):
+                t.union(t.space(tensor, 0).reshape(GATES[mode], -1), rows[:1])
+            hidden = rows[0]
+            t.union(t.space(w_hh, 1), hidden)
+            self._sink(node, 9 + first + 1, weight_nodes[first + 1], Block((1,), broadcast_form(hidden, 1, 2)),
+                       weight=True)
+            if hiddens:
+                t.union(t.space(w_ih, 1), hiddens[-1])
+                self._sink(node, 9 + first, weight_nodes[first], Block((1,), broadcast_form(hiddens[-1], 1, 2)),
+                           weight=True)
+            t.producers += [(t.fqn_of.get(id(w_ih), ""), 0), (t.fqn_of.get(id(w_hh), ""), 0)]
+            hiddens.append(hidden)
+        # the layers of one module share hidden_size: one group, an equal count from each layer
+        state_used = any(not (u.target is operator.getitem and (u.args[1] == 0 or not u.users)) for u in node.users)
+        if num_layers > 1:
+            first_producer = t.producers[-2 * num_layers]
+            t.links += [(first_producer, key) for key in t.producers[-2 * num_layers + 1:]]
+            if not state_used:  # (a final state used whole keeps the same units in every layer instead)
+                t.balances.append((torch.cat(hiddens), num_layers,
+                                   f"the {num_layers} layers of '{node.name}' ({mode}) share one hidden size, and not "
+                                   f"every layer's units can go"))
+        if hx is not None:
+            for hidden in hiddens:
+                t.fix(hidden, f"'{node.name}' ({mode}) is given its initial state")
+            for blk in _flat_blocks([t.value(a) for a in _tensor_nodes(hx)]):
+                t.fix(blk.ids, f"'{node.name}' ({mode}) is given its initial state")
+        out = (Block((ndim - 1,), broadcast_form(hiddens[-1], ndim - 1, ndim)),)
+        state: Value = ()
+        if state_used:  # a final state holds each layer's units in its own row
+            state_ids = torch.stack(hiddens).reshape(num_layers, *([1] * (ndim - 2)), -1)
+            state = (Block((0, ndim - 1) if num_layers > 1 else (ndim - 1,), state_ids),)
+        t.values[node] = Many([out, Many([state, state]) if mode == "LSTM" else state])
         return True
 
     def conv_function(self, node: fx.Node, name: str) -> bool:
@@ -646,7 +714,7 @@ class _Rules:
                 if blk.dims != (1,):
                     raise _Refuse(f"'{node.name}' normalises groups of channels held with other dims")
                 t.soft.append((blk.ids.reshape(-1), f"{_module_or_node(node, 'GroupNorm')} normalises them in groups"))
-                t.balances.append((blk.ids.reshape(-1), int(num_groups), node.name))
+                t.balances.append((blk.ids.reshape(-1), int(num_groups), _split_another_way(node.name)))
                 self._sink(node, 0, x, blk)
         if t.shape(node) is None:
             t.values[node] = Many([t.values[node], (), ()])
@@ -1156,8 +1224,10 @@ class _Rules:
         t.values[node] = t.value(x)
         return True
 
-    def _sink(self, node: fx.Node, arg: int | str | None, source: Any, blk: Block) -> None:
-        if arg is None or not isinstance(source, fx.Node) or _tensor(self.t, source) is not None:
+    def _sink(self, node: fx.Node, arg: int | str | None, source: Any, blk: Block, weight: bool = False) -> None:
+        """``node``'s input ``arg`` (``source``, holding ``blk``) is multiplied by the masks; a parameter only
+        when ``weight`` says so (masking a contraction's weight columns instead of its input)."""
+        if arg is None or not isinstance(source, fx.Node) or (_tensor(self.t, source) is not None and not weight):
             return
         self.t.sinks.append(Sink(node.name, arg, source.name, blk.ids))
 
@@ -1294,7 +1364,8 @@ def _solve(t: _Tracker) -> ChannelAnalysis:
     in_producer = (label != fixed) & is_producer[space_of]
     first = torch.full((count,), len(spaces), dtype=torch.long)
     first.scatter_reduce_(0, label[in_producer], space_of[in_producer], "amin")
-    root = _components(len(spaces), [(space_of[in_producer], first[label[in_producer]])])
+    links = [(torch.tensor([by_key[a]]), torch.tensor([by_key[b]])) for a, b in t.links if a in by_key and b in by_key]
+    root = _components(len(spaces), [(space_of[in_producer], first[label[in_producer]]), *links])
     groups: list[ChannelGroup] = []
     index_of_root: dict[int, int] = {}
     for p in producers:
@@ -1387,15 +1458,19 @@ def _attach_fixed_reasons(t: _Tracker, groups: list[ChannelGroup], spaces: list[
             group.problem = f"all its channels go together ({why})" if why else "all its channels go together"
 
 
+def _split_another_way(name: str) -> str:
+    return f"grouped convolution '{name}' splits channels another way"
+
+
 def _balances(t: _Tracker, groups: list[ChannelGroup], group_of: torch.Tensor,
               class_of: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Per group with grouped convolutions: the conv-group (block) of each class."""
+    """Per group with grouped convolutions (or a multi-layer RNN): the conv-group (layer) of each class."""
     out: dict[int, torch.Tensor] = {}
-    for ids, n, name in t.balances:
+    for ids, n, why in t.balances:
         gs = [int(g) for g in group_of[ids].unique().tolist() if g >= 0]
         if len(gs) != 1 or ids.numel() % n:
             for g in gs:
-                groups[g].problem = groups[g].problem or f"grouped convolution '{name}' splits channels another way"
+                groups[g].problem = groups[g].problem or why
             continue
         (g,) = gs
         group = groups[g]
@@ -1408,8 +1483,11 @@ def _balances(t: _Tracker, groups: list[ChannelGroup], group_of: torch.Tensor,
         high.scatter_reduce_(0, classes[live], blocks_[live], "amax", include_self=False)
         low = torch.zeros(group.num_classes, dtype=torch.long)
         low.scatter_reduce_(0, classes[live], blocks_[live], "amin", include_self=False)
-        if bool((block_of < 0).any()) or not torch.equal(high, low) or (g in out and not torch.equal(out[g], block_of)):
-            group.problem = group.problem or f"grouped convolution '{name}' splits channels another way"
+        counts = torch.bincount(block_of[block_of >= 0], minlength=n)
+        uneven = bool((counts != counts[0]).any())  # equal numbers go from each block: each must hold as many
+        clash = g in out and not torch.equal(out[g], block_of)
+        if bool((block_of < 0).any()) or not torch.equal(high, low) or clash or uneven:
+            group.problem = group.problem or why
             continue
         out[g] = block_of
         group.balance = n

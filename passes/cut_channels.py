@@ -131,6 +131,9 @@ def update_layer_attributes(module: nn.Module) -> None:
             m.num_embeddings, m.embedding_dim = m.weight.shape
         elif isinstance(m, nn.PReLU):
             m.num_parameters = m.weight.numel()
+        elif isinstance(m, nn.RNNBase):
+            m.hidden_size, m.input_size = int(m.weight_hh_l0.shape[1]), int(m.weight_ih_l0.shape[1])
+            m._init_flat_weights()  # the tensors were replaced under it
 
 
 def _new_shape(value: Any, shape: tuple, keep: torch.Tensor) -> list[int]:

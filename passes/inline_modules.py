@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .manager import run_passes
+from .recurrent import recurrent_graph
 
 __all__ = ["InlineModules", "inline_modules", "splice_module", "InlineError"]
 
@@ -35,6 +36,8 @@ class InlineError(RuntimeError):
 
 def _traced_forward(module: nn.Module) -> fx.Graph:
     try:
+        if isinstance(module, nn.RNNBase):
+            return recurrent_graph(module)
         return fx.Tracer().trace(module)
     except Exception as e:  # tracing fails in many ways; all mean "cannot see inside"
         raise InlineError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -103,7 +106,7 @@ class InlineModules(PassBase):
         self.not_inlined: dict[str, str] = {}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        self.not_inlined = {}
+        self.not_inlined.clear()
         traced: dict[int, fx.Graph] = {}  # one trace per module, however often it is called
         modified = False
         for node in list(gm.graph.nodes):

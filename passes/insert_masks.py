@@ -77,9 +77,10 @@ class MaskedUse:
 class InsertMasks(PassBase):
     """Register ``<tensor_name>_mask`` buffers and multiply every use of each tensor by its mask."""
 
-    def __init__(self, specs: list[MaskSpec]):
+    def __init__(self, specs: list[MaskSpec], not_inlined: dict[str, str] | None = None):
         super().__init__()
         self.specs = specs
+        self.not_inlined = {} if not_inlined is None else not_inlined  # layer fqn -> why it stayed a call
 
     def requires(self, gm: fx.GraphModule) -> None:
         masked: dict[int, str] = {}
@@ -103,9 +104,11 @@ class InsertMasks(PassBase):
                         f"(prepare_fx on it keeps the masks, convert_fx folds them into the quantized weights), or "
                         f"quantize after squash_mask().")
                 if id(tensor) in masked:
+                    why = self.not_inlined.get(str(node.target))
                     raise MaskInsertionError(
                         f"'{masked[id(tensor)]}' is used inside the leaf module '{node.target}' "
-                        f"({type(module).__name__}), which fx_sparsity cannot inline, so no mask can be put "
+                        f"({type(module).__name__}), which fx_sparsity cannot inline{f' ({why})' if why else ''}, "
+                        f"so no mask can be put "
                         f"in front of that use. Trace with tracer=\"export\" (and example_inputs=...) to "
                         f"see through it.")
 

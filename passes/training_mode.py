@@ -1,6 +1,6 @@
 """Switch an exported graph between training and inference behaviour.
 
-``torch.export`` records dropout and batch norm with the mode the model was in as a
+``torch.export`` records dropout, batch norm and recurrent layers with the mode the model was in as a
 constant argument, and its GraphModule refuses ``.train()``/``.eval()``. This pass
 rewrites those constants. Before (exported in eval mode), ``SetTrainingMode(True)``::
 
@@ -28,7 +28,8 @@ __all__ = ["SetTrainingMode"]
 
 _aten = torch.ops.aten
 # op -> index of its training flag
-_MODE_ARG = {_aten.dropout.default: 2, _aten.batch_norm.default: 5}
+_MODE_ARG = {_aten.dropout.default: 2, _aten.batch_norm.default: 5, _aten.lstm.input: 6, _aten.gru.input: 6,
+             _aten.rnn_tanh.input: 6, _aten.rnn_relu.input: 6}  # recurrent layers: dropout between layers
 
 
 class SetTrainingMode(PassBase):

@@ -284,8 +284,9 @@ CATALOG: list[Row] = [
         "it will get (e.g. with a padding attention_mask), or use scope=\"layers\"."),
     Row(PREPARE, "tensor used inside a leaf module", lambda: prep([{"tensor_fqn": "attn.in_proj_weight"}], model=WithMHA()),
         MaskInsertionError, "'attn.in_proj_weight' is used inside the leaf module 'attn' (MultiheadAttention), which "
-        "fx_sparsity cannot inline, so no mask can be put in front of that use. Trace with tracer=\"export\" (and "
-        "example_inputs=...) to see through it."),
+        "fx_sparsity cannot inline (TraceError: symbolically traced variables cannot be used as inputs to control "
+        "flow), so no mask can be put in front of that use. Trace with tracer=\"export\" (and example_inputs=...) "
+        "to see through it."),
     # sparsifier constructors
     Row("`WeightNormSparsifier(...)`", "`sparsity_level` a tensor", lambda: WN(sparsity_level=torch.tensor(0.5)),
         fxs.SparsityConfigError, "sparsity_level must be a real number, got tensor(0.5000) (Tensor); pass "
@@ -442,11 +443,11 @@ CATALOG: list[Row] = [
         lambda: fxs.BaseStructuredSparsifier(), TypeError, "Can't instantiate BaseStructuredSparsifier: it scores no "
         "channels. Use SaliencyPruner or FPGMPruner, or subclass it and implement filter_scores(weight, dim) (one "
         "score per channel), channel_scores(gm, group) or update_mask"),
-    Row("`SaliencyPruner.prepare`", "a group that reaches an `nn.LSTM`",
+    Row("`SaliencyPruner.prepare`", "a group that reaches a bidirectional `nn.LSTM`",
         lambda: prep([{"tensor_fqn": "lin.weight"}], fxs.SaliencyPruner(), model=IntoLSTM(),
                      example_inputs=(torch.randn(2, 5, 8),)),
-        fxs.SparsityConfigError, "config[0]: the channels of 'lin.weight' cannot be pruned exactly: 'lstm' (LSTM) is "
-        "not an op whose channel coupling fx_sparsity follows"),
+        fxs.SparsityConfigError, "config[0]: the channels of 'lin.weight' cannot be pruned exactly: 'recurrent' is a "
+        "bidirectional LSTM, whose units fx_sparsity does not follow"),
     # with torch.ao.quantization
     Row(PREPARE, "a layer eager `torch.ao.quantization.prepare` observes, with `scope=\"model\"`",
         lambda: prep([{"tensor_fqn": "2.weight"}], model=eagerly_observed()), fxs.SparsityConfigError,
@@ -466,7 +467,8 @@ CATALOG: list[Row] = [
 class IntoLSTM(nn.Module):
     def __init__(self):
         super().__init__()
-        self.lin, self.lstm, self.out = nn.Linear(8, 16), nn.LSTM(16, 12, batch_first=True), nn.Linear(12, 4)
+        self.lin, self.lstm = nn.Linear(8, 16), nn.LSTM(16, 12, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(24, 4)
 
     def forward(self, x):
         return self.out(self.lstm(self.lin(x))[0])
