@@ -1,6 +1,12 @@
-"""The ``structured`` case: a ResNet-50-shaped CNN (random weights), dense vs pruned to half its channels
-by ``SaliencyPruner``: parameters and inference time (batch 16, CPU), ratios from one run."""
+"""The ``structured`` case, ratios from one run (random weights, CPU):
+
+- a ResNet-50-shaped CNN, dense vs pruned to half its channels by ``SaliencyPruner`` (batch 16, 224²);
+- an LSTM tagger (embedding 256, 2 layers of 512 units), dense vs half its hidden units cut by ours and by
+  torch.ao's ``LSTMSaliencyPruner``: time, parameters, and how far each cut model is from its masked one.
+"""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +15,7 @@ from torch import nn
 import fx_sparsity as fxs
 from fx_sparsity.timing import interleaved_median_ms
 
-__all__ = ["case_structured", "resnet50_shaped", "Bottleneck"]
+__all__ = ["case_structured", "resnet50_shaped", "Bottleneck", "LSTMTagger"]
 
 
 class Bottleneck(nn.Module):
@@ -65,4 +71,50 @@ def case_structured(quick: bool) -> list[dict]:
     return [{"case": "structured", "name": f"ResNet-50-shaped, 50% of channels, batch {batch}, {size}x{size}",
              "ms": {"dense": ms["dense"], "pruned": ms["pruned"]},
              "ratios": {"speedup": ms["dense"] / ms["pruned"], "fewer parameters": dense_params / pruned_params,
-                        "pruned vs masked rel. error": max(error, 1e-12)}}]
+                        "pruned vs masked rel. error": max(error, 1e-12)}}, _lstm_tagger(quick)]
+
+
+class LSTMTagger(nn.Module):
+    """Tokens -> embedding -> LSTM -> a Linear per step."""
+
+    def __init__(self, vocab: int = 1000, width: int = 256, hidden: int = 512, layers: int = 2, tags: int = 32):
+        super().__init__()
+        self.emb, self.lstm = nn.Embedding(vocab, width), nn.LSTM(width, hidden, layers, batch_first=True)
+        self.fc = nn.Linear(hidden, tags)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(self.emb(tokens))[0])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return max(((a - b).norm() / b.norm()).item(), 1e-12)
+
+
+def _lstm_tagger(quick: bool) -> dict:
+    from torch.ao.pruning._experimental.pruner import LSTMSaliencyPruner
+
+    torch.manual_seed(0)
+    hidden, steps = (128, 16) if quick else (512, 64)
+    model = LSTMTagger(hidden=hidden).eval()
+    x = torch.randint(0, 1000, (16, steps))
+    pruner = fxs.SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, [{"tensor_fqn": "lstm.weight_ih_l0"}], example_inputs=(x[:1],))
+    pruner.step()
+    ours = pruner.prune().eval()
+    reference = copy.deepcopy(model)
+    theirs_pruner = LSTMSaliencyPruner({"sparsity_level": 0.5})
+    theirs_pruner.prepare(reference, [{"tensor_fqn": f"lstm.weight_{k}_l{i}"} for i in range(2) for k in ("ih", "hh")])
+    theirs_pruner.step()
+    with torch.no_grad():
+        theirs_masked = reference(x)
+        theirs = theirs_pruner.prune().eval()
+        errors = {"fx_sparsity pruned vs masked rel. error": _relative(ours(x), masked.eval()(x)),
+                  "torch.ao pruned vs masked rel. error": _relative(theirs(x), theirs_masked)}
+        ms = interleaved_median_ms({"dense": lambda: model(x), "fx_sparsity": lambda: ours(x),
+                                    "torch.ao": lambda: theirs(x)}, warmup=1, repeat=2 if quick else 7)
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in
+              (("dense", model), ("fx_sparsity", ours), ("torch.ao", theirs))}
+    return {"case": "structured", "name": f"LSTM tagger, 2 x {hidden} units, half cut, batch 16 x {steps} steps",
+            "ms": ms, "ratios": {"speedup (fx_sparsity)": ms["dense"] / ms["fx_sparsity"],
+                                 "speedup (torch.ao)": ms["dense"] / ms["torch.ao"],
+                                 "fewer parameters": params["dense"] / params["fx_sparsity"], **errors}}
