@@ -30,11 +30,14 @@ def default_config(model: nn.Module) -> list[dict[str, Any]]:
     state dicts, so we keep it.
     """
     names = {id(m): name for name, m in model.named_modules()}  # a module under two names: its first, as torch.ao
-    config, stack = [], [model]
+    config, stack, seen = [], [model], set()
     while stack:
         module = stack.pop()
         for child in module.children():
             if type(child) is nn.Linear:
+                if id(child) in seen:  # reached again under another name: torch.ao configures (masks) it twice
+                    continue
+                seen.add(id(child))
                 prefix = names[id(child)]
                 config.append({"tensor_fqn": f"{prefix}.weight" if prefix else "weight"})
             else:

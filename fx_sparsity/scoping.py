@@ -26,7 +26,7 @@ from .errors import SparsityConfigError, TraceError, warn_user
 from .inputs import CallInputs, as_args_kwargs, call_with
 from .passes import MaskSpec, fetch_attr, owns_one_of, prepare_masks
 from .passes.insert_masks import mask_fqn_for
-from .tracing import TRACERS, export_module, trace, warn_hooks_traced_through
+from .tracing import HOOK_DICTS, TRACERS, export_module, keep_hooks_when_copied, trace, warn_hooks_traced_through
 
 __all__ = ["Unit", "check_scope", "check_eager_quantization", "stand_in", "unit_fqns", "capture_calls",
            "capture_inputs", "trace_unit", "prepare_units", "restore_units", "units_of", "graph_parts", "relative",
@@ -118,11 +118,13 @@ def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any]) -> 
     return calls
 
 
-def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any) -> dict[str, CallInputs]:
-    """``{fqn: inputs}``: what each of those submodules gets (first call) when ``model`` runs on ``example_inputs``."""
+def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any,
+                   optional: Iterable[str] = ()) -> dict[str, CallInputs]:
+    """``{fqn: inputs}``: what each of those submodules gets (first call) when ``model`` runs on ``example_inputs``;
+    one of ``optional`` that is not called is left out, any other is an error."""
     calls = capture_calls(model, fqns, [example_inputs])
     captured = {fqn: found[0] for fqn, found in calls.items() if found}
-    missing = [fqn for fqn in fqns if fqn not in captured]
+    missing = [fqn for fqn in fqns if fqn not in captured and fqn not in set(optional)]
     if missing:
         raise SparsityConfigError(
             f"tracer=\"export\" traces each unit on the inputs it gets when the model runs on example_inputs, but "
@@ -151,9 +153,6 @@ def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | No
             f"traced) or tracer=\"symbolic\".") from e
 
 
-#: A module's forward hook dicts (what ``register_forward_hook``/``register_forward_pre_hook`` fill).
-HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called")
 #: What eager-mode ``torch.ao.quantization.prepare`` reads (``qconfig``) and adds (the output observer).
 _EAGER_QUANT_ATTR, _EAGER_QUANT_CHILD = "qconfig", "activation_post_process"
 _OWN_HOOKS = "_fx_sparsity_own_hooks"
@@ -174,6 +173,7 @@ def stand_in(original: nn.Module, graph_module: fx.GraphModule) -> None:
         else:
             graph_module.__dict__[name] = getattr(original, name)
     graph_module.__dict__[_OWN_HOOKS] = own
+    keep_hooks_when_copied(graph_module)
     if _EAGER_QUANT_ATTR in original.__dict__:
         setattr(graph_module, _EAGER_QUANT_ATTR, getattr(original, _EAGER_QUANT_ATTR))
     if _EAGER_QUANT_CHILD in original._modules:
@@ -243,6 +243,7 @@ def restore_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
             kept.append(unit)
             continue
         _copy_back(unit.original, unit.graph_module)
+        _unlink_tied_masks(unit.graph_module)
         _hand_back(unit.graph_module, unit.original)
         if (observed and getattr(unit.original, _EAGER_QUANT_ATTR, None) is not None
                 and _EAGER_QUANT_CHILD not in unit.original._modules):
@@ -251,8 +252,14 @@ def restore_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
                       f"quantization does not recognise. Run torch.ao.quantization.prepare again now, before "
                       f"calibrating and convert (the layers it already observes are kept as they are)")
         unit.original.train(unit.graph_module.training)
-        model.set_submodule(unit.fqn, unit.original)
+        for name in _places(model, unit.graph_module):
+            model.set_submodule(name, unit.original)
     return kept
+
+
+def _places(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name ``module`` is registered under in ``model`` (a layer may sit in two places)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module and name]
 
 
 def units_of(model: nn.Module) -> list[Unit]:
@@ -291,13 +298,15 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
     owns_masked = owns_one_of(list(tensors.values()))
     owners = [spec.tensor_fqn.rpartition(".")[0] for spec in specs]
     # and the modules that hold a configured tensor under another name (tied): they read it too
-    owners += [name for name, module in model.named_modules() if name not in owners and owns_masked(name, module)]
-    fqns = unit_fqns(model, block_types, owners)
+    readers = [name for name, module in model.named_modules() if name not in owners and owns_masked(name, module)]
+    fqns = unit_fqns(model, block_types, owners + readers)
     if tracer == "export" and example_inputs is None:
         raise SparsityConfigError(
             "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword inputs) the model "
             "can be called with; each unit is traced on the inputs it gets from them")
-    inputs = capture_inputs(model, fqns, example_inputs) if tracer == "export" else {}
+    inputs = capture_inputs(model, fqns, example_inputs, optional=readers) if tracer == "export" else {}
+    if tracer == "export":  # a reader of a tied tensor that the model never calls (T5's `shared`) needs no graph
+        fqns = [fqn for fqn in fqns if fqn in inputs]
     units: list[Unit] = []
     for fqn in fqns:
         module = model.get_submodule(fqn)
@@ -318,7 +327,8 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
         stand_in(module, gm)
         units.append(Unit(fqn, module, gm))
     for unit in units:
-        model.set_submodule(unit.fqn, unit.graph_module)
+        for name in _places(model, unit.original):  # every name it is registered under (aliases too)
+            model.set_submodule(name, unit.graph_module)
     _tie_masks(model, units, specs)
     setattr(model, UNITS_ATTR, units)
     return units
@@ -338,6 +348,12 @@ def _tie_masks(model: nn.Module, units: list[Unit], specs: list[MaskSpec]) -> No
         if links:
             unit.graph_module.__dict__["_fx_sparsity_tied_masks"] = (model, links)
             unit.graph_module.register_forward_pre_hook(_link_tied_masks)
+
+
+def _unlink_tied_masks(module: nn.Module) -> None:
+    """Remove :func:`_link_tied_masks` from ``module``'s pre-hooks (from its original's: a unit shares them)."""
+    for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _link_tied_masks]:
+        del module._forward_pre_hooks[key]
 
 
 def _link_tied_masks(module: nn.Module, args: Any) -> None:

@@ -1,11 +1,13 @@
 """Tracing front ends: turn an ``nn.Module`` into a ``torch.fx.GraphModule``."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -62,10 +64,12 @@ class _SeeInside(fx.Tracer):
 def _symbolic_trace(model: nn.Module, see_inside: Callable[[str, nn.Module], bool] | None) -> fx.GraphModule:
     if isinstance(model, nn.RNNBase):  # its forward does not trace; the layer alone is one call on its weights
         return fx.GraphModule(model, recurrent_graph(model), type(model).__name__)
+    # a transposed conv traced alone: its optional output_size (None unless given) decides the padding in Python
+    fixed = {"output_size": None} if isinstance(model, nn.modules.conv._ConvTransposeNd) else None
     if see_inside is not None:
         try:
             tracer = _SeeInside(see_inside)
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=fixed)
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
             # GraphModule keeps only the attributes the graph reads, in plain Modules: put each
             # layer traced into back, so its class, hooks and other attributes stay (groups' "module").
@@ -74,7 +78,7 @@ def _symbolic_trace(model: nn.Module, see_inside: Callable[[str, nn.Module], boo
             return gm
         except Exception:  # a chosen layer that cannot be traced: passes.InlineModules says which, later
             pass
-    return fx.symbolic_trace(model)
+    return fx.symbolic_trace(model, concrete_args=fixed)
 
 
 def _untraceable(name: str, e: Exception) -> TraceError:
@@ -189,18 +193,81 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        dynamic = {name: _auto_dims(value) for name, value in bound.arguments.items()}
-        exported = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
-    except Exception:  # inputs dynamic shapes cannot describe (custom objects): specialise them all
+        with _named_keywords(module, kwargs):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            dynamic = {name: _auto_dims(value) for name, value in bound.arguments.items()}
+            exported = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
+    except Exception as e:  # inputs dynamic shapes cannot describe (custom objects): specialise them all
         exported = torch.export.export(module, args, kwargs)
+        warn_user(f"{type(module).__name__} was exported with every input dim fixed (batch and sequence "
+                  f"included): torch.export could not make them dynamic ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); call it on inputs of these shapes only")
     finally:
         logger.setLevel(level)
     gm = exported.module()
     allow_train_eval(gm, module.training)
     gm.register_forward_pre_hook(SameNoneInputs(type(module).__name__, absent, sorted(kwargs)), with_kwargs=True,
                                  prepend=True)
+    keep_hooks_when_copied(gm)
     return gm
+
+
+#: A module's forward hook dicts (what ``register_forward_hook``/``register_forward_pre_hook`` fill).
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called")
+
+
+def keep_hooks_when_copied(gm: fx.GraphModule) -> None:
+    """Make ``copy.deepcopy`` of ``gm`` keep its forward hooks and the attributes set on it.
+
+    ``GraphModule.__deepcopy__`` rebuilds the module from its graph and tensors only: it drops
+    torch.export's input checks, our ``SameNoneInputs`` check and ``train``/``eval``, and the hooks a
+    scoped unit runs for its layer; a copy would then compute or check something else. Each
+    GraphModule has a class of its own, so this changes ``gm`` (and its copies) alone.
+    """
+    cls = type(gm)
+    if getattr(cls.__dict__.get("__deepcopy__"), "keeps_hooks", False):
+        return
+
+    def __deepcopy__(self: fx.GraphModule, memo: dict) -> fx.GraphModule:
+        twin = fx.GraphModule.__deepcopy__(self, memo)
+        for name in HOOK_DICTS:
+            if getattr(self, name, None) and not getattr(twin, name, None):
+                setattr(twin, name, copy.deepcopy(getattr(self, name), memo))
+        for name in set(self.__dict__) - set(twin.__dict__):
+            value = self.__dict__[name]
+            if isinstance(value, types.MethodType) and value.__self__ is self:
+                twin.__dict__[name] = types.MethodType(value.__func__, twin)
+            else:
+                twin.__dict__[name] = copy.deepcopy(value, memo)
+        return twin
+
+    __deepcopy__.keeps_hooks = True  # type: ignore[attr-defined]
+    cls.__deepcopy__ = __deepcopy__  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _named_keywords(module: nn.Module, kwargs: dict) -> Iterator[None]:
+    """While exporting, give ``module.forward`` a signature naming each keyword in ``kwargs`` that its
+    ``**kwargs`` would take: torch.export cannot give dynamic shapes to inputs under ``**kwargs``."""
+    signature = inspect.signature(type(module).forward)
+    params = list(signature.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params) or all(k in signature.parameters for k in kwargs):
+        yield
+        return
+    named = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs if k not in signature.parameters]
+    original = type(module).forward
+
+    def forward(self: nn.Module, *args: Any, **kw: Any) -> Any:
+        return original(self, *args, **kw)
+
+    forward.__signature__ = signature.replace(parameters=named)  # type: ignore[attr-defined]
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 class SameNoneInputs:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.nn.utils import parametrize
 
 from .attrs import fetch_attr
 from .channel_values import Block, Many, Value, align, blocks, broadcast_form, permute, reshape, take
@@ -433,8 +434,8 @@ class _Rules:
         if name in _LAYER_NORM:
             return self.layer_norm_function(node, name)
         if name in ("group_norm", "native_group_norm"):
-            return self.group_norm(node, node.args[0], _arg(node, 1, "num_groups"), _tensor_of(self.t, node, 2),
-                                   _tensor_of(self.t, node, 3))
+            return self.group_norm(node, node.args[0], _arg(node, 1, "num_groups"),
+                                   _tensor_of(self.t, node, 2, "weight"), _tensor_of(self.t, node, 3, "bias"))
         if name == "embedding":
             aten = isinstance(node.target, torch._ops.OpOverload)
             table, lookup = (node.args[0], node.args[1]) if aten else (_arg(node, 1, "weight"), node.args[0])
@@ -451,6 +452,10 @@ class _Rules:
 
     # -- layers
     def module(self, node: fx.Node, m: nn.Module) -> bool:
+        if parametrize.is_parametrized(m):  # (weight_norm, spectral_norm): the weight is made anew at each call
+            raise _Refuse(f"'{node.target}' ({parametrize.type_before_parametrizations(m).__name__}) computes its "
+                          f"{', '.join(m.parametrizations)} from a parametrization; remove it "
+                          f"(torch.nn.utils.parametrize.remove_parametrizations) to prune these channels")
         x = node.args[0] if node.args else None
         if isinstance(m, nn.Linear):
             return self.linear(node, x, m.weight, m.bias)
@@ -619,7 +624,7 @@ class _Rules:
         w = _tensor(t, node.args[1])
         if w is None:
             return False
-        b = _tensor_of(t, node, 2)
+        b = _tensor_of(t, node, 2, "bias")
         if name in ("convolution", "_convolution"):
             transposed, groups = bool(node.args[6]), int(node.args[8])
         elif name.startswith("conv_transpose"):
@@ -657,7 +662,8 @@ class _Rules:
         """aten's batch_norm variants and instance_norm take (input, weight, bias, running_mean, running_var),
         F.batch_norm (input, running_mean, running_var, weight, bias): each a tensor per channel."""
         t = self.t
-        if not self.per_channel(node, node.args[0], [_tensor_of(t, node, i) for i in (1, 2, 3, 4)]):
+        given = (*node.args[1:5], *(node.kwargs.get(k) for k in ("weight", "bias", "running_mean", "running_var")))
+        if not self.per_channel(node, node.args[0], [_tensor(t, a) for a in given]):
             return False
         if t.shape(node) is None:  # native ops: (output, saved statistics...)
             t.values[node] = Many([t.values[node], (), (), (), ()])
@@ -702,7 +708,7 @@ class _Rules:
         t = self.t
         shape = _arg(node, 1, "normalized_shape")
         trailing = len(shape) if isinstance(shape, (list, tuple)) else 1
-        tensors = [_tensor_of(t, node, 2)] + ([_tensor_of(t, node, 3)] if "layer" in name else [])
+        tensors = [_tensor_of(t, node, 2, "weight")] + ([_tensor_of(t, node, 3, "bias")] if "layer" in name else [])
         return self.normalize(node, node.args[0], trailing, tensors, "LayerNorm" if "layer" in name else "RMSNorm")
 
     def group_norm(self, node: fx.Node, x: Any, num_groups: int, w: Any, b: Any) -> bool:
@@ -1282,8 +1288,9 @@ def _followed(t: _Tracker, node: fx.Node) -> bool:
     return isinstance(found, torch.Tensor) or bool(found)
 
 
-def _tensor_of(t: _Tracker, node: fx.Node, i: int) -> torch.Tensor | None:
-    return _tensor(t, node.args[i]) if len(node.args) > i else None
+def _tensor_of(t: _Tracker, node: fx.Node, i: int, name: str) -> torch.Tensor | None:
+    """The parameter or buffer given as argument ``i`` or keyword ``name``."""
+    return _tensor(t, _arg(node, i, name))
 
 
 def _owns_followed(t: _Tracker, node: fx.Node) -> bool:

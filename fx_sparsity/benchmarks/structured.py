@@ -107,7 +107,8 @@ def _lstm_tagger(quick: bool) -> dict:
     theirs_pruner.step()
     with torch.no_grad():
         theirs_masked = reference(x)
-        theirs = theirs_pruner.prune().eval()
+        theirs: nn.Module = theirs_pruner.prune()  # type: ignore[func-returns-value, assignment]  # (annotated None)
+        theirs.eval()
         errors = {"fx_sparsity pruned vs masked rel. error": _relative(ours(x), masked.eval()(x)),
                   "torch.ao pruned vs masked rel. error": _relative(theirs(x), theirs_masked)}
         ms = interleaved_median_ms({"dense": lambda: model(x), "fx_sparsity": lambda: ours(x),

@@ -347,6 +347,7 @@ def _warn_nothing_configured(model: nn.Module, config: list | None) -> None:
                f"{type(model).__name__} has none")
     else:
         why = "the config is empty"
+    example = next((name for name, p in model.named_parameters() if p.dim() > 1), "features.0.weight")
     warn_user(
         f"prepare: no tensor is configured for sparsity ({why}); step(), squash_mask() and schedulers will do "
-        f"nothing. Name the tensors to sparsify, e.g. config=[{{'tensor_fqn': 'features.0.weight'}}]")
+        f"nothing. Name the tensors to sparsify, e.g. config=[{{'tensor_fqn': '{example}'}}]")

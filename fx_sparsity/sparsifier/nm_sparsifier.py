@@ -78,7 +78,8 @@ class NMSparsifier(BaseSparsifier):
     """Keep the ``n`` largest-magnitude weights of every ``m`` consecutive ones along dim 1.
 
     For a Linear weight ``(out, in)`` that is ``n:m`` structured sparsity along the input
-    dim (2:4 is what sparse tensor cores run). ``n`` and ``m`` are defaults that a config
+    dim (2:4 is what sparse tensor cores run); for Hugging Face's ``Conv1D``, whose weight is
+    ``(in, out)``, along dim 0, its input dim (the group records ``"input_dim": 0``). ``n`` and ``m`` are defaults that a config
     entry may override per tensor; ``in`` must be divisible by ``m`` (checked at prepare:
     hardware N:M formats have no partial runs, so there is no tail rule to guess).
 
@@ -100,7 +101,10 @@ class NMSparsifier(BaseSparsifier):
         where = f"group '{group['tensor_fqn']}'"
         n, m = group["n"], group["m"]
         check_nm(n, m, where=where)
-        check_nm_tensor(tensor, m, what=f"{n}:{m} sparsity", where=where)
+        if _inputs_first(group.get("module"), group.get("tensor_name", "")):
+            group["input_dim"] = 0  # recorded here: once prepared, a scoped layer is a graph module
+        check_nm_tensor(tensor.t() if group.get("input_dim") == 0 else tensor, m, what=f"{n}:{m} sparsity",
+                        where=where)
         if group.get("sparsity_level") is None:
             group["sparsity_level"] = (m - n) / m  # the full pattern, for this group's n and m
         check_level(group["sparsity_level"], high=(m - n) / m, where=f"{where} ({n}:{m})")
@@ -111,4 +115,14 @@ class NMSparsifier(BaseSparsifier):
         level = check_level(sparsity_level, high=full,
                             where=f"group '{kwargs.get('tensor_fqn', tensor_name)}' ({n}:{m})")
         scores = (getattr(module, tensor_name) * mask).abs()
-        mask.copy_(nm_keep_mask(scores, n, m, min(1.0, level / full)))
+        if kwargs.get("input_dim") == 0:  # runs along the input features, wherever the layer keeps them
+            mask.copy_(nm_keep_mask(scores.t(), n, m, min(1.0, level / full)).t())
+        else:
+            mask.copy_(nm_keep_mask(scores, n, m, min(1.0, level / full)))
+
+
+def _inputs_first(module: nn.Module | None, tensor_name: str) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2) keeps its weight as ``(in, out)``, a Linear's transposed (``input_dim``
+    0 in the group)."""
+    return (tensor_name == "weight" and type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and module.weight.dim() == 2)

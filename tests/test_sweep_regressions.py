@@ -1,0 +1,214 @@
+"""What sweeping real architectures (vision backbones, Hugging Face models) found, each reduced to its pattern."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import tied
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+import fx_sparsity as fxs
+
+
+def pruned_equals_masked(model, x, config=None, **kwargs):
+    pruner = fxs.SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, config, example_inputs=(x,), **kwargs)
+    pruner.step()
+    small = pruner.prune().eval()
+    torch.testing.assert_close(small(x), masked.eval()(x), rtol=1e-4, atol=1e-5)
+    return pruner, small
+
+
+class FrozenBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):  # symbolic tracing records F.batch_norm's weight and bias as keywords
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class KeywordBiasConv(nn.Conv2d):
+    def forward(self, x):
+        return F.conv2d(x, self.weight, bias=self.bias, stride=self.stride, padding=self.padding)
+
+
+class LayerNorm2d(nn.LayerNorm):  # torchvision's ConvNeXt: channels last, F.layer_norm, channels first
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(3, 16, 3), FrozenBatchNorm(16), nn.ReLU(), nn.Conv2d(16, 8, 3)),
+    lambda: nn.Sequential(KeywordBiasConv(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)),
+], ids=["functional-batch-norm", "conv-bias-by-keyword"])
+def test_per_channel_tensors_passed_by_keyword_are_cut_with_their_channels(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-1, 1)
+    pruner, small = pruned_equals_masked(model, torch.randn(2, 3, 16, 16))
+    assert small.get_submodule("1" if isinstance(model[1], FrozenBatchNorm) else "0").bias.shape == (8,)
+
+
+def test_a_channels_last_layer_norm_is_cut_with_its_group_when_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 4, 4), LayerNorm2d(16), nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = fxs.SaliencyPruner(0.5)
+    with pytest.warns(UserWarning, match="changes what the model computes"):
+        fxs.prepare_fx_sparse(model, pruner, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
+    pruner.step()
+    small = pruner.prune()
+    assert small.get_submodule("1").weight.shape == (8,) and small.get_submodule("2").weight.shape[1] == 8
+    small(x)
+
+
+def test_a_parametrized_layer_is_refused_and_named_not_cut_half():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = weight_norm(nn.Conv1d(4, 8, 3, padding=1)), nn.Conv1d(4, 8, 1), nn.Conv1d(8, 5, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.a(x) + self.b(x)))
+
+    x = torch.randn(2, 4, 16)
+    with pytest.raises(fxs.SparsityConfigError, match="cannot be pruned exactly"):
+        fxs.prepare_fx_sparse(Residual(), fxs.SaliencyPruner(), [{"tensor_fqn": "b.weight"}], example_inputs=(x,))
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Conv1d(4, 8, 1), weight_norm(nn.Conv1d(8, 5, 1))
+
+        def forward(self, x):
+            return self.c(torch.relu(self.a(x)))
+
+    with pytest.raises(fxs.SparsityConfigError, match=r"'c' \(Conv1d\) computes its weight from a parametrization; "
+                                                      r"remove it"):
+        fxs.prepare_fx_sparse(Chain(), fxs.SaliencyPruner(), [{"tensor_fqn": "a.weight"}], example_inputs=(x,))
+
+
+class Aliased(nn.Module):
+    """A layer registered under two names (TCN's TemporalBlock: self.conv1 and self.net[0])."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.net = nn.Sequential(self.fc, nn.ReLU())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("scope", ["model", "layers"])
+def test_a_layer_under_two_names_is_configured_once_and_masked_where_it_is_called(scope):
+    torch.manual_seed(0)
+    model, x = Aliased(), torch.randn(4, 8)
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, scope=scope)
+    assert [g["tensor_fqn"] for g in sparsifier.groups] == ["fc.weight"]
+    sparsifier.step()
+    masked = prepared(x)
+    expected = F.relu(F.linear(x, model.fc.weight * sparsifier.get_mask("fc.weight"), model.fc.bias))
+    torch.testing.assert_close(masked, expected)
+    plain = sparsifier.squash_mask()
+    torch.testing.assert_close(plain(x), expected)
+    if scope == "layers":
+        assert plain.net[0] is plain.fc and type(plain.fc) is nn.Linear
+
+
+def test_a_transposed_conv_alone_traces_symbolically():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 4, 2, stride=2))
+    sparsifier = fxs.GlobalMagnitudeSparsifier(0.5)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, [{"tensor_fqn": "1.weight"}], scope="layers")
+    sparsifier.step()
+    x = torch.randn(1, 3, 8, 8)
+    expected = F.conv_transpose2d(model[0](x), model[1].weight * sparsifier.get_mask("1.weight"), model[1].bias,
+                                  stride=2)
+    torch.testing.assert_close(prepared(x), expected)
+
+
+@pytest.mark.parametrize("scope", ["layers", nn.Embedding])
+def test_tied_weights_in_a_scoped_model_run_after_squash(scope):
+    model = tied()
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    x = torch.randint(0, 40, (2, 7))
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, scope=scope)
+    sparsifier.step()
+    expected = prepared(x)
+    plain = sparsifier.squash_mask()
+    torch.testing.assert_close(plain(x), expected)
+    assert not any(m._forward_pre_hooks for m in plain.modules())
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, mask=None, **kwargs):
+        return self.fc(x) if mask is None else self.fc(x) * mask
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b1, self.b2 = Block(), Block()
+
+    def forward(self, x):
+        return self.b2(self.b1(x, mask=None), flag=False, position_ids=torch.arange(x.shape[-2]))
+
+
+def test_an_exported_block_scope_copies_converts_and_stays_dynamic_with_extra_keywords():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    prepared = fxs.prepare_fx_sparse(Net(), sparsifier, scope=Block, tracer="export", example_inputs=(x,))
+    sparsifier.step()
+    twin = copy.deepcopy(prepared)  # exported blocks keep their input checks (None keywords dropped)
+    other = torch.randn(3, 7, 8)  # batch and sequence stay dynamic, **kwargs inputs too
+    torch.testing.assert_close(twin(other), prepared(other))
+    lowered = fxs.convert_fx_sparse(prepared, "csr", example_inputs=(x,))
+    torch.testing.assert_close(lowered(other), prepared(other), rtol=1e-4, atol=1e-5)
+
+
+class SharedEmbedding(nn.Module):
+    """transformers 5's T5: `shared`, never called, holds the weight the called embedding and lm_head tie to."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.embed = nn.Embedding(20, 8), nn.Embedding(20, 8)
+        self.body, self.lm_head = Block(), nn.Linear(8, 20, bias=False)
+        self.embed.weight = self.lm_head.weight = self.shared.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.body(self.embed(ids)))
+
+
+def test_a_tied_reader_the_model_never_calls_needs_no_graph():
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    ids = torch.randint(0, 20, (2, 6))
+    prepared = fxs.prepare_fx_sparse(SharedEmbedding(), sparsifier, scope=Block, tracer="export",
+                                     example_inputs=(ids,))
+    sparsifier.step()
+    assert isinstance(prepared.body, torch.fx.GraphModule) and not isinstance(prepared.shared, torch.fx.GraphModule)
+    weight = prepared.lm_head.weight * sparsifier.get_mask("lm_head.weight")
+    torch.testing.assert_close(prepared(ids), F.linear(prepared.body(F.embedding(ids, weight)), weight))
+
+
+def test_n_m_runs_along_the_input_dim_of_hugging_face_conv1d():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                                 n_positions=32)).eval()
+    sparsifier = fxs.NMSparsifier(2, 4)
+    fxs.prepare_fx_sparse(model, sparsifier, [{"tensor_fqn": "transformer.h.0.mlp.c_fc.weight"},
+                                              {"tensor_fqn": "lm_head.weight"}], scope="layers")
+    sparsifier.step()
+    conv1d = sparsifier.get_mask("transformer.h.0.mlp.c_fc.weight")  # (in=32, out=128)
+    assert bool((conv1d.t().reshape(128, 8, 4).sum(-1) == 2).all())
+    linear = sparsifier.get_mask("lm_head.weight")  # (out=64, in=32)
+    assert bool((linear.reshape(64, 8, 4).sum(-1) == 2).all())
+    assert sparsifier.groups[0]["input_dim"] == 0 and "input_dim" not in sparsifier.groups[1]
