@@ -79,9 +79,10 @@ class NMSparsifier(BaseSparsifier):
 
     For a Linear weight ``(out, in)`` that is ``n:m`` structured sparsity along the input
     dim (2:4 is what sparse tensor cores run); for Hugging Face's ``Conv1D``, whose weight is
-    ``(in, out)``, along dim 0, its input dim (the group records ``"input_dim": 0``). ``n`` and ``m`` are defaults that a config
-    entry may override per tensor; ``in`` must be divisible by ``m`` (checked at prepare:
-    hardware N:M formats have no partial runs, so there is no tail rule to guess).
+    ``(in, out)``, along dim 0, its input dim (the group records ``"input_dim": 0``). ``n`` and
+    ``m`` are defaults that a config entry may override per tensor; ``in`` must be divisible by
+    ``m`` (checked at prepare: hardware N:M formats have no partial runs, so there is no tail
+    rule to guess).
 
     ``sparsity_level`` is the fraction of zeros, as for every sparsifier; it defaults to the
     full pattern's ``(m - n) / m`` and may not exceed it. A lower level (set by a config
