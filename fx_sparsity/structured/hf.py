@@ -3,10 +3,12 @@ Hugging Face model's ``config`` (so ``save_pretrained`` writes a config ``from_p
 
 Attention modules are recognised by their projections (``q_proj``/``query``/``q``, ``k_proj``/
 ``key``/``k``) and a head size attribute (``head_dim`` or ``attention_head_size``); MLPs by
-``up_proj``/``gate_proj``/``fc1``/``intermediate.dense``.
+``up_proj``/``gate_proj``/``fc1``/``dense_h_to_4h``/``wi``/``lin1``/``intermediate.dense``.
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any, cast
 
 import torch
@@ -108,7 +110,7 @@ def update_attention_attributes(root: nn.Module) -> None:
 
 
 def _intermediate(module: nn.Module, name: str) -> int | None:
-    up = _linear_child(module, ("up_proj", "gate_proj", "fc1"))
+    up = _linear_child(module, ("up_proj", "gate_proj", "fc1", "dense_h_to_4h", "wi", "lin1"))
     if up is not None:
         return up.out_features
     if name.endswith("intermediate"):
@@ -117,10 +119,28 @@ def _intermediate(module: nn.Module, name: str) -> int | None:
     return None
 
 
+_INTERMEDIATE = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "hidden_dim")
+
+
+def _rebuilt_mismatches(model: nn.Module, config: Any) -> list[str] | None:
+    """The tensors whose shapes a model built from ``config`` (on the meta device) would not have; None when
+    the config cannot build one here."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = type(model)(copy.deepcopy(config))
+    except Exception:
+        return None
+    theirs = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    return [f"{k} {tuple(v.shape)} (from the config: {theirs[k]})" for k, v in model.state_dict().items()
+            if k in theirs and tuple(v.shape) != theirs[k]]
+
+
 def update_config(model: nn.Module) -> None:
-    """A Hugging Face model's config after a cut: ``num_attention_heads``, ``num_key_value_heads``,
-    ``intermediate_size`` (and ``head_dim``, written out so the head size stays), when every layer has
-    the same new size and the config can say it; a warning names what it cannot say."""
+    """A Hugging Face model's config after a cut: ``num_attention_heads``, ``num_key_value_heads`` (with
+    ``head_dim``, so the head size stays) and the MLP width (``intermediate_size``, ``ffn_dim``, ...), when every
+    layer has the same new size. Each change is kept if a model built from the config (on the meta device)
+    has more of the cut shapes; a warning names the tensors the config still cannot describe."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
@@ -134,23 +154,40 @@ def update_config(model: nn.Module) -> None:
         width = _intermediate(module, name)
         if width is not None:
             inter.add(width)
-    unsaid = []
+    unsaid: list[str] = []
+    changes: list[tuple[dict[str, Any], str]] = []
     if len(heads) == 1 and (h := next(iter(heads))) != getattr(config, "num_attention_heads", h):
-        if hasattr(config, "head_dim") or getattr(config, "hidden_size", 0) // h == next(iter(sizes)):
-            if hasattr(config, "head_dim"):
-                config.head_dim = next(iter(sizes))
-            config.num_attention_heads = h
-        else:
-            unsaid.append(f"num_attention_heads={h} (the config derives the head size from hidden_size)")
+        head: dict[str, Any] = {"num_attention_heads": h}
+        if hasattr(config, "head_dim") or getattr(config, "hidden_size", 0) // h != next(iter(sizes)):
+            head["head_dim"] = next(iter(sizes))
+        changes.append((head, f"num_attention_heads={h} (the config derives the head size from hidden_size)"))
     elif len(heads) > 1:
         unsaid.append(f"a different number of heads per layer {sorted(heads)}")
     if len(kvs) == 1 and (kv := next(iter(kvs))) is not None and hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = kv
-    if len(inter) == 1 and hasattr(config, "intermediate_size"):
-        config.intermediate_size = next(iter(inter))
+        changes.append(({"num_key_value_heads": kv}, f"num_key_value_heads={kv}"))
+    if len(inter) == 1:
+        width = next(iter(inter))
+        names = [n for n in _INTERMEDIATE if isinstance(getattr(config, n, None), int)] or ["intermediate_size"]
+        changes.append(({n: width for n in names}, f"an MLP width of {width}"))
     elif len(inter) > 1:
         unsaid.append(f"a different intermediate size per layer {sorted(inter)}")
-    if unsaid:
-        warn_user(f"prune(): {type(model).__name__}.config cannot describe {'; '.join(unsaid)}: from_pretrained would "
-                  f"rebuild the original sizes. Save the pruned model with torch.save(model) (or its state_dict with "
-                  f"the code that builds it)")
+    left = _rebuilt_mismatches(model, config)
+    for change, what in changes:
+        before = {k: getattr(config, k) for k in change if hasattr(config, k)}
+        for k, v in change.items():
+            setattr(config, k, v)
+        now = _rebuilt_mismatches(model, config) if left is not None else None
+        if left is None or now is None or len(now) < len(left):
+            left = now if now is not None else left
+            continue
+        for k in change:  # the config does not read it: put back what it said
+            if k in before:
+                setattr(config, k, before[k])
+            else:
+                delattr(config, k)
+        unsaid.append(what)
+    if unsaid or left:
+        shapes = f" ({len(left)} tensors, e.g. {left[:2]})" if left else ""
+        warn_user(f"prune(): {type(model).__name__}.config cannot describe {'; '.join(unsaid) or 'the cut sizes'}"
+                  f"{shapes}: from_pretrained would rebuild the original sizes. Save the pruned model with "
+                  f"torch.save(model) (or its state_dict with the code that builds it)")
