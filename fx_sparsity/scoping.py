@@ -346,8 +346,22 @@ def _tie_masks(model: nn.Module, units: list[Unit], specs: list[MaskSpec]) -> No
                 source = next(fqn for fqn, mask in owner_mask.items() if mask is buffer)
                 links.append((name, source))
         if links:
-            unit.graph_module.__dict__["_fx_sparsity_tied_masks"] = (model, links)
+            unit.graph_module.__dict__["_fx_sparsity_tied_masks"] = _TiedLinks(model, links)
             unit.graph_module.register_forward_pre_hook(_link_tied_masks)
+
+
+class _TiedLinks:
+    """The model a unit's tied masks live in, and ``[(buffer name in the unit, mask fqn in the model)]``.
+
+    A deep copy links to the copy of the model when the model is copied too, else to the model itself
+    (a unit copied alone, as lowering does, reads the masks of the model it came from).
+    """
+
+    def __init__(self, root: nn.Module, links: list[tuple[str, str]]):
+        self.root, self.links = root, links
+
+    def __deepcopy__(self, memo: dict) -> _TiedLinks:
+        return _TiedLinks(memo.get(id(self.root), self.root), list(self.links))
 
 
 def _unlink_tied_masks(module: nn.Module) -> None:
@@ -357,10 +371,13 @@ def _unlink_tied_masks(module: nn.Module) -> None:
 
 
 def _link_tied_masks(module: nn.Module, args: Any) -> None:
-    root, links = module.__dict__["_fx_sparsity_tied_masks"]
-    for name, source in links:
-        live = root.get_buffer(source)
+    tied: _TiedLinks = module.__dict__["_fx_sparsity_tied_masks"]
+    for name, source in tied.links:
+        try:
+            live = tied.root.get_buffer(source)
+        except AttributeError:  # folded into the weight (lowered): nothing to link any more
+            continue
         module_fqn, _, leaf = name.rpartition(".")
         holder = module.get_submodule(module_fqn)
-        if holder._buffers[leaf] is not live:
+        if leaf in holder._buffers and holder._buffers[leaf] is not live:
             holder._buffers[leaf] = live

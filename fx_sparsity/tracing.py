@@ -206,8 +206,10 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
         logger.setLevel(level)
     gm = exported.module()
     allow_train_eval(gm, module.training)
-    gm.register_forward_pre_hook(SameNoneInputs(type(module).__name__, absent, sorted(kwargs)), with_kwargs=True,
-                                 prepend=True)
+    defaults = {n: p.default for n, p in inspect.signature(type(module).forward).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    gm.register_forward_pre_hook(SameNoneInputs(type(module).__name__, absent, sorted(kwargs), defaults),
+                                 with_kwargs=True, prepend=True)
     keep_hooks_when_copied(gm)
     return gm
 
@@ -274,12 +276,27 @@ class SameNoneInputs:
     """Forward pre-hook of an exported module: the keyword inputs that were None when it was exported
     must be None (and are dropped), the others must not be; anything else would run the wrong graph."""
 
-    def __init__(self, name: str, absent: list[str], present: list[str]):
+    def __init__(self, name: str, absent: list[str], present: list[str], defaults: dict[str, Any] | None = None):
         self.name, self.absent, self.present = name, absent, present
+        self.defaults = defaults or {}  # the forward's keyword defaults (what ran for a keyword not given)
+
+    def _as_exported(self, name: str, value: Any) -> bool:
+        """Whether ``name=value``, not given at export, computes what the export ran with."""
+        if name in self.defaults:
+            default = self.defaults[name]
+            return value is default or (value is None or value is False) and (default is None or default is False)
+        return value is None or value is False  # taken by **kwargs: a flag left off
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         given = [k for k in self.absent if kwargs.get(k) is not None]
         missing = [k for k in self.present if k in kwargs and kwargs[k] is None]
+        # keywords it was not exported with: fine where they ask for what ran (output_attentions=False)
+        unseen = [k for k in kwargs if k not in self.present and k not in self.absent]
+        other = [k for k in unseen if not self._as_exported(k, kwargs[k])]
+        if other:
+            raise TraceError(
+                f"{self.name} was exported (tracer=\"export\") without the keyword inputs {other}, and got them now; "
+                f"its graph cannot take them. Prepare with example_inputs that pass them, or use scope=\"layers\".")
         if given or missing:
             what = (f"{given} {'was' if len(given) == 1 else 'were'} None" if given else
                     f"{missing} {'was a tensor' if len(missing) == 1 else 'were tensors'}")
@@ -287,7 +304,7 @@ class SameNoneInputs:
                 f"{self.name} was exported (tracer=\"export\") on inputs where {what}; torch.export fixed that "
                 f"into the graph, which would compute something else now. Prepare with example_inputs like the "
                 f"ones it will get (e.g. with a padding attention_mask), or use scope=\"layers\".")
-        return args, {k: v for k, v in kwargs.items() if k not in self.absent}
+        return args, {k: v for k, v in kwargs.items() if k not in self.absent and k not in unseen}
 
 
 def allow_train_eval(gm: fx.GraphModule, training: bool) -> None:

@@ -138,6 +138,9 @@ def test_tied_weights_in_a_scoped_model_run_after_squash(scope):
     prepared = fxs.prepare_fx_sparse(model, sparsifier, scope=scope)
     sparsifier.step()
     expected = prepared(x)
+    torch.testing.assert_close(copy.deepcopy(prepared)(x), expected)
+    lowered = fxs.convert_fx_sparse(prepared, "csr", example_inputs=(x,))  # units lowered on copies
+    torch.testing.assert_close(lowered(x), expected, rtol=1e-4, atol=1e-5)
     plain = sparsifier.squash_mask()
     torch.testing.assert_close(plain(x), expected)
     assert not any(m._forward_pre_hooks for m in plain.modules())
@@ -172,6 +175,10 @@ def test_an_exported_block_scope_copies_converts_and_stays_dynamic_with_extra_ke
     torch.testing.assert_close(twin(other), prepared(other))
     lowered = fxs.convert_fx_sparse(prepared, "csr", example_inputs=(x,))
     torch.testing.assert_close(lowered(other), prepared(other), rtol=1e-4, atol=1e-5)
+    block = prepared.b1  # keywords it was not exported with: a flag asking for what ran is dropped, others refused
+    torch.testing.assert_close(block(x, output_attentions=False), block(x))
+    with pytest.raises(fxs.TraceError, match=r"without the keyword inputs \['scale'\]"):
+        block(x, scale=torch.ones(8))
 
 
 class SharedEmbedding(nn.Module):
