@@ -446,6 +446,9 @@ class _Rules:
             return self.spatial(node, node.args[0])
         if name in ("pad", "constant_pad_nd"):
             return self.pad(node)
+        if name in ("pixel_shuffle", "pixel_unshuffle"):
+            factor = _arg(node, 1, "upscale_factor" if name == "pixel_shuffle" else "downscale_factor")
+            return self.pixel_shuffle(node, node.args[0], int(factor), name == "pixel_unshuffle")
         if name == "prelu":
             return self.per_channel(node, node.args[0], [_tensor(self.t, node.args[1])])
         return False
@@ -481,6 +484,9 @@ class _Rules:
             return self.spatial(node, x)
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
             return self.reshape(node, x)
+        if isinstance(m, (nn.PixelShuffle, nn.PixelUnshuffle)):
+            unshuffle = isinstance(m, nn.PixelUnshuffle)
+            return self.pixel_shuffle(node, x, m.downscale_factor if unshuffle else m.upscale_factor, unshuffle)
         if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             return self.along_dims(node, x, _dims(m.dim, len(self.t.shape(x) or ())), "softmax")
         return False
@@ -1203,10 +1209,14 @@ class _Rules:
         mask = _arg(node, 3, "attn_mask")
         if isinstance(mask, fx.Node) and t.shape(mask) is not None:
             ms = align_shape(t.shape(mask), len(score_shape))
+            added = [align(blk, len(score_shape)) for blk in t.value(mask)]  # a bias per head (T5's position bias)
+            held = {d for blk in added for d in blk.dims}
             for blk in scores:
                 for d in blk.dims:
-                    if ms[d] > 1 and not t.value(mask):
+                    if ms[d] > 1 and d not in held:
                         t.join_along(blk, d, f"'{node.name}' masks them with a value whose channels are not followed")
+            if added:  # added to the scores: its channels are theirs
+                scores = t.join_blocks([*scores, *added])
         t.values[node] = self._matmul(node, scores, score_shape, vv, sv)
         return True
 
@@ -1218,6 +1228,26 @@ class _Rules:
         t.values[node] = value
         if t.shape(node) is None:
             t.values[node] = Many([value, ()])
+        return True
+
+    def pixel_shuffle(self, node: fx.Node, x: Any, factor: int, unshuffle: bool) -> bool:
+        """``pixel_shuffle``: input channels ``c·r² .. c·r² + r² - 1`` become the sub-pixels of output channel
+        ``c``, so they go together (one class); ``pixel_unshuffle``: each channel becomes ``r²``."""
+        t = self.t
+        value = t.value(x)
+        if any(d != 1 for b in value for d in b.dims):
+            raise _Refuse(f"'{node.name}' moves dims that hold channels into the channel dim")
+        out = []
+        for blk in value:
+            ids = blk.ids.reshape(-1)
+            if unshuffle:
+                ids = ids.repeat_interleave(factor * factor)
+            else:
+                ids = ids.reshape(-1, factor * factor)
+                t.union(ids, ids[:, :1])
+                ids = ids[:, 0]
+            out.append(Block((1,), broadcast_form(ids, 1, blk.ids.dim())))
+        t.values[node] = tuple(out)
         return True
 
     def pad(self, node: fx.Node) -> bool:

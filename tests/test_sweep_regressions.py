@@ -219,3 +219,55 @@ def test_n_m_runs_along_the_input_dim_of_hugging_face_conv1d():
     linear = sparsifier.get_mask("lm_head.weight")  # (out=64, in=32)
     assert bool((linear.reshape(64, 8, 4).sum(-1) == 2).all())
     assert sparsifier.groups[0]["input_dim"] == 0 and "input_dim" not in sparsifier.groups[1]
+
+
+class BiasedAttention(nn.Module):
+    """T5-style: a learned bias per head (an embedding of relative positions) added to the scores through SDPA's
+    attn_mask, so the table's column of a head goes with it."""
+
+    def __init__(self, dim=32, heads=4, buckets=16):
+        super().__init__()
+        self.heads, self.qkv, self.o = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.relative_bias = nn.Embedding(buckets, heads)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        positions = torch.arange(n)
+        buckets = (positions[None, :] - positions[:, None]).clamp(-7, 8) + 7
+        bias = self.relative_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(out.transpose(1, 2).reshape(b, n, d))
+
+
+def test_a_per_head_attention_bias_is_cut_with_its_heads():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), BiasedAttention(), nn.Linear(32, 2)).eval()
+    x = torch.randn(2, 6, 8)
+    pruner, small = pruned_equals_masked(model, x, [{"tensor_fqn": "1.qkv.weight"}], tracer="export")
+    heads = pruner.groups[0]["channel_group"]
+    assert heads.num_classes == 4 and ("1.relative_bias.weight", 1) in heads.tensors
+    assert small.get_submodule("1.relative_bias").weight.shape == (16, 2)
+
+
+class SuperResolution(nn.Module):
+    """EDSR/ESPCN-style upsampler (conv to r²·C channels, PixelShuffle, conv) and a PixelUnshuffle branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.up = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 64, 3, padding=1)
+        self.shuffle, self.tail = nn.PixelShuffle(2), nn.Conv2d(16, 3, 3, padding=1)
+        self.down = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        features = torch.relu(self.head(x))
+        return self.tail(torch.relu(self.shuffle(self.up(features)))), self.down(F.pixel_unshuffle(features[:, :8], 2))
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_pixel_shuffle_cuts_whole_sub_pixel_groups(tracer):
+    torch.manual_seed(0)
+    pruner, small = pruned_equals_masked(SuperResolution().eval(), torch.randn(2, 3, 8, 8), tracer=tracer)
+    up = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "up.weight")
+    assert up.num_classes == 16 and up.channels_per_class == [4] * 16  # r² = 4 channels per shuffled channel
+    assert small.get_submodule("up").weight.shape[0] == 32 and small.get_submodule("tail").weight.shape[1] == 8
