@@ -564,64 +564,74 @@ class _Rules:
         return True
 
     def recurrent(self, node: fx.Node) -> bool:
-        """An LSTM, GRU or RNN written as one call (``passes.recurrent``). Each layer's hidden units are classes:
-        a unit is a row of every gate block of ``weight_ih``, ``weight_hh`` and the biases, and a column of
-        ``weight_hh`` and of the next layer's ``weight_ih``. Those columns are sinks (masked, a removed unit acts
-        on no kept one), as are the input's channels; the output carries the last layer's units."""
+        """An LSTM, GRU or RNN written as one call (``passes.recurrent``). Each layer's (and direction's) hidden
+        units are classes: a unit is a row of every gate block of ``weight_ih``, ``weight_hh`` and the biases, and
+        a column of ``weight_hh`` and of the next layer's ``weight_ih``. Those columns are sinks (masked, a removed
+        unit acts on no kept one), as are the input's channels; the output carries the last layer's units (both
+        directions, end to end)."""
         t = self.t
         mode, x, hx, has_biases, num_layers, _dropout, _training, bidirectional, _batch_first = node.args[:9]
         weight_nodes = node.args[9:]
-        per_layer = 4 if has_biases else 2
-        if bidirectional or len(weight_nodes) != num_layers * per_layer:
-            raise _Refuse(f"'{node.name}' is a {'bidirectional ' if bidirectional else ''}{mode}"
-                          f"{'' if bidirectional else ' with projections'}, whose units fx_sparsity does not follow")
+        directions, per_direction = (2 if bidirectional else 1), (4 if has_biases else 2)
+        if len(weight_nodes) != num_layers * directions * per_direction:
+            raise _Refuse(f"'{node.name}' is a {mode} with projections, whose units fx_sparsity does not follow")
         weights = [_tensor(t, w) for w in weight_nodes]
         shape = t.shape(x)
         if shape is None or any(w is None for w in weights):
             return False
         ndim = len(shape)
+        inputs = t.space(weights[0], 1)
+        for d in range(1, directions):  # every direction of the first layer reads the same input channels
+            t.union(t.space(weights[d * per_direction], 1), inputs)
         for blk in t.value(x):
             if blk.dims != (ndim - 1,):
                 raise _Refuse(f"'{node.name}' runs over dims that hold channels")
-            t.union(blk.ids.reshape(-1), t.space(weights[0], 1))
+            t.union(blk.ids.reshape(-1), inputs)
             self._sink(node, 1, x, blk)
-        hiddens: list[torch.Tensor] = []
-        for layer in range(num_layers):
-            first = layer * per_layer
-            w_ih, w_hh, *biases = weights[first:first + per_layer]
-            rows = t.space(w_ih, 0).reshape(GATES[mode], -1)  # gate × unit
-            t.union(rows, rows[:1])
-            for tensor in (w_hh, *biases):
-                t.union(t.space(tensor, 0).reshape(GATES[mode], -1), rows[:1])
-            hidden = rows[0]
-            t.union(t.space(w_hh, 1), hidden)
-            self._sink(node, 9 + first + 1, weight_nodes[first + 1], Block((1,), broadcast_form(hidden, 1, 2)),
-                       weight=True)
-            if hiddens:
-                t.union(t.space(w_ih, 1), hiddens[-1])
-                self._sink(node, 9 + first, weight_nodes[first], Block((1,), broadcast_form(hiddens[-1], 1, 2)),
+        hiddens: list[torch.Tensor] = []  # in h_n's row order: layer by layer, forward then reverse
+        below: torch.Tensor | None = None  # the previous layer's output channels
+        for _layer in range(num_layers):
+            outs = []
+            for _direction in range(directions):
+                first = len(hiddens) * per_direction
+                w_ih, w_hh, *biases = weights[first:first + per_direction]
+                rows = t.space(w_ih, 0).reshape(GATES[mode], -1)  # gate × unit
+                t.union(rows, rows[:1])
+                for tensor in (w_hh, *biases):
+                    t.union(t.space(tensor, 0).reshape(GATES[mode], -1), rows[:1])
+                hidden = rows[0]
+                t.union(t.space(w_hh, 1), hidden)
+                self._sink(node, 9 + first + 1, weight_nodes[first + 1], Block((1,), broadcast_form(hidden, 1, 2)),
                            weight=True)
-            t.producers += [(t.fqn_of.get(id(w_ih), ""), 0), (t.fqn_of.get(id(w_hh), ""), 0)]
-            hiddens.append(hidden)
-        # the layers of one module share hidden_size: one group, an equal count from each layer
+                if below is not None:
+                    t.union(t.space(w_ih, 1), below)
+                    self._sink(node, 9 + first, weight_nodes[first], Block((1,), broadcast_form(below, 1, 2)),
+                               weight=True)
+                t.producers += [(t.fqn_of.get(id(w_ih), ""), 0), (t.fqn_of.get(id(w_hh), ""), 0)]
+                hiddens.append(hidden)
+                outs.append(hidden)
+            below = torch.cat(outs)
+        assert below is not None
+        # all layers and directions share hidden_size: one group, an equal count from each
         state_used = any(not (u.target is operator.getitem and (u.args[1] == 0 or not u.users)) for u in node.users)
-        if num_layers > 1:
-            first_producer = t.producers[-2 * num_layers]
-            t.links += [(first_producer, key) for key in t.producers[-2 * num_layers + 1:]]
+        blocks_ = len(hiddens)
+        if blocks_ > 1:
+            first_producer = t.producers[-2 * blocks_]
+            t.links += [(first_producer, key) for key in t.producers[-2 * blocks_ + 1:]]
             if not state_used:  # (a final state used whole keeps the same units in every layer instead)
-                t.balances.append((torch.cat(hiddens), num_layers,
-                                   f"the {num_layers} layers of '{node.name}' ({mode}) share one hidden size, and not "
-                                   f"every layer's units can go"))
+                t.balances.append((torch.cat(hiddens), blocks_,
+                                   f"the {blocks_} layers{' and directions' if bidirectional else ''} of "
+                                   f"'{node.name}' ({mode}) share one hidden size, and not every one's units can go"))
         if hx is not None:
             for hidden in hiddens:
                 t.fix(hidden, f"'{node.name}' ({mode}) is given its initial state")
             for blk in _flat_blocks([t.value(a) for a in _tensor_nodes(hx)]):
                 t.fix(blk.ids, f"'{node.name}' ({mode}) is given its initial state")
-        out = (Block((ndim - 1,), broadcast_form(hiddens[-1], ndim - 1, ndim)),)
+        out = (Block((ndim - 1,), broadcast_form(below, ndim - 1, ndim)),)
         state: Value = ()
-        if state_used:  # a final state holds each layer's units in its own row
-            state_ids = torch.stack(hiddens).reshape(num_layers, *([1] * (ndim - 2)), -1)
-            state = (Block((0, ndim - 1) if num_layers > 1 else (ndim - 1,), state_ids),)
+        if state_used:  # a final state holds each layer's (and direction's) units in its own row
+            state_ids = torch.stack(hiddens).reshape(blocks_, *([1] * (ndim - 2)), -1)
+            state = (Block((0, ndim - 1) if blocks_ > 1 else (ndim - 1,), state_ids),)
         t.values[node] = Many([out, Many([state, state]) if mode == "LSTM" else state])
         return True
 

@@ -443,11 +443,11 @@ CATALOG: list[Row] = [
         lambda: fxs.BaseStructuredSparsifier(), TypeError, "Can't instantiate BaseStructuredSparsifier: it scores no "
         "channels. Use SaliencyPruner or FPGMPruner, or subclass it and implement filter_scores(weight, dim) (one "
         "score per channel), channel_scores(gm, group) or update_mask"),
-    Row("`SaliencyPruner.prepare`", "a group that reaches a bidirectional `nn.LSTM`",
+    Row("`SaliencyPruner.prepare`", "a group that reaches an `nn.LSTM` with projections",
         lambda: prep([{"tensor_fqn": "lin.weight"}], fxs.SaliencyPruner(), model=IntoLSTM(),
                      example_inputs=(torch.randn(2, 5, 8),)),
         fxs.SparsityConfigError, "config[0]: the channels of 'lin.weight' cannot be pruned exactly: 'recurrent' is a "
-        "bidirectional LSTM, whose units fx_sparsity does not follow"),
+        "LSTM with projections, whose units fx_sparsity does not follow"),
     # with torch.ao.quantization
     Row(PREPARE, "a layer eager `torch.ao.quantization.prepare` observes, with `scope=\"model\"`",
         lambda: prep([{"tensor_fqn": "2.weight"}], model=eagerly_observed()), fxs.SparsityConfigError,
@@ -467,8 +467,8 @@ CATALOG: list[Row] = [
 class IntoLSTM(nn.Module):
     def __init__(self):
         super().__init__()
-        self.lin, self.lstm = nn.Linear(8, 16), nn.LSTM(16, 12, batch_first=True, bidirectional=True)
-        self.out = nn.Linear(24, 4)
+        self.lin, self.lstm = nn.Linear(8, 16), nn.LSTM(16, 12, batch_first=True, proj_size=6)
+        self.out = nn.Linear(6, 4)
 
     def forward(self, x):
         return self.out(self.lstm(self.lin(x))[0])

@@ -102,7 +102,8 @@ def test_a_recurrent_layer_with_dropout_between_layers_asks_for_export():
                                                                  [{"tensor_fqn": "rnn.weight_hh_l0"}])(x))
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru-2-layers-batch-first", "rnn-relu-3-layers", "lstm-no-bias"])
+@pytest.mark.parametrize("name", ["lstm", "gru-2-layers-batch-first", "rnn-relu-3-layers", "lstm-no-bias",
+                                  "lstm-bidirectional-2-layers"])
 @pytest.mark.parametrize("pruner_cls", [fxs.SaliencyPruner, fxs.FPGMPruner])
 def test_hidden_units_are_cut_and_the_cut_model_equals_the_masked_one(name, pruner_cls):
     torch.manual_seed(0)
@@ -111,16 +112,15 @@ def test_hidden_units_are_cut_and_the_cut_model_equals_the_masked_one(name, prun
     batch_first = kwargs.get("batch_first", False)
     pruner = pruner_cls(0.5)
     masked = fxs.prepare_fx_sparse(model, pruner, None, example_inputs=(tokens(batch_first),))
-    layers = kwargs.get("num_layers", 1)
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
     units = next(g for g in pruner.groups if g["tensor_fqn"] == "rnn.weight_ih_l0")["channel_group"]
-    assert units.num_classes == 24 * layers  # every layer's units, one group: they share hidden_size
+    assert units.num_classes == 24 * layers  # every layer's (and direction's) units, one group: one hidden_size
     pruner.step()
     small = pruner.prune().eval()
     masked.eval()
     assert small.rnn.hidden_size == 12 and small.rnn.input_size == 8
-    assert all(getattr(small.rnn, f"weight_hh_l{k}").shape == (12 * (kwargs["cls"] is nn.LSTM and 4 or
-                                                                    kwargs["cls"] is nn.GRU and 3 or 1), 12)
-               for k in range(layers))
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[kwargs["cls"]]
+    assert all(w.shape == (12 * gates, 12) for n, w in small.rnn.named_parameters() if n.startswith("weight_hh"))
     for x in (tokens(batch_first), tokens(batch_first, batch=1, steps=3)):
         torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) / 3
@@ -174,10 +174,6 @@ def test_a_used_final_state_cuts_the_same_units_in_every_layer():
 
 def test_refusals_name_the_recurrent_layer_and_why():
     x = tokens(False)
-    with pytest.raises(fxs.SparsityConfigError, match=r"'recurrent' is a bidirectional LSTM, whose units "
-                                                      r"fx_sparsity does not follow"):
-        fxs.prepare_fx_sparse(Tagger(nn.LSTM, bidirectional=True), fxs.SaliencyPruner(),
-                              [{"tensor_fqn": "proj.weight"}], example_inputs=(x,))
     with pytest.raises(fxs.SparsityConfigError, match=r"'recurrent' is a LSTM with projections"):
         fxs.prepare_fx_sparse(Tagger(nn.LSTM, proj_size=4), fxs.SaliencyPruner(),
                               [{"tensor_fqn": "proj.weight"}], example_inputs=(x,))
@@ -190,7 +186,7 @@ def test_refusals_name_the_recurrent_layer_and_why():
         fxs.prepare_fx_sparse(nn.Sequential(nn.LSTM(8, 16, num_layers=2)), fxs.SaliencyPruner(),
                               [{"tensor_fqn": "0.weight_ih_l0"}], example_inputs=(torch.randn(5, 3, 8),))
     with pytest.raises(fxs.SparsityConfigError, match="the 2 layers of 'recurrent' \\(LSTM\\) share one hidden "
-                                                      "size, and not every layer's units can go"):
+                                                      "size, and not every one's units can go"):
         fxs.prepare_fx_sparse(_Outputs(), fxs.SaliencyPruner(), [{"tensor_fqn": "rnn.weight_ih_l0"}],
                               example_inputs=(torch.randn(5, 3, 8),))
 
