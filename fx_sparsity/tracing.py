@@ -42,6 +42,13 @@ class _SeeInside(fx.Tracer):
             return False
         return True
 
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        # nn.MultiheadAttention's own forward branches on its inputs: one traced into runs its written-out form
+        # (fx_sparsity.nn.attention, equal to the module), on the flags this call passes
+        if isinstance(m, nn.MultiheadAttention) and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = functools.partial(multi_head_attention, m)
+        return super().call_module(m, forward, args, kwargs)
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         # The base class searches every parameter of the root for each one read (quadratic when
         # every layer is traced into) and names a tied one by its first name. We name it by the
@@ -90,15 +97,11 @@ def _untraceable(name: str, e: Exception) -> TraceError:
 
 
 class _WriteOut(_SeeInside):
-    """``symbolic_trace``'s tracer with ``nn.MultiheadAttention`` written out in plain ops (its heads visible)."""
+    """``symbolic_trace``'s tracer with every ``nn.MultiheadAttention`` written out in plain ops (its heads
+    visible)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not isinstance(m, nn.MultiheadAttention) and super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        if isinstance(m, nn.MultiheadAttention):
-            forward = functools.partial(multi_head_attention, m)
-        return super().call_module(m, forward, args, kwargs)
 
 
 def trace_written_out(model: nn.Module) -> fx.GraphModule:

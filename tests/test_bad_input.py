@@ -101,8 +101,8 @@ class WithMHA(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
 
-    def forward(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
+    def forward(self, x, padding):  # a mask input: nn.MultiheadAttention branches on it
+        return self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
 class Double(nn.Module):
@@ -282,7 +282,7 @@ CATALOG: list[Row] = [
         fxs.TraceError, "MaybeMasked was exported (tracer=\"export\") on inputs where ['mask'] was None; torch.export "
         "fixed that into the graph, which would compute something else now. Prepare with example_inputs like the ones "
         "it will get (e.g. with a padding attention_mask), or use scope=\"layers\"."),
-    Row(PREPARE, "tensor used inside a leaf module", lambda: prep([{"tensor_fqn": "attn.in_proj_weight"}], model=WithMHA()),
+    Row(PREPARE, "tensor used inside a leaf module (a mask input it branches on)", lambda: prep([{"tensor_fqn": "attn.in_proj_weight"}], model=WithMHA()),
         MaskInsertionError, "'attn.in_proj_weight' is used inside the leaf module 'attn' (MultiheadAttention), which "
         "fx_sparsity cannot inline (TraceError: symbolically traced variables cannot be used as inputs to control "
         "flow), so no mask can be put in front of that use. Trace with tracer=\"export\" (and example_inputs=...) "

@@ -339,21 +339,38 @@ def test_constructor_arguments_checked():
             sparsifier.step()
 
 
-def test_leaf_module_use_is_reported():
+def test_multihead_attention_weights_are_masked_and_a_mask_input_it_branches_on_is_reported():
     class WithMHA(nn.Module):
         def __init__(self):
             super().__init__()
             self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
 
+        def forward(self, x, padding=None):
+            return self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model, x = WithMHA().eval(), torch.randn(2, 3, 16)
+    config = [{"tensor_fqn": "attn.in_proj_weight"}, {"tensor_fqn": "attn.out_proj.weight"}]
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    # symbolic tracing makes `padding` a proxy, on which the attention branches: export sees through it
+    with pytest.raises(RuntimeError, match=r"used inside the leaf module 'attn' \(MultiheadAttention\)(.|\n)*tracer=\"export\""):
+        fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), config)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, config, tracer="export", example_inputs=(x,))
+    assert len(find_masked_uses(prepared)) == 2
+
+    class NoMaskInput(WithMHA):
         def forward(self, x):
             return self.attn(x, x, x, need_weights=False)[0]
 
-    model = WithMHA()
-    with pytest.raises(RuntimeError, match=r"used inside the leaf module 'attn' \(MultiheadAttention\)(.|\n)*tracer=\"export\""):
-        fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), [{"tensor_fqn": "attn.in_proj_weight"}])
-    prepared = fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), [{"tensor_fqn": "attn.in_proj_weight"}],
-                                     tracer="export", example_inputs=(torch.randn(2, 3, 16),))
-    assert len(find_masked_uses(prepared)) == 1
+    plain = NoMaskInput()
+    plain.load_state_dict(model.state_dict())
+    symbolic = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    written_out = fxs.prepare_fx_sparse(plain, symbolic, config)  # traced into: its written-out form
+    sparsifier.step()
+    symbolic.step()
+    for entry in config:
+        assert torch.equal(symbolic.get_mask(entry["tensor_fqn"]), sparsifier.get_mask(entry["tensor_fqn"]))
+    torch.testing.assert_close(written_out(x), prepared(x), rtol=1e-5, atol=1e-6)
 
 
 def test_export_dead_reads_get_no_mask_and_squash_still_folds():
