@@ -456,9 +456,18 @@ class _Rules:
     # -- layers
     def module(self, node: fx.Node, m: nn.Module) -> bool:
         if parametrize.is_parametrized(m):  # (weight_norm, spectral_norm): the weight is made anew at each call
-            raise _Refuse(f"'{node.target}' ({parametrize.type_before_parametrizations(m).__name__}) computes its "
-                          f"{', '.join(m.parametrizations)} from a parametrization; remove it "
-                          f"(torch.nn.utils.parametrize.remove_parametrizations) to prune these channels")
+            why = (f"'{node.target}' ({parametrize.type_before_parametrizations(m).__name__}) computes its "
+                   f"{', '.join(m.parametrizations)} from a parametrization; remove it "
+                   f"(torch.nn.utils.parametrize.remove_parametrizations) to prune these channels")
+            plist = next(iter(m.parametrizations.values()))
+            original = getattr(plist, "original", getattr(plist, "original0", None))
+            shape = self.t.shape(node)
+            at = len(shape) - 1 if shape is not None and isinstance(m, nn.Linear) else 1  # its output channels
+            if isinstance(original, torch.Tensor) and shape is not None and len(shape) > at \
+                    and original.shape[0] == shape[at]:  # refused, with the reason
+                self.t.values[node] = (Block((at,), broadcast_form(self.t.space(original, 0), at, len(shape))),)
+                self.t.refuse(self.t.values[node], why)
+            raise _Refuse(why)
         x = node.args[0] if node.args else None
         if isinstance(m, nn.Linear):
             return self.linear(node, x, m.weight, m.bias)
