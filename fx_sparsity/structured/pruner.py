@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from ..passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_
 from ..passes.channel_masks import InsertChannelMasks, RemoveChannelMasks
 from ..passes.cut_channels import CutError, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
 from ..rollback import snapshot
-from ..scoping import HOOK_DICTS, UNITS_ATTR, Unit, capture_inputs, check_scope, relative, unit_fqns
+from ..scoping import UNITS_ATTR, Unit, capture_inputs, check_scope, relative, unit_fqns
 from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.nm_sparsifier import check_level
 from ..tracing import TRACERS, export_module, trace_written_out
@@ -349,7 +348,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
             return self._prune(self._require_prepared("prune"))
 
     def _prune(self, model: nn.Module) -> nn.Module:
-        pruned = _copy(model)
+        pruned = copy.deepcopy(model)  # (exported graphs keep their hooks: tracing.keep_hooks_when_copied)
         exact = True
         for part in self.parts:
             gm = pruned.get_submodule(part.fqn) if part.fqn else pruned
@@ -444,24 +443,6 @@ def _warn_nothing_to_prune(pruner: BaseStructuredSparsifier, parts: list[_Part])
               f"model's output shapes); step() and prune() will do nothing. Why the groups were left out: "
               f"{reasons[:4]}{' ...' if len(reasons) > 4 else ''}. A group a LayerNorm/RMSNorm normalises can still "
               f"be named in the config.")
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy. A GraphModule's own deep copy drops its forward hooks and the attributes torch.export
-    and ``allow_train_eval`` add (input checks, ``train``/``eval``): put them back."""
-    twin = copy.deepcopy(model)
-    for (_, a), (_, b) in zip(model.named_modules(remove_duplicate=False), twin.named_modules(remove_duplicate=False)):
-        if not isinstance(a, fx.GraphModule):
-            continue
-        for name in HOOK_DICTS:
-            if getattr(a, name, None) and not getattr(b, name, None):
-                setattr(b, name, copy.copy(getattr(a, name)))
-        for name in set(a.__dict__) - set(b.__dict__):
-            value = a.__dict__[name]
-            if isinstance(value, types.MethodType) and value.__self__ is a:
-                value = types.MethodType(value.__func__, b)
-            b.__dict__[name] = value
-    return twin
 
 
 def _outputs(module: nn.Module, inputs: CallInputs) -> list[torch.Tensor]:
