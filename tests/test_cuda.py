@@ -190,3 +190,34 @@ def test_to_cuda_keeps_masks_and_steps_on_device():
     assert sparsifier.get_mask("2.weight").mean().item() == 0.25
     x = torch.randn(3, 16)
     torch.testing.assert_close(prepared(x.cuda()).cpu(), prepared.cpu()(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_recurrent_layers_on_the_gpu(dtype):
+    """cuDNN runs the written-out LSTM: masks on its weights train; its hidden units are cut exactly."""
+    torch.manual_seed(0)
+    tagger = nn.Sequential(nn.Embedding(50, 16), nn.LSTM(16, 32, num_layers=2, batch_first=True))
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = tagger, nn.Linear(32, 5)
+
+        def forward(self, tokens):
+            return self.head(self.body(tokens)[0])
+
+    model = Tagger().to("cuda", dtype)
+    tokens = torch.randint(0, 50, (4, 9), device="cuda")
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, [{"tensor_fqn": "body.1.weight_hh_l0"}])
+    sparsifier.step()
+    prepared(tokens).float().square().mean().backward()
+    mask = sparsifier.get_mask("body.1.weight_hh_l0")
+    assert mask.device.type == "cuda" and bool((prepared.get_parameter("body.1.weight_hh_l0").grad[mask == 0] == 0).all())
+    pruner = fxs.SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, [{"tensor_fqn": "body.1.weight_ih_l0"}], example_inputs=(tokens,))
+    pruner.step()
+    small = pruner.prune().eval()
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(small(tokens), masked.eval()(tokens), rtol=rtol, atol=rtol)
+    assert small.get_submodule("body.1").hidden_size == 16
