@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.ao.nn.intrinsic import _FusedModule
 
 from .distributed import dtensor_type
 from .errors import SparsityConfigError, TraceError, warn_user
@@ -245,8 +246,10 @@ def restore_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
         _copy_back(unit.original, unit.graph_module)
         _unlink_tied_masks(unit.graph_module)
         _hand_back(unit.graph_module, unit.original)
+        parent = model.get_submodule(unit.fqn.rpartition(".")[0])
         if (observed and getattr(unit.original, _EAGER_QUANT_ATTR, None) is not None
-                and _EAGER_QUANT_CHILD not in unit.original._modules):
+                and _EAGER_QUANT_CHILD not in unit.original._modules
+                and not isinstance(parent, _FusedModule)):  # (a fused LinearReLU observes for its Linear)
             warn_user(f"'{unit.fqn}' ({type(unit.original).__name__}) has a qconfig but no observer: "
                       f"torch.ao.quantization.prepare ran while it was an fx_sparsity graph module, which eager-mode "
                       f"quantization does not recognise. Run torch.ao.quantization.prepare again now, before "

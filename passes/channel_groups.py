@@ -856,6 +856,11 @@ class _Rules:
         ndim = len(out_shape)
         if name == "repeat":
             reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            if not all(isinstance(r, int) for r in reps):  # a count read at run time (DETR's batch size)
+                in_shape = t.shape(x)
+                if in_shape is None:
+                    return False
+                reps = [o // i if i else 1 for o, i in zip(out_shape, align_shape(in_shape, ndim))]
             reps = [int(r) for r in reps]
             out = []
             for blk in value:

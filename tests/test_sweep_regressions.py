@@ -271,3 +271,44 @@ def test_pixel_shuffle_cuts_whole_sub_pixel_groups(tracer):
     up = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "up.weight")
     assert up.num_classes == 16 and up.channels_per_class == [4] * 16  # r² = 4 channels per shuffled channel
     assert small.get_submodule("up").weight.shape[0] == 32 and small.get_submodule("tail").weight.shape[1] == 8
+
+
+class LearnedQueries(nn.Module):
+    """DETR builds its decoder queries with a repeat whose count is the batch size, read at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries = nn.Embedding(6, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):  # x: (batch, 16)
+        queries = self.queries.weight.unsqueeze(1).repeat(1, x.shape[0], 1)  # (6, batch, 16)
+        return self.fc2(torch.relu(self.fc1(queries + x)))
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_a_repeat_by_a_run_time_count_is_followed(tracer):
+    torch.manual_seed(0)
+    pruner, small = pruned_equals_masked(LearnedQueries().eval(), torch.randn(3, 16), tracer=tracer)
+    assert small.get_submodule("fc1").weight.shape == (16, 16)
+
+
+class AttentionWeightsUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(16, 4), nn.Linear(16, 16)
+
+    def forward(self, x):  # need_weights left at True, the averaged weights never read (DETR's code)
+        return self.fc(self.attn(x, x, x)[0])
+
+
+def test_attention_weights_computed_and_dropped_do_not_block_its_heads():
+    x = torch.randn(5, 2, 16)
+    for tracer in ("symbolic", "export"):
+        pruner = fxs.SaliencyPruner(0.5)
+        fxs.prepare_fx_sparse(AttentionWeightsUnused().eval(), pruner, example_inputs=(x,), tracer=tracer)
+        assert [g["tensor_fqn"] for g in pruner.groups] == ["attn.in_proj_weight", "attn.out_proj.weight"]
+    with pytest.warns(UserWarning, match="called with need_weights=True, and the attention weights it returns "
+                                         "average its heads: call it with need_weights=False"):
+        fxs.prepare_fx_sparse(AttentionWeightsUnused().eval(), fxs.SaliencyPruner(0.5), scope="layers",
+                              example_inputs=(x,))

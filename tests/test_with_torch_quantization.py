@@ -1,4 +1,6 @@
 """Sparsity with torch.ao.quantization's own flows (torch.ao's test_composability orders), and hooks kept by scopes."""
+import warnings
+
 import pytest
 import torch
 import torch.ao.quantization as tq
@@ -168,3 +170,22 @@ def test_model_scope_keeps_the_roots_hooks_and_names_the_inner_ones_it_traced_th
     seen.clear()
     prepared(x)
     assert seen == ["root"]
+
+
+def test_a_fused_layer_observed_by_its_fused_parent_needs_no_second_prepare():
+    x = torch.randn(1, 4, 4, 4)
+    model = quant_model(QCONFIG)
+    tq.fuse_modules(model, [["5", "6"]], inplace=True)  # LinearReLU: the observer sits on the fused module
+    model[5].qconfig = QCONFIG
+    tq.prepare(model, inplace=True)
+    sparsifier = fxs.WeightNormSparsifier(**BLOCKS)
+    fxs.prepare_fx_sparse(model, sparsifier, [{**CONFIG[0], "tensor_fqn": "5.0.weight"}], scope="layers",
+                          example_inputs=(x,), inplace=True)
+    sparsifier.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plain = sparsifier.squash_mask()
+    plain(x)
+    tq.convert(plain, inplace=True)
+    assert isinstance(plain[5], torch.ao.nn.intrinsic.quantized.LinearReLU)
+    assert zeros(plain[5]._weight_bias()[0]) >= 0.7

@@ -199,20 +199,31 @@ class BaseStructuredSparsifier(BaseSparsifier):
             except TraceError as e:
                 raise TraceError(f"{where}: {e}") from e
         try:
-            return export_module(module, *as_args_kwargs(inputs))
+            gm = export_module(module, *as_args_kwargs(inputs))
         except Exception as e:
             hint = (" A Hugging Face cache reached it: pass use_cache=False in example_inputs (the pruned blocks get "
                     "their own class back, and generate() with the cache works on them)." if "Cache" in str(e) else "")
             raise TraceError(f"torch.export cannot trace {where} on its example inputs: {type(e).__name__}: {e}\n"
                              f"Check that example_inputs match the model's forward.{hint}") from e
+        gm.graph.eliminate_dead_code()  # what is computed and dropped (attention weights never read) moves nothing
+        gm.recompile()
+        return gm
 
     def _choose(self, part: _Part, config: list[dict] | None) -> list[tuple[ChannelGroup, dict]]:
         found = part.analysis.groups
         if part.fqn:  # in a block's own graph, what leaves the graph is the block's output or input
+            averaged = isinstance(part.original, nn.MultiheadAttention) and part.inputs.kwargs.get(
+                "need_weights", len(part.inputs.args) < 5 or part.inputs.args[4])
             for group in found:
                 if group.problem and ("model output" in group.problem or "model input" in group.problem):
                     group.problem = (f"its channels leave the block '{part.fqn}' (the group crosses graphs): prune "
                                      f"it with scope=\"model\" or a block scope holding the whole group")
+                hint = (f"; '{part.fqn}' is called with need_weights=True, and the attention weights it returns "
+                        f"average its heads: call it with need_weights=False")
+                if averaged and group.problem:  # the attention weights it returns are averaged over its heads
+                    group.problem += hint
+                if averaged and group.normalized:
+                    group.normalized += hint
         if config is None:
             return [(g, {}) for g in found if g.prunable and g.normalized is None]
         chosen: list[tuple[ChannelGroup, dict]] = []
