@@ -44,12 +44,13 @@ def _is_fake_sparsity(p: nn.Module) -> bool:
 def fake_sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{tensor_fqn: mask}`` for every tensor of ``model`` under FakeSparsity; changes nothing.
 
-    Several FakeSparsity on one tensor multiply into one mask; any other parametrization
-    is refused, since importing would silently drop it.
+    Several FakeSparsity on one tensor multiply into one mask; another parametrization on a
+    module that also carries FakeSparsity is refused, since importing would silently drop it.
+    Modules with other parametrizations only (``weight_norm``) are left alone.
     """
     masks: dict[str, torch.Tensor] = {}
     for module_fqn, module in model.named_modules():
-        if not is_parametrized(module):
+        if not _has_fake_sparsity(module):
             continue
         for tensor_name, plist in module.parametrizations.items():
             others = [type(p).__name__ for p in plist if not _is_fake_sparsity(p)]
@@ -73,7 +74,7 @@ def strip_fake_sparsity(model: nn.Module) -> None:
     so breaks the original. Call :func:`fake_sparsity_masks` first (it checks and keeps the masks).
     """
     for module in model.modules():
-        if not is_parametrized(module):
+        if not _has_fake_sparsity(module):
             continue
         parametrizations = cast(nn.ModuleDict, module.parametrizations)
         originals = {name: plist.original for name, plist in parametrizations.items()}
@@ -86,6 +87,11 @@ def strip_fake_sparsity(model: nn.Module) -> None:
                 module.register_buffer(name, original)
 
 
+def _has_fake_sparsity(module: nn.Module) -> bool:
+    return is_parametrized(module) and any(_is_fake_sparsity(p) for plist in module.parametrizations.values()
+                                           for p in plist)
+
+
 def tensor_at(model: nn.Module, tensor_fqn: str):
     """The tensor object at ``tensor_fqn``; for a parametrized tensor, its stored original."""
     module_fqn, _, name = tensor_fqn.rpartition(".")
@@ -93,5 +99,12 @@ def tensor_at(model: nn.Module, tensor_fqn: str):
     for part in module_fqn.split(".") if module_fqn else []:
         owner = getattr(owner, part, None)
     if isinstance(owner, nn.Module) and is_parametrized(owner, name):
-        return owner.parametrizations[name].original
+        plist = owner.parametrizations[name]
+        others = [type(p).__name__ for p in plist if not _is_fake_sparsity(p)]
+        if others:  # weight_norm, spectral_norm: the tensor is computed anew at each use
+            raise SparsityConfigError(
+                f"'{tensor_fqn}' is computed by the parametrizations {others}; fx_sparsity masks stored tensors: "
+                f"remove them first (torch.nn.utils.parametrize.remove_parametrizations) or configure another "
+                f"tensor")
+        return plist.original
     return getattr(owner, name, None)

@@ -129,9 +129,22 @@ def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any,
     if missing:
         raise SparsityConfigError(
             f"tracer=\"export\" traces each unit on the inputs it gets when the model runs on example_inputs, but "
-            f"{missing} {'was' if len(missing) == 1 else 'were'} not called; pass inputs that reach them, or use "
-            f"tracer=\"symbolic\"")
+            f"{missing} {'was' if len(missing) == 1 else 'were'} not called; pass inputs that reach them. {_UNCALLED}")
     return captured
+
+
+_UNCALLED = ("If its parent reads its tensors directly (`self.proj.weight @ x`), a mask in the layer's graph "
+             "never applies there: use a block scope that holds the parent (a layer these inputs just do not use "
+             "is fine).")
+
+
+def _warn_uncalled(model: nn.Module, fqns: list[str], example_inputs: Any, optional: Iterable[str]) -> None:
+    """Run ``model`` on ``example_inputs`` and warn about units it does not call (their masks could not act)."""
+    calls = capture_calls(model, fqns, [example_inputs])
+    silent = [fqn for fqn in fqns if not calls[fqn] and fqn not in set(optional)]
+    if silent:
+        warn_user(f"{silent} {'was' if len(silent) == 1 else 'were'} not called when the model ran on "
+                  f"example_inputs. {_UNCALLED}")
 
 
 def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | None,
@@ -308,6 +321,8 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
             "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword inputs) the model "
             "can be called with; each unit is traced on the inputs it gets from them")
     inputs = capture_inputs(model, fqns, example_inputs, optional=readers) if tracer == "export" else {}
+    if tracer != "export" and example_inputs is not None:
+        _warn_uncalled(model, fqns, example_inputs, readers)
     if tracer == "export":  # a reader of a tied tensor that the model never calls (T5's `shared`) needs no graph
         fqns = [fqn for fqn in fqns if fqn in inputs]
     units: list[Unit] = []
@@ -345,9 +360,10 @@ def _tie_masks(model: nn.Module, units: list[Unit], specs: list[MaskSpec]) -> No
         for name, buffer in unit.graph_module.named_buffers():
             module_fqn, _, leaf = name.rpartition(".")
             holder = unit.graph_module.get_submodule(module_fqn)
-            if leaf in holder._non_persistent_buffers_set:
-                source = next(fqn for fqn, mask in owner_mask.items() if mask is buffer)
-                links.append((name, source))
+            if leaf in holder._non_persistent_buffers_set:  # a tied mask, or the model's own (Gemma's embed_scale)
+                source = next((fqn for fqn, mask in owner_mask.items() if mask is buffer), None)
+                if source is not None:
+                    links.append((name, source))
         if links:
             unit.graph_module.__dict__["_fx_sparsity_tied_masks"] = _TiedLinks(model, links)
             unit.graph_module.register_forward_pre_hook(_link_tied_masks)

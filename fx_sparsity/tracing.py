@@ -189,8 +189,12 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     """
     # A None keyword input is not exported (its dynamic shape cannot be described) and torch.export
     # would not notice a tensor passed there later: leave it out and check every call instead.
-    absent = sorted(k for k, v in kwargs.items() if v is None)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    # (A None for a parameter without a default cannot be left out: it goes in, and must stay None.)
+    parameters = inspect.signature(type(module).forward).parameters
+    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty}
+    absent = sorted(k for k, v in kwargs.items() if v is None and k not in required)
+    kept_none = sorted(k for k, v in kwargs.items() if v is None and k in required)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in required}
     # torch.export logs each 0/1-specialised AUTO dim as a warning; the docstring says it once.
     logger = logging.getLogger("torch._export.non_strict_utils")
     level = logger.level
@@ -209,9 +213,9 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
         logger.setLevel(level)
     gm = exported.module()
     allow_train_eval(gm, module.training)
-    defaults = {n: p.default for n, p in inspect.signature(type(module).forward).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    gm.register_forward_pre_hook(SameNoneInputs(type(module).__name__, absent, sorted(kwargs), defaults),
+    defaults = {n: p.default for n, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    present = sorted(k for k in kwargs if k not in kept_none)
+    gm.register_forward_pre_hook(SameNoneInputs(type(module).__name__, absent, present, defaults, kept_none),
                                  with_kwargs=True, prepend=True)
     keep_hooks_when_copied(gm)
     return gm
@@ -279,9 +283,11 @@ class SameNoneInputs:
     """Forward pre-hook of an exported module: the keyword inputs that were None when it was exported
     must be None (and are dropped), the others must not be; anything else would run the wrong graph."""
 
-    def __init__(self, name: str, absent: list[str], present: list[str], defaults: dict[str, Any] | None = None):
+    def __init__(self, name: str, absent: list[str], present: list[str], defaults: dict[str, Any] | None = None,
+                 kept_none: list[str] | None = None):
         self.name, self.absent, self.present = name, absent, present
         self.defaults = defaults or {}  # the forward's keyword defaults (what ran for a keyword not given)
+        self.kept_none = kept_none or []  # None at export for a parameter without a default: passed, must be None
 
     def _as_exported(self, name: str, value: Any) -> bool:
         """Whether ``name=value``, not given at export, computes what the export ran with."""
@@ -291,10 +297,10 @@ class SameNoneInputs:
         return value is None or value is False  # taken by **kwargs: a flag left off
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        given = [k for k in self.absent if kwargs.get(k) is not None]
+        given = [k for k in self.absent + self.kept_none if kwargs.get(k) is not None]
         missing = [k for k in self.present if k in kwargs and kwargs[k] is None]
         # keywords it was not exported with: fine where they ask for what ran (output_attentions=False)
-        unseen = [k for k in kwargs if k not in self.present and k not in self.absent]
+        unseen = [k for k in kwargs if k not in self.present and k not in self.absent and k not in self.kept_none]
         other = [k for k in unseen if not self._as_exported(k, kwargs[k])]
         if other:
             raise TraceError(

@@ -110,8 +110,11 @@ class Double(nn.Module):
         return 2 * x
 
 
-def other_parametrization():
+def other_parametrization(fake_sparsity=False):
     model = mlp()
+    if fake_sparsity:
+        torch.nn.utils.parametrize.register_parametrization(model[0], "weight", fxs.FakeSparsity(
+            torch.ones_like(model[0].weight)))
     torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Double())
     return model
 
@@ -236,9 +239,14 @@ CATALOG: list[Row] = [
         "tensor's), got torch.int8"),
     Row(PREPARE, "initial `mask` of the wrong shape", lambda: prep([{"tensor_fqn": "0.weight", "mask": torch.ones(4, 4)}]),
         fxs.SparsityConfigError, "initial mask for '0.weight' has shape (4, 4), the tensor has (32, 16)"),
-    Row(PREPARE, "model carries a parametrization other than FakeSparsity", lambda: prep(model=other_parametrization()),
-        fxs.SparsityConfigError, "'0.weight' carries parametrizations ['Double'] besides FakeSparsity; fx_sparsity "
-        "can only import FakeSparsity masks. Remove the others first (torch.nn.utils.parametrize.remove_parametrizations)."),
+    Row(PREPARE, "a configured tensor computed by a parametrization (`weight_norm`, ...)",
+        lambda: prep([{"tensor_fqn": "0.weight"}], model=other_parametrization()), fxs.SparsityConfigError,
+        "…'0.weight' is computed by the parametrizations ['Double']; fx_sparsity masks stored tensors: remove them "
+        "first (torch.nn.utils.parametrize.remove_parametrizations) or configure another tensor"),
+    Row(PREPARE, "a torch.ao-prepared tensor with another parametrization too",
+        lambda: prep(model=other_parametrization(fake_sparsity=True)), fxs.SparsityConfigError,
+        "'0.weight' carries parametrizations ['Double'] besides FakeSparsity; fx_sparsity can only import "
+        "FakeSparsity masks. Remove the others first (torch.nn.utils.parametrize.remove_parametrizations)."),
     # prepare_fx_sparse: WeightNorm settings in a config entry (the constructor gives the same, without "group ...: ")
     Row(PREPARE, "WeightNorm on a 1-D tensor", lambda: prep([{"tensor_fqn": "0.bias"}]), fxs.SparsityConfigError,
         "group '0.bias': expected a 2-D tensor, got shape (32,) (1-D); this mask is only defined for 2-D weights "

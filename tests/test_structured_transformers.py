@@ -171,3 +171,36 @@ def test_gpt2_fused_qkv_conv1d_and_tied_embeddings():
     assert type(block) is GPT2Block and (block.attn.num_heads, block.attn.split_size, block.attn.c_attn.nf) == \
         (2, 16, 48)
     torch.testing.assert_close(pruned(**example).logits, masked(**example).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gptj", "phi3", "qwen2"])
+def test_the_config_says_the_cut_widths_so_from_pretrained_rebuilds_the_pruned_model(family, tmp_path):
+    """Each config change is checked by building the class from the config: GPT-J's n_inner (None before),
+    Phi-3's fused gate_up_proj, Qwen2's head_dim (not a config field before)."""
+    torch.manual_seed(0)
+    if family == "gptj":
+        from transformers.models.gptj.modeling_gptj import GPTJBlock as block
+        model = transformers.GPTJForCausalLM(transformers.GPTJConfig(vocab_size=128, n_embd=32, n_layer=2, n_head=4,
+                                                                     rotary_dim=4, n_positions=64))
+    elif family == "phi3":
+        from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer as block
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64))
+    else:
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer as block
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.eval()
+    ids = torch.randint(3, 128, (2, 8))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    pruner = fxs.SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(model, pruner, scope=block, tracer="export", example_inputs=example)
+    pruner.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pruned = pruner.prune()
+    pruned.save_pretrained(tmp_path)
+    reloaded = type(pruned).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**example).logits, pruned(**example).logits)

@@ -312,3 +312,78 @@ def test_attention_weights_computed_and_dropped_do_not_block_its_heads():
                                          "average its heads: call it with need_weights=False"):
         fxs.prepare_fx_sparse(AttentionWeightsUnused().eval(), fxs.SaliencyPruner(0.5), scope="layers",
                               example_inputs=(x,))
+
+
+class ScaledBlock(nn.Module):
+    """Gemma's embed_scale, Swin's relative_position_index: a non-persistent buffer of the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+    def forward(self, x, alibi):  # Falcon: a required argument its caller passes as None
+        return self.fc(x) * self.scale if alibi is None else self.fc(x) * self.scale + alibi
+
+
+class ScaledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([ScaledBlock(), ScaledBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x, alibi=None)
+        return x
+
+
+def test_exported_blocks_with_their_own_non_persistent_buffers_and_a_required_none_argument():
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    x = torch.randn(2, 8)
+    prepared = fxs.prepare_fx_sparse(ScaledNet(), sparsifier, scope=ScaledBlock, tracer="export",
+                                     example_inputs=(x,))
+    sparsifier.step()
+    expected = x
+    for block in prepared.blocks:
+        expected = F.linear(expected, block.fc.weight * block.fc.weight_mask, block.fc.bias) * 2
+    torch.testing.assert_close(prepared(torch.cat([x, x])), torch.cat([expected, expected]))
+    with pytest.raises(fxs.TraceError, match=r"\['alibi'\] was None"):
+        prepared.blocks[0](x, alibi=torch.ones(8))
+
+
+def test_a_weight_norm_elsewhere_in_the_model_does_not_block_prepare():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), weight_norm(nn.Linear(8, 4)))
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(prepared(x), model[2](F.relu(F.linear(x, model[0].weight * sparsifier.get_mask(
+        "0.weight"), model[0].bias))))
+    with pytest.raises(fxs.SparsityConfigError, match=r"'2.weight' is computed by the parametrizations "
+                                                      r"\['_WeightNorm'\]"):
+        fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), [{"tensor_fqn": "2.weight"}])
+
+
+class ReadsWeight(nn.Module):
+    """Mamba's dt_proj: the parent multiplies by the child's weight instead of calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dt = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x @ self.dt.weight.T
+
+
+def test_a_layer_its_parent_reads_directly_is_named_when_the_example_never_calls_it():
+    model = nn.Sequential(ReadsWeight())
+    with pytest.warns(UserWarning, match=r"\['0.dt'\] was not called when the model ran on example_inputs. If its "
+                                         r"parent reads its tensors directly"):
+        fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), [{"tensor_fqn": "0.dt.weight"}], scope="layers",
+                              example_inputs=(torch.randn(2, 8),))
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)  # a block scope holding the parent masks it
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, [{"tensor_fqn": "0.dt.weight"}], scope=ReadsWeight,
+                                     example_inputs=(torch.randn(2, 8),))
+    sparsifier.step()
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(prepared(x), x @ (model[0].dt.weight * sparsifier.get_mask("0.dt.weight")).T)

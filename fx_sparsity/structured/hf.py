@@ -110,9 +110,12 @@ def update_attention_attributes(root: nn.Module) -> None:
 
 
 def _intermediate(module: nn.Module, name: str) -> int | None:
-    up = _linear_child(module, ("up_proj", "gate_proj", "fc1", "dense_h_to_4h", "wi", "lin1"))
+    up = _linear_child(module, ("up_proj", "gate_proj", "fc1", "dense_h_to_4h", "wi", "lin1", "fc_in", "c_fc"))
     if up is not None:
         return up.out_features
+    fused = _linear_child(module, ("gate_up_proj",))  # Phi-3: gate and up in one projection
+    if fused is not None:
+        return fused.out_features // 2
     if name.endswith("intermediate"):
         dense = _linear_child(module, ("dense",))
         return dense.out_features if dense is not None else None
@@ -167,23 +170,31 @@ def update_config(model: nn.Module) -> None:
         changes.append(({"num_key_value_heads": kv}, f"num_key_value_heads={kv}"))
     if len(inter) == 1:
         width = next(iter(inter))
-        names = [n for n in _INTERMEDIATE if isinstance(getattr(config, n, None), int)] or ["intermediate_size"]
+        names = [n for n in _INTERMEDIATE if hasattr(config, n) and (getattr(config, n) is None or isinstance(
+            getattr(config, n), int))] or ["intermediate_size"]  # (GPT-2's n_inner is None: 4 × the width)
         changes.append(({n: width for n in names}, f"an MLP width of {width}"))
     elif len(inter) > 1:
         unsaid.append(f"a different intermediate size per layer {sorted(inter)}")
     left = _rebuilt_mismatches(model, config)
     for change, what in changes:
         before = {k: getattr(config, k) for k in change if hasattr(config, k)}
-        for k, v in change.items():
-            setattr(config, k, v)
-        now = _rebuilt_mismatches(model, config) if left is not None else None
-        if left is None or now is None or len(now) < len(left):
+        if any(isinstance(v, (list, tuple)) for v in before.values()):  # a size per stage (SegFormer): not this
+            unsaid.append(what)
+            continue
+        try:
+            for k, v in change.items():
+                setattr(config, k, v)
+            now = _rebuilt_mismatches(model, config) if left is not None else None
+            taken = left is None or now is None or len(now) < len(left)
+        except Exception:  # a config that validates its fields
+            taken, now = False, None
+        if taken:
             left = now if now is not None else left
             continue
         for k in change:  # the config does not read it: put back what it said
             if k in before:
                 setattr(config, k, before[k])
-            else:
+            elif hasattr(config, k):
                 delattr(config, k)
         unsaid.append(what)
     if unsaid or left:
