@@ -85,8 +85,10 @@ def unit_fqns(model: nn.Module, block_types: tuple[type[nn.Module], ...], owner_
 
 @contextlib.contextmanager
 def _quiet_run(model: nn.Module) -> Iterator[None]:
-    """Run as inference does, leaving no trace: eval mode (no batch-norm updates), no grad, RNG restored."""
+    """Run as inference does, leaving no trace: eval mode (no batch-norm updates), no grad, RNG restored, and
+    every buffer as it was (observers record even in eval mode)."""
     modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.clone()) for b in model.buffers()]
     try:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -94,6 +96,10 @@ def _quiet_run(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
+        with torch.no_grad():
+            for live, saved in buffers:
+                if live.shape == saved.shape:
+                    live.copy_(saved)
 
 
 def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any]) -> dict[str, list[CallInputs]]:
@@ -129,7 +135,9 @@ def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any,
     if missing:
         raise SparsityConfigError(
             f"tracer=\"export\" traces each unit on the inputs it gets when the model runs on example_inputs, but "
-            f"{missing} {'was' if len(missing) == 1 else 'were'} not called; pass inputs that reach them. {_UNCALLED}")
+            f"{missing} {'was' if len(missing) == 1 else 'were'} not called; pass inputs that reach them, or use "
+            f"tracer=\"symbolic\". If a parent reads the layer's tensors directly (`self.proj.weight @ x`), use a "
+            f"block scope that holds the parent.")
     return captured
 
 

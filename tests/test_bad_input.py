@@ -285,7 +285,9 @@ CATALOG: list[Row] = [
     Row(PREPARE, "`tracer=\"export\"` with a scope: a layer the inputs never reach",
         lambda: prep(model=UsesOnlyA(), scope="layers", tracer="export", example_inputs=(torch.randn(2, 4),)),
         fxs.SparsityConfigError, "tracer=\"export\" traces each unit on the inputs it gets when the model runs on "
-        "example_inputs, but ['b'] was not called; pass inputs that reach them, or use tracer=\"symbolic\""),
+        "example_inputs, but ['b'] was not called; pass inputs that reach them, or use tracer=\"symbolic\". If a "
+        "parent reads the layer's tensors directly (`self.proj.weight @ x`), use a block scope that holds the "
+        "parent."),
     Row("an exported module", "a tensor where the example inputs had None", export_then_call_with_mask,
         fxs.TraceError, "MaybeMasked was exported (tracer=\"export\") on inputs where ['mask'] was None; torch.export "
         "fixed that into the graph, which would compute something else now. Prepare with example_inputs like the ones "
