@@ -5,6 +5,7 @@ Plain functions over modules and dicts; nothing here traces, masks or trains.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -76,6 +77,9 @@ def _resolve_tensor(model: nn.Module, tensor_fqn: Any, where: str) -> torch.Tens
     return target
 
 
+_PARAMETRIZED = re.compile(r"(.*?)parametrizations\.(\w+)\.(?:original\d*|\d+\.\w+)")
+
+
 def build_groups(model: nn.Module, original: nn.Module, defaults: dict, config: list) -> list[dict[str, Any]]:
     """Merge defaults into each config entry, check it, and add module/tensor info (torch.ao's rules).
 
@@ -94,6 +98,10 @@ def build_groups(model: nn.Module, original: nn.Module, defaults: dict, config: 
         group = copy.deepcopy(defaults)
         group.update(entry)
         tensor_fqn = group.get("tensor_fqn")
+        storage = _PARAMETRIZED.fullmatch(tensor_fqn) if isinstance(tensor_fqn, str) else None
+        if storage:  # a torch.ao-prepared tensor's storage, not the tensor
+            raise SparsityConfigError(f"config[{i}]: '{tensor_fqn}' is the storage of a parametrization; name the "
+                                      f"tensor itself, '{storage[1]}{storage[2]}'")
         if tensor_fqn is None:
             raise SparsityConfigError(
                 f"config[{i}] has no tensor_fqn: tensor_fqn is a required argument in the sparsity config "

@@ -27,11 +27,19 @@ from .errors import SparsityConfigError, TraceError, warn_user
 from .inputs import CallInputs, as_args_kwargs, call_with
 from .passes import MaskSpec, fetch_attr, owns_one_of, prepare_masks
 from .passes.insert_masks import mask_fqn_for
-from .tracing import HOOK_DICTS, TRACERS, export_module, keep_hooks_when_copied, trace, warn_hooks_traced_through
+from .tracing import (
+    HOOK_DICTS,
+    TRACERS,
+    cache_hint,
+    export_module,
+    keep_hooks_when_copied,
+    trace,
+    warn_hooks_traced_through,
+)
 
-__all__ = ["Unit", "check_scope", "check_eager_quantization", "stand_in", "unit_fqns", "capture_calls",
-           "capture_inputs", "trace_unit", "prepare_units", "restore_units", "units_of", "graph_parts", "relative",
-           "UNITS_ATTR", "HOOK_DICTS"]
+__all__ = ["Unit", "check_scope", "check_eager_quantization", "check_not_prepared", "stand_in", "unit_fqns",
+           "capture_calls", "capture_inputs", "trace_unit", "prepare_units", "restore_units", "units_of",
+           "graph_parts", "relative", "UNITS_ATTR", "HOOK_DICTS"]
 
 #: The attribute on a scoped model that lists its units.
 UNITS_ATTR = "fx_sparsity_units"
@@ -55,6 +63,10 @@ def check_scope(scope: Any) -> tuple[type[nn.Module], ...] | None:
     types = scope if isinstance(scope, tuple) else (scope,)
     if types and all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
         return types
+    instance = next((t for t in types if isinstance(t, nn.Module)), None)
+    if instance is not None:
+        raise SparsityConfigError(f"scope is a module ({type(instance).__name__}), not a class: pass its class, "
+                                  f"scope={type(instance).__name__} (scope=type(block))")
     raise SparsityConfigError(
         f"scope={scope!r}: use \"model\" (one graph), \"layers\" (each layer that owns a configured tensor) or "
         f"an nn.Module subclass / tuple of them (each block of that type, e.g. scope=LlamaDecoderLayer)")
@@ -172,7 +184,7 @@ def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | No
         raise TraceError(
             f"torch.export cannot trace '{fqn}' ({type(module).__name__}) on the inputs it got from example_inputs: "
             f"{type(e).__name__}: {e}\nTry scope=\"layers\" (only the layers that own configured tensors are "
-            f"traced) or tracer=\"symbolic\".") from e
+            f"traced) or tracer=\"symbolic\".{cache_hint(e)}") from e
 
 
 #: What eager-mode ``torch.ao.quantization.prepare`` reads (``qconfig``) and adds (the output observer).
@@ -200,6 +212,23 @@ def stand_in(original: nn.Module, graph_module: fx.GraphModule) -> None:
         setattr(graph_module, _EAGER_QUANT_ATTR, getattr(original, _EAGER_QUANT_ATTR))
     if _EAGER_QUANT_CHILD in original._modules:
         graph_module.add_module(_EAGER_QUANT_CHILD, original._modules[_EAGER_QUANT_CHILD])
+
+
+def check_not_prepared(model: nn.Module) -> None:
+    """Refuse a model fx_sparsity has prepared already: its masks would be masked again, and shared by two
+    sparsifiers (each squash would break the other's graph)."""
+    masks = []
+    for module in model.modules():
+        if isinstance(module, fx.GraphModule):
+            masks += [n.meta["sparsity"]["mask_fqn"] for n in module.graph.nodes
+                      if n.op == "call_function" and "mask_fqn" in n.meta.get("sparsity", {})]
+            masks += [f for n in module.graph.nodes for f in n.meta.get("channel_mask", [])]
+    if masks or units_of(model):
+        found = sorted(set(masks))
+        raise SparsityConfigError(
+            f"{type(model).__name__} is already prepared by fx_sparsity (masks {found[:4]}"
+            f"{' ...' if len(found) > 4 else ''}): one sparsifier per model. Prepare the original model with the new "
+            f"sparsifier, or call squash_mask() (prune() for a structured pruner) on this one first")
 
 
 def check_eager_quantization(model: nn.Module, owner_fqns: list[str]) -> None:
@@ -323,6 +352,9 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
     owners = [spec.tensor_fqn.rpartition(".")[0] for spec in specs]
     # and the modules that hold a configured tensor under another name (tied): they read it too
     readers = [name for name, module in model.named_modules() if name not in owners and owns_masked(name, module)]
+    if block_types and not any(isinstance(m, block_types) for m in model.modules()):
+        warn_user(f"scope={[t.__name__ for t in block_types]}: the model has no module of that type; each layer that "
+                  f"owns a configured tensor is a graph of its own, as with scope=\"layers\"")
     fqns = unit_fqns(model, block_types, owners + readers)
     if tracer == "export" and example_inputs is None:
         raise SparsityConfigError(

@@ -133,6 +133,32 @@ def warn_hooks_traced_through(model: nn.Module, gm: fx.GraphModule, where: str =
                   f"scope=\"layers\" (each layer stays a module and keeps its hooks)")
 
 
+def cache_hint(error: BaseException) -> str:
+    """What to do when a Hugging Face KV cache reached torch.export (it cannot be an input or output)."""
+    return (" A Hugging Face cache reached it: pass use_cache=False in example_inputs, e.g. "
+            "example_inputs={\"input_ids\": ids, \"use_cache\": False} (generate() keeps its cache after "
+            "squash_mask(), or with the layers and block scopes).") if "Cache" in str(error) else ""
+
+
+def check_model(model: Any) -> None:
+    """A clear error for what cannot be prepared as given: not a module, or a module wrapping the real one."""
+    name = type(model).__name__
+    if name == "ExportedProgram":
+        raise TypeError("model is a torch.export ExportedProgram: pass its module, ep.module() (with "
+                        "tracer=\"export\" fx_sparsity exports the model itself)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {name}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"model is a TorchScript module ({name}): fx_sparsity traces Python modules; prepare the "
+                        f"nn.Module you scripted, then script the prepared one")
+    inner = getattr(model, "_orig_mod", None) if name == "OptimizedModule" else getattr(model, "module", None) \
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+    if inner is not None:
+        attribute = "_orig_mod" if name == "OptimizedModule" else "module"
+        raise TypeError(f"model is a {name} wrapping a {type(inner).__name__}: prepare model.{attribute}, then "
+                        f"wrap the prepared model again ({'torch.compile' if name == 'OptimizedModule' else name})")
+
+
 def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None,
           see_inside: Callable[[str, nn.Module], bool] | None = None) -> fx.GraphModule:
     """Trace ``model`` (which the caller owns: the result shares its submodules and tensors).
@@ -164,8 +190,8 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
     except Exception as e:
         raise TraceError(
             f"torch.export cannot trace {name}: {type(e).__name__}: {e}\n"
-            f"Check that example_inputs match the model's forward; if the model has "
-            f"data-dependent control flow, rewrite it with torch.cond or try tracer=\"symbolic\".") from e
+            f"Check that example_inputs match the model's forward; if the model has data-dependent control "
+            f"flow, rewrite it with torch.cond or try tracer=\"symbolic\".{cache_hint(e)}") from e
 
 
 def _auto_dims(value: Any) -> Any:

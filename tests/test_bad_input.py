@@ -119,6 +119,19 @@ def other_parametrization(fake_sparsity=False):
     return model
 
 
+def torch_ao_prepared():
+    model = mlp()
+    reference = ao.WeightNormSparsifier()
+    reference.prepare(model, [{"tensor_fqn": "0.weight"}])
+    return model
+
+
+def nm_prepared():
+    sparsifier = fxs.NMSparsifier(2, 4)
+    fxs.prepare_fx_sparse(mlp(), sparsifier)
+    return sparsifier
+
+
 def prepare_twice():
     sparsifier = WN()
     prep(sparsifier=sparsifier)
@@ -205,6 +218,30 @@ CATALOG: list[Row] = [
         "{'tensor_fqn': ...}, ...]"),
     Row(PREPARE, "sparsifier already prepared", prepare_twice, fxs.SparsityConfigError,
         "WeightNormSparsifier is already prepared (3 groups); use a new sparsifier for each model"),
+    Row(PREPARE, "a model fx_sparsity prepared already", lambda: prep(model=prepared()[0]), fxs.SparsityConfigError,
+        "Sequential is already prepared by fx_sparsity (masks ['0.weight_mask', '2.weight_mask', '4.weight_mask']): "
+        "one sparsifier per model. Prepare the original model with the new sparsifier, or call squash_mask() "
+        "(prune() for a structured pruner) on this one first"),
+    Row(PREPARE, "a `torch.compile`d module", lambda: prep(model=torch.compile(mlp())), TypeError,
+        "model is a OptimizedModule wrapping a Sequential: prepare model._orig_mod, then wrap the prepared model "
+        "again (torch.compile)"),
+    Row(PREPARE, "an `nn.DataParallel` module", lambda: prep(model=nn.DataParallel(mlp())), TypeError,
+        "model is a DataParallel wrapping a Sequential: prepare model.module, then wrap the prepared model again "
+        "(DataParallel)"),
+    Row(PREPARE, "a TorchScript module", lambda: prep(model=torch.jit.script(mlp())), TypeError,
+        "model is a TorchScript module (RecursiveScriptModule): fx_sparsity traces Python modules; prepare the "
+        "nn.Module you scripted, then script the prepared one"),
+    Row(PREPARE, "a `torch.export` ExportedProgram",
+        lambda: prep(model=torch.export.export(mlp(), (torch.randn(2, 16),))), TypeError,
+        "model is a torch.export ExportedProgram: pass its module, ep.module() (with tracer=\"export\" fx_sparsity "
+        "exports the model itself)"),
+    Row(PREPARE, "`scope` a module instead of its class", lambda: prep(scope=nn.Linear(2, 2)),
+        fxs.SparsityConfigError, "scope is a module (Linear), not a class: pass its class, scope=Linear "
+        "(scope=type(block))"),
+    Row(PREPARE, "the storage of a torch.ao parametrization as `tensor_fqn`",
+        lambda: prep([{"tensor_fqn": "0.parametrizations.weight.original"}], model=torch_ao_prepared()),
+        fxs.SparsityConfigError, "config[0]: '0.parametrizations.weight.original' is the storage of a "
+        "parametrization; name the tensor itself, '0.weight'"),
     Row(PREPARE, "`inplace=False` and the model cannot be deep-copied", lambda: prep(model=Locked()), TypeError,
         "cannot copy Locked (cannot pickle '_thread.lock' object); pass inplace=True to prepare it in place"),
     # prepare_fx_sparse: tensor_fqn
@@ -339,6 +376,15 @@ CATALOG: list[Row] = [
     Row("`sparsifier.get_mask(fqn)`", "a tensor that has no mask", lambda: prepared()[1].get_mask("1.weight"), RuntimeError,
         "'1.weight' has no mask in the prepared module (was squash_mask() called? masks are folded into the weights then)"),
     # state dicts
+    Row("`sparsifier.load_state_dict`", "the model's state_dict instead of the sparsifier's",
+        lambda: prepared()[1].load_state_dict(mlp().state_dict()), RuntimeError,
+        "WeightNormSparsifier.load_state_dict expects a sparsifier's state_dict() (keys 'state' and 'groups'), got "
+        "['0.weight', '0.bias', '2.weight', '2.bias']: the model's state_dict goes to the prepared model's "
+        "load_state_dict"),
+    Row("`sparsifier.load_state_dict`", "another sparsifier type's state dict",
+        lambda: nm_prepared().load_state_dict(prepared()[1].state_dict()), RuntimeError,
+        "Error loading into NMSparsifier: the saved groups have no ['m', 'n'] (a state dict of another sparsifier "
+        "type?); load it into the sparsifier that saved it"),
     Row("`sparsifier.load_state_dict`", "before prepare", lambda: WN().load_state_dict({"state": {}, "groups": []}),
         RuntimeError, "WeightNormSparsifier.load_state_dict() called before prepare: call "
         "fx_sparsity.prepare_fx_sparse(model, sparsifier, config) (or sparsifier.prepare) first"),

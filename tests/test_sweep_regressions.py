@@ -387,3 +387,23 @@ def test_a_layer_its_parent_reads_directly_is_named_when_the_example_never_calls
     sparsifier.step()
     x = torch.randn(2, 8)
     torch.testing.assert_close(prepared(x), x @ (model[0].dt.weight * sparsifier.get_mask("0.dt.weight")).T)
+
+
+def test_a_failed_state_dict_load_changes_no_mask_and_numpy_levels_save_weights_only(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+    other = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 12))
+    source = fxs.WeightNormSparsifier(sparsity_level=numpy.float64(0.9))  # a level from np.linspace, say
+    fxs.prepare_fx_sparse(wide, source)
+    source.step()
+    target = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    fxs.prepare_fx_sparse(other, target)
+    target.step()
+    before = [target.get_mask(g["tensor_fqn"]).clone() for g in target.groups]
+    with pytest.raises(RuntimeError, match="Error loading '2.weight': saved mask has shape"):
+        target.load_state_dict(source.state_dict())  # the first layer fits, the second does not
+    assert all(torch.equal(target.get_mask(g["tensor_fqn"]), m) for g, m in zip(target.groups, before))
+    torch.save(source.state_dict(), tmp_path / "sparsifier.pt")
+    saved = torch.load(tmp_path / "sparsifier.pt")  # weights_only: plain numbers
+    assert type(saved["groups"][0]["sparsity_level"]) is float

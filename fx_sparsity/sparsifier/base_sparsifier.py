@@ -25,6 +25,7 @@ from ..rollback import snapshot
 from ..scoping import (
     UNITS_ATTR,
     check_eager_quantization,
+    check_not_prepared,
     check_scope,
     graph_parts,
     prepare_units,
@@ -33,7 +34,7 @@ from ..scoping import (
     stand_in,
     units_of,
 )
-from ..tracing import TRACERS, trace, warn_hooks_traced_through
+from ..tracing import TRACERS, check_model, trace, warn_hooks_traced_through
 
 __all__ = ["BaseSparsifier"]
 
@@ -90,8 +91,7 @@ class BaseSparsifier(abc.ABC):
         outermost block of those types (and, as "layers", owners outside them). Mask buffers and
         state-dict keys are the same for every scope.
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         if self.model is not None:
             raise SparsityConfigError(
                 f"{type(self).__name__} is already prepared ({len(self.groups)} groups); "
@@ -102,6 +102,7 @@ class BaseSparsifier(abc.ABC):
         if tracer not in TRACERS:
             raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
         block_types = check_scope(scope)
+        check_not_prepared(model)
         if block_types is not None and isinstance(model, fx.GraphModule):
             raise SparsityConfigError("a GraphModule is prepared as it is: scope applies to an nn.Module to trace; "
                                       "leave scope=\"model\"")
@@ -295,7 +296,7 @@ class BaseSparsifier(abc.ABC):
         they are buffers of the prepared module); the state dict adds each live mask, so it
         restores a sparsifier on its own.
         """
-        groups = [{k: v for k, v in g.items() if k not in KEYS_NOT_IN_STATE_DICT} for g in self.groups]
+        groups = [{k: _plain(v) for k, v in g.items() if k not in KEYS_NOT_IN_STATE_DICT} for g in self.groups]
         # A plain dict, not torch.ao's defaultdict: torch.load's default weights_only=True refuses defaultdict.
         state = {}
         for fqn in dict.fromkeys([g["tensor_fqn"] for g in self.groups] + list(self.state)):
@@ -310,8 +311,15 @@ class BaseSparsifier(abc.ABC):
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Load masks and groups (ours or a torch.ao.pruning sparsifier's) into the prepared module."""
         model = self._require_prepared("load_state_dict")
+        check_sparsifier_state(state_dict, type(self).__name__)
         groups = copy.deepcopy(state_dict["groups"])
+        needed = [k for k in self.defaults if k != "sparsity_level"]
+        foreign = sorted({k for g in groups for k in needed if k not in g})
+        if foreign:
+            raise RuntimeError(f"Error loading into {type(self).__name__}: the saved groups have no {foreign} (a state "
+                               f"dict of another sparsifier type?); load it into the sparsifier that saved it")
         state: defaultdict[str, dict] = defaultdict(dict)
+        copies = []  # every entry is checked before any mask is written: a failed load changes nothing
         for fqn, s in state_dict["state"].items():
             kept = {k: v for k, v in s.items() if k != "mask"}
             if kept:
@@ -330,15 +338,30 @@ class BaseSparsifier(abc.ABC):
                     raise RuntimeError(
                         f"Error loading '{fqn}': saved mask has shape {tuple(mask.shape)}, this model's "
                         f"tensor has {tuple(live.shape)} (a state dict from another model?)")
-                with torch.no_grad():
-                    live.copy_(mask)
+                copies.append((live, mask))
         for group in groups:
             info = get_arg_info_from_tensor_fqn(model, group["tensor_fqn"])
             if info["module"] is None and strict:
                 raise RuntimeError(f"Error loading group '{group['tensor_fqn']}': no such tensor in the model")
             group.update(info)
+        with torch.no_grad():
+            for live, mask in copies:
+                live.copy_(mask)
         self.groups, self.state = groups, state
         self._publish()  # the module's printed config follows the loaded groups
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar (a level from ``np.linspace``) as the Python number it is: ``weights_only`` loads those."""
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+
+
+def check_sparsifier_state(state_dict: Any, into: str) -> None:
+    """A clear error for something that is not a sparsifier's ``state_dict()`` (the model's, a checkpoint)."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "groups" not in state_dict:
+        keys = list(state_dict)[:4] if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise RuntimeError(f"{into}.load_state_dict expects a sparsifier's state_dict() (keys 'state' and 'groups'), "
+                           f"got {keys}: the model's state_dict goes to the prepared model's load_state_dict")
 
 
 def _warn_nothing_configured(model: nn.Module, config: list | None) -> None:

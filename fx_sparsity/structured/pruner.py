@@ -26,10 +26,10 @@ from ..passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_
 from ..passes.channel_masks import InsertChannelMasks, RemoveChannelMasks
 from ..passes.cut_channels import CutError, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
 from ..rollback import snapshot
-from ..scoping import UNITS_ATTR, Unit, capture_inputs, check_scope, relative, unit_fqns
-from ..sparsifier.base_sparsifier import BaseSparsifier
+from ..scoping import UNITS_ATTR, Unit, capture_inputs, check_not_prepared, check_scope, relative, unit_fqns
+from ..sparsifier.base_sparsifier import BaseSparsifier, check_sparsifier_state
 from ..sparsifier.nm_sparsifier import check_level
-from ..tracing import TRACERS, export_module, trace_written_out
+from ..tracing import TRACERS, check_model, export_module, trace_written_out
 from .hf import update_attention_attributes, update_config
 
 __all__ = ["BaseStructuredSparsifier", "SaliencyPruner", "FPGMPruner", "analyse"]
@@ -58,6 +58,14 @@ def analyse(gm: fx.GraphModule, inputs: Any) -> ChannelAnalysis:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             return find_channel_groups(gm, graph_inputs(gm, CallInputs(args, kwargs)))
+    except RuntimeError as e:
+        if "ShapeProp error" not in str(e):
+            raise
+        cause = e.__cause__ or e
+        raise SparsityConfigError(
+            f"the model does not run on example_inputs ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else ''}): pass inputs like the ones it is called with "
+            f"(shape, dtype, device)") from e
     finally:
         with torch.no_grad():
             for name, b in gm.named_buffers():
@@ -104,13 +112,13 @@ class BaseStructuredSparsifier(BaseSparsifier):
         inside a block can be cut. ``tracer="export"`` traces with ``torch.export`` (models
         ``symbolic_trace`` cannot trace: Hugging Face blocks, data-dependent code).
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         if self.model is not None:
             raise SparsityConfigError(f"{type(self).__name__} is already prepared; use a new one for each model")
         if tracer not in TRACERS:
             raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
         block_types = check_scope(scope)
+        check_not_prepared(model)
         if config is not None and not isinstance(config, (list, tuple)):
             raise TypeError(f"config must be a list of dicts (or None for every prunable group), got "
                             f"{type(config).__name__}")
@@ -328,7 +336,9 @@ class BaseStructuredSparsifier(BaseSparsifier):
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Load channel masks and levels saved by :meth:`state_dict` into this prepared pruner."""
         self._require_prepared("load_state_dict")
+        check_sparsifier_state(state_dict, type(self).__name__)
         levels = {g["tensor_fqn"]: g for g in state_dict["groups"]}
+        copies = []  # every group is checked before any mask is written: a failed load changes nothing
         for group in self.groups:
             saved = state_dict["state"].get(group["tensor_fqn"])
             if saved is None:
@@ -339,9 +349,11 @@ class BaseStructuredSparsifier(BaseSparsifier):
             if saved["mask"].shape != live.shape:
                 raise RuntimeError(f"Error loading '{group['tensor_fqn']}': saved mask has {saved['mask'].numel()} "
                                    f"entries, this model's group {live.numel()} (a state dict from another model?)")
-            with torch.no_grad():
-                live.copy_(saved["mask"])
-            group["sparsity_level"] = levels.get(group["tensor_fqn"], group)["sparsity_level"]
+            copies.append((group, live, saved["mask"]))
+        with torch.no_grad():
+            for group, live, mask in copies:
+                live.copy_(mask)
+                group["sparsity_level"] = levels.get(group["tensor_fqn"], group)["sparsity_level"]
 
     def squash_mask(self, *args: Any, **kwargs: Any) -> nn.Module:
         """For structured pruners: :meth:`prune` (the channels are cut out, not folded)."""
