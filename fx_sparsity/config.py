@@ -5,6 +5,7 @@ Plain functions over modules and dicts; nothing here traces, masks or trains.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .errors import NotATensorError, SparsityConfigError, UnknownTensorError
+from .errors import NotATensorError, SparsityConfigError, UnknownTensorError, warn_user
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, nearest_fqns
 from .parametrization import tensor_at
 
@@ -125,6 +126,12 @@ def build_groups(model: nn.Module, original: nn.Module, defaults: dict, config: 
                 f"config[{i}]: tensor '{tensor_fqn}' is configured {what}; configure each tensor once "
                 f"(one mask is applied at every use of a tied tensor)")
         seen[id(tensor)] = tensor_fqn
+        owner = info.get("module")
+        if isinstance(owner, nn.modules.batchnorm._NormBase) and info.get("tensor_name") in owner._buffers:
+            raise SparsityConfigError(
+                f"config[{i}]: '{tensor_fqn}' is a running statistic {type(owner).__name__} updates in place while "
+                f"training; a mask in front of it would stop those updates. Configure its weight instead")
+        _warn_typos(entry, defaults, i)
         mask_dtype = group.get("mask_dtype")
         if mask_dtype is not None and not (mask_dtype == torch.bool or (
                 isinstance(mask_dtype, torch.dtype) and mask_dtype.is_floating_point)):
@@ -134,6 +141,21 @@ def build_groups(model: nn.Module, original: nn.Module, defaults: dict, config: 
         group.update(info)
         groups.append(group)
     return groups
+
+
+_KNOWN_KEYS = ("tensor_fqn", "module", "module_fqn", "tensor_name", "mask", "mask_dtype", "sparsity_level")
+
+
+def _warn_typos(entry: dict, defaults: dict, i: int) -> None:
+    """A config key close to a known one is most likely a typo: the sparsifier would ignore it (torch.ao passes
+    every key on to ``update_mask`` as it is, so an unknown key is not an error)."""
+    known = set(_KNOWN_KEYS) | set(defaults)
+    for key in entry:
+        if isinstance(key, str) and key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if near:
+                warn_user(f"config[{i}]: unknown key '{key}' (did you mean '{near[0]}'?); it is kept in the group "
+                          f"and the sparsifier ignores it")
 
 
 def initial_mask(group: dict, tensor: torch.Tensor, imported: dict[str, torch.Tensor]) -> torch.Tensor:

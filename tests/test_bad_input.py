@@ -238,6 +238,11 @@ CATALOG: list[Row] = [
     Row(PREPARE, "`scope` a module instead of its class", lambda: prep(scope=nn.Linear(2, 2)),
         fxs.SparsityConfigError, "scope is a module (Linear), not a class: pass its class, scope=Linear "
         "(scope=type(block))"),
+    Row(PREPARE, "a batch norm's running statistic",
+        lambda: prep([{"tensor_fqn": "1.running_mean"}], model=nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)),
+                     sparsifier=fxs.GlobalMagnitudeSparsifier()),
+        fxs.SparsityConfigError, "config[0]: '1.running_mean' is a running statistic BatchNorm2d updates in place "
+        "while training; a mask in front of it would stop those updates. Configure its weight instead"),
     Row(PREPARE, "the storage of a torch.ao parametrization as `tensor_fqn`",
         lambda: prep([{"tensor_fqn": "0.parametrizations.weight.original"}], model=torch_ao_prepared()),
         fxs.SparsityConfigError, "config[0]: '0.parametrizations.weight.original' is the storage of a "

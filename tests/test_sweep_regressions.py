@@ -1,5 +1,6 @@
 """What sweeping real architectures (vision backbones, Hugging Face models) found, each reduced to its pattern."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -407,3 +408,15 @@ def test_a_failed_state_dict_load_changes_no_mask_and_numpy_levels_save_weights_
     torch.save(source.state_dict(), tmp_path / "sparsifier.pt")
     saved = torch.load(tmp_path / "sparsifier.pt")  # weights_only: plain numbers
     assert type(saved["groups"][0]["sparsity_level"]) is float
+
+
+def test_a_config_key_close_to_a_known_one_is_named_as_a_likely_typo():
+    sparsifier = fxs.WeightNormSparsifier(sparsity_level=0.5)
+    with pytest.warns(UserWarning, match=r"config\[0\]: unknown key 'sparsity_levl' \(did you mean "
+                                         r"'sparsity_level'\?\)"):
+        fxs.prepare_fx_sparse(nn.Sequential(nn.Linear(8, 8)), sparsifier,
+                              [{"tensor_fqn": "0.weight", "sparsity_levl": 0.9}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a key of one's own (passed on to update_mask) is not warned
+        fxs.prepare_fx_sparse(nn.Sequential(nn.Linear(8, 8)), fxs.WeightNormSparsifier(),
+                              [{"tensor_fqn": "0.weight", "owner_note": "attention"}])
