@@ -68,7 +68,27 @@ class _SeeInside(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
+def _in_original_order(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """``gm`` with each module's parameters and buffers in ``model``'s order, not the order the graph reads them
+    (HF's Conv1D reads its bias first): ``parameters()`` is what optimizers index their state by."""
+    for name, module in gm.named_modules():
+        try:
+            source = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for attr in ("_parameters", "_buffers"):
+            mine, theirs = getattr(module, attr), getattr(source, attr)
+            order = [k for k in theirs if k in mine] + [k for k in mine if k not in theirs]
+            if list(mine) != order:
+                setattr(module, attr, {k: mine[k] for k in order})
+    return gm
+
+
 def _symbolic_trace(model: nn.Module, see_inside: Callable[[str, nn.Module], bool] | None) -> fx.GraphModule:
+    return _in_original_order(_symbolic_trace_any_order(model, see_inside), model)
+
+
+def _symbolic_trace_any_order(model: nn.Module, see_inside: Callable[[str, nn.Module], bool] | None) -> fx.GraphModule:
     if isinstance(model, nn.RNNBase):  # its forward does not trace; the layer alone is one call on its weights
         return fx.GraphModule(model, recurrent_graph(model), type(model).__name__)
     # a transposed conv traced alone: its optional output_size (None unless given) decides the padding in Python

@@ -126,6 +126,12 @@ def torch_ao_prepared():
     return model
 
 
+def nearly_diagonal_prepared():
+    sparsifier = fxs.NearlyDiagonalSparsifier(nearliness=3)
+    fxs.prepare_fx_sparse(mlp(), sparsifier)
+    return sparsifier
+
+
 def nm_prepared():
     sparsifier = fxs.NMSparsifier(2, 4)
     fxs.prepare_fx_sparse(mlp(), sparsifier)
@@ -411,6 +417,11 @@ CATALOG: list[Row] = [
         "sparsifier cannot be driven by an fx_sparsity scheduler; use the fx_sparsity sparsifier of the same name instead)"),
     Row("`CubicSL`", "a per-group list of the wrong length (torch.ao's message)",
         lambda: fxs.CubicSL(prepared()[1], init_sl=[0.1, 0.2]), ValueError, "Expected variable of length 3, but got 2"),
+    Row("`CubicSL` / `LambdaSL` / `BaseScheduler`", "a sparsifier whose groups have no `sparsity_level`",
+        lambda: fxs.CubicSL(nearly_diagonal_prepared()), KeyError,
+        "\"a sparsity scheduler drives each group's 'sparsity_level', and the groups of ['0.weight', '2.weight', "
+        "'4.weight'] have none (NearlyDiagonalSparsifier does not use one); give each config entry a "
+        "'sparsity_level' or leave out the scheduler\""),
     Row("`CubicSL`", "`delta_t * total_t == 0`", lambda: fxs.CubicSL(prepared()[1], total_t=0), ValueError,
         "delta_t * total_t must be non-zero (group 0: delta_t=10, total_t=0)"),
     Row("`LambdaSL`", "a list of functions of the wrong length (torch.ao's message)",

@@ -420,3 +420,23 @@ def test_a_config_key_close_to_a_known_one_is_named_as_a_likely_typo():
         warnings.simplefilter("error", UserWarning)  # a key of one's own (passed on to update_mask) is not warned
         fxs.prepare_fx_sparse(nn.Sequential(nn.Linear(8, 8)), fxs.WeightNormSparsifier(),
                               [{"tensor_fqn": "0.weight", "owner_note": "attention"}])
+
+
+class BiasFirst(nn.Module):
+    """Hugging Face's Conv1D: `addmm(bias, x, weight)` reads the bias first."""
+
+    def __init__(self, nx=8, nf=16):
+        super().__init__()
+        self.nf, self.weight, self.bias = nf, nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+@pytest.mark.parametrize("scope", ["model", "layers"])
+def test_parameters_keep_their_order_so_optimizer_state_moves_between_scopes(scope):
+    model = nn.Sequential(BiasFirst(), nn.ReLU(), nn.Linear(16, 4))
+    prepared = fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), [{"tensor_fqn": "0.weight"},
+                                                                          {"tensor_fqn": "2.weight"}], scope=scope)
+    assert [n for n, _ in prepared.named_parameters()] == [n for n, _ in model.named_parameters()]

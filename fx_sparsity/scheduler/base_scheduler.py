@@ -155,6 +155,11 @@ class BaseScheduler:
         _check_sparsifier(sparsifier)
         self.sparsifier = sparsifier
 
+        missing = [g["tensor_fqn"] for g in sparsifier.groups if "sparsity_level" not in g]
+        if missing:  # (NearlyDiagonalSparsifier has no level: torch.ao raises a bare KeyError here)
+            raise KeyError(f"a sparsity scheduler drives each group's 'sparsity_level', and the groups of {missing} "
+                           f"have none ({type(sparsifier).__name__} does not use one); give each config entry a "
+                           f"'sparsity_level' or leave out the scheduler")
         self.base_sl: list[Any] = [g["sparsity_level"] for g in sparsifier.groups]
         self.last_epoch = last_epoch
 
