@@ -401,6 +401,8 @@ class _Rules:
             return self.expand(node, node.args[0])
         if name in _PERMUTE:
             return self.permute(node, name)
+        if name == "numpy_T" and len(self.t.shape(node.args[0]) or ()) == 2:  # export's `weight.T`
+            return self.transpose_last(node, node.args[0])
         if name == "roll":
             return self.roll(node)
         if name == "index" and isinstance(node.target, torch._ops.OpOverload):  # aten.index(x, [None, idx])
@@ -1152,6 +1154,11 @@ class _Rules:
         for tensor, dim in ((_tensor(t, a), 0), (_tensor(t, b), 1)):
             if tensor is not None:  # a weight: its free dim gives the output's channels
                 t.producers.append((t.fqn_of.get(id(tensor), ""), dim if tensor.dim() == 2 else tensor.dim() - 2 + dim))
+        for operand, value, free in ((a, t.value(a), len(sa) - 2), (b, t.value(b), len(sb) - 1)):
+            if _tensor(t, operand) is None and _weight_behind(operand):  # x @ self.weight.T (Falcon's linear)
+                for blk in value:
+                    if free in blk.dims:
+                        t.producers += t.spaces_of(blk.ids)
         if bias is not None:
             ndim = len(t.shape(node) or ())
             out = t.join_blocks([*out, *(align(blk, ndim) for blk in t.value(bias))])
@@ -1324,6 +1331,22 @@ def _unalign(blk: Block, ndim: int) -> Block:
     if extra <= 0:
         return blk
     return Block(tuple(d - extra for d in blk.dims), blk.ids.reshape(blk.ids.shape[extra:]))
+
+
+_LAYOUT = frozenset("t transpose permute contiguous T mT numpy_T".split())
+
+
+def _weight_behind(node: Any) -> bool:
+    """Whether ``node`` is a parameter seen through transposes only (``self.weight.T``)."""
+    while isinstance(node, fx.Node) and node.op != "get_attr":
+        name = _op_name(node) if node.op != "call_module" else ""
+        if name == "getattr" and node.args[1] in ("T", "mT"):
+            node = node.args[0]
+        elif name in _LAYOUT:
+            node = node.args[0]
+        else:
+            return False
+    return isinstance(node, fx.Node)
 
 
 def _tensor_nodes(args: Any) -> list[fx.Node]:

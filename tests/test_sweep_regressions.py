@@ -440,3 +440,20 @@ def test_parameters_keep_their_order_so_optimizer_state_moves_between_scopes(sco
     prepared = fxs.prepare_fx_sparse(model, fxs.WeightNormSparsifier(), [{"tensor_fqn": "0.weight"},
                                                                           {"tensor_fqn": "2.weight"}], scope=scope)
     assert [n for n, _ in prepared.named_parameters()] == [n for n, _ in model.named_parameters()]
+
+
+class TransposedWeightLinear(nn.Linear):
+    """Falcon's FalconLinear: `x @ self.weight.T` instead of F.linear."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_a_linear_written_as_a_matmul_by_the_transposed_weight_is_a_producer(tracer):
+    torch.manual_seed(0)
+    model = nn.Sequential(TransposedWeightLinear(8, 16), nn.ReLU(), TransposedWeightLinear(16, 4)).eval()
+    pruner, small = pruned_equals_masked(model, torch.randn(2, 8), tracer=tracer)
+    assert [g["tensor_fqn"] for g in pruner.groups] == ["0.weight"]
+    assert small.get_submodule("0").weight.shape == (8, 8) and small.get_submodule("2").weight.shape == (4, 8)

@@ -176,6 +176,8 @@ def update_config(model: nn.Module) -> None:
     elif len(inter) > 1:
         unsaid.append(f"a different intermediate size per layer {sorted(inter)}")
     left = _rebuilt_mismatches(model, config)
+    if left == []:  # the config already builds every cut shape (nothing it says was cut)
+        return
     for change, what in changes:
         before = {k: getattr(config, k) for k in change if hasattr(config, k)}
         if any(isinstance(v, (list, tuple)) for v in before.values()):  # a size per stage (SegFormer): not this

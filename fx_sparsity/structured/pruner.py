@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +54,9 @@ def analyse(gm: fx.GraphModule, inputs: Any) -> ChannelAnalysis:
     """``find_channel_groups`` on ``gm`` run with ``inputs``, leaving its buffers, mode and the RNG as they were."""
     buffers = {name: b.clone() for name, b in gm.named_buffers()}
     args, kwargs = as_args_kwargs(inputs)
-    if getattr(gm.graph._codegen, "pytree_info", None) is not None:  # exported: None keywords were left out
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if getattr(gm.graph._codegen, "pytree_info", None) is not None:  # exported: None keywords were left out,
+        taken = inspect.signature(gm.forward).parameters              # but where the forward has no default
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in taken}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             return find_channel_groups(gm, graph_inputs(gm, CallInputs(args, kwargs)))
