@@ -39,7 +39,7 @@ from .tracing import (
 
 __all__ = ["Unit", "check_scope", "check_eager_quantization", "check_not_prepared", "stand_in", "unit_fqns",
            "capture_calls", "capture_inputs", "trace_unit", "prepare_units", "restore_units", "units_of",
-           "graph_parts", "relative", "UNITS_ATTR", "HOOK_DICTS"]
+           "graph_parts", "relative", "UNITS_ATTR"]
 
 #: The attribute on a scoped model that lists its units.
 UNITS_ATTR = "fx_sparsity_units"
@@ -143,7 +143,7 @@ def capture_inputs(model: nn.Module, fqns: list[str], example_inputs: Any,
     one of ``optional`` that is not called is left out, any other is an error."""
     calls = capture_calls(model, fqns, [example_inputs])
     captured = {fqn: found[0] for fqn, found in calls.items() if found}
-    missing = [fqn for fqn in fqns if fqn not in captured and fqn not in set(optional)]
+    missing = _uncalled(calls, optional)
     if missing:
         raise SparsityConfigError(
             f"tracer=\"export\" traces each unit on the inputs it gets when the model runs on example_inputs, but "
@@ -158,10 +158,14 @@ _UNCALLED = ("If its parent reads its tensors directly (`self.proj.weight @ x`),
              "is fine).")
 
 
+def _uncalled(calls: dict[str, list[CallInputs]], optional: Iterable[str]) -> list[str]:
+    skip = set(optional)
+    return [fqn for fqn, found in calls.items() if not found and fqn not in skip]
+
+
 def _warn_uncalled(model: nn.Module, fqns: list[str], example_inputs: Any, optional: Iterable[str]) -> None:
     """Run ``model`` on ``example_inputs`` and warn about units it does not call (their masks could not act)."""
-    calls = capture_calls(model, fqns, [example_inputs])
-    silent = [fqn for fqn in fqns if not calls[fqn] and fqn not in set(optional)]
+    silent = _uncalled(capture_calls(model, fqns, [example_inputs]), optional)
     if silent:
         warn_user(f"{silent} {'was' if len(silent) == 1 else 'were'} not called when the model ran on "
                   f"example_inputs. {_UNCALLED}")
@@ -289,6 +293,7 @@ def restore_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
     """
     kept = []
     observed = any(_EAGER_QUANT_CHILD in m._modules for m in model.modules())
+    places = _places(model)
     for unit in units:
         if _sharded(unit.graph_module):
             kept.append(unit)
@@ -305,14 +310,18 @@ def restore_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
                       f"quantization does not recognise. Run torch.ao.quantization.prepare again now, before "
                       f"calibrating and convert (the layers it already observes are kept as they are)")
         unit.original.train(unit.graph_module.training)
-        for name in _places(model, unit.graph_module):
+        for name in places.get(id(unit.graph_module), [unit.fqn]):
             model.set_submodule(name, unit.original)
     return kept
 
 
-def _places(model: nn.Module, module: nn.Module) -> list[str]:
-    """Every name ``module`` is registered under in ``model`` (a layer may sit in two places)."""
-    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module and name]
+def _places(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every name it is registered under in model}`` (a layer may sit in two places)."""
+    places: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            places.setdefault(id(module), []).append(name)
+    return places
 
 
 def units_of(model: nn.Module) -> list[Unit]:
@@ -384,8 +393,9 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
         warn_hooks_traced_through(module, gm, fqn)
         stand_in(module, gm)
         units.append(Unit(fqn, module, gm))
+    places = _places(model)
     for unit in units:
-        for name in _places(model, unit.original):  # every name it is registered under (aliases too)
+        for name in places.get(id(unit.original), [unit.fqn]):  # every name it is registered under (aliases too)
             model.set_submodule(name, unit.graph_module)
     _tie_masks(model, units, specs)
     setattr(model, UNITS_ATTR, units)

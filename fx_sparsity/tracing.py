@@ -171,12 +171,15 @@ def check_model(model: Any) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"model is a TorchScript module ({name}): fx_sparsity traces Python modules; prepare the "
                         f"nn.Module you scripted, then script the prepared one")
-    inner = getattr(model, "_orig_mod", None) if name == "OptimizedModule" else getattr(model, "module", None) \
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
-    if inner is not None:
-        attribute = "_orig_mod" if name == "OptimizedModule" else "module"
-        raise TypeError(f"model is a {name} wrapping a {type(inner).__name__}: prepare model.{attribute}, then "
-                        f"wrap the prepared model again ({'torch.compile' if name == 'OptimizedModule' else name})")
+    if name == "OptimizedModule":
+        attribute, rewrap = "_orig_mod", "torch.compile"
+    elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        attribute, rewrap = "module", name
+    else:
+        return
+    inner = getattr(model, attribute)
+    raise TypeError(f"model is a {name} wrapping a {type(inner).__name__}: prepare model.{attribute}, then wrap the "
+                    f"prepared model again ({rewrap})")
 
 
 def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None,

@@ -1333,7 +1333,7 @@ def _unalign(blk: Block, ndim: int) -> Block:
     return Block(tuple(d - extra for d in blk.dims), blk.ids.reshape(blk.ids.shape[extra:]))
 
 
-_LAYOUT = frozenset("t transpose permute contiguous T mT numpy_T".split())
+_LAYOUT = frozenset("t transpose permute contiguous numpy_T".split())
 
 
 def _weight_behind(node: Any) -> bool:
