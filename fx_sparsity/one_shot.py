@@ -9,6 +9,7 @@ the blocks before it were pruned.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,40 @@ from .inputs import CallInputs, as_args_kwargs
 from .scoping import capture_calls, check_scope, relative, unit_fqns
 
 __all__ = ["one_shot"]
+
+
+def _is_cache(value: Any) -> bool:
+    """A Hugging Face KV cache (``transformers.cache_utils.Cache`` or a subclass), known without importing it."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+               for c in type(value).__mro__)
+
+
+def _without_cache(model: nn.Module, batch: Any) -> CallInputs:
+    """``batch`` as a call that builds no KV cache: ``use_cache=False`` where ``model`` takes it.
+
+    A decoder's cache (on by default in most Hugging Face configs) would be handed to every block
+    call and grow with each one: stale keys and values in attention, memory that climbs per block.
+    """
+    args, kwargs = as_args_kwargs(batch)
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    if "use_cache" in kwargs or ("use_cache" in names and names.index("use_cache") >= len(args)):
+        kwargs["use_cache"] = False
+    return CallInputs(args, kwargs)
+
+
+def _block_call(call: CallInputs) -> CallInputs:
+    """The first block's captured inputs, each cache object (mutable, grows per call) replaced by ``None``."""
+    args = tuple(None if _is_cache(a) else a for a in call.args)
+    return CallInputs(args, {k: None if _is_cache(v) else v for k, v in call.kwargs.items()})
+
+
+def _run(block: nn.Module, call: CallInputs) -> Any:
+    """One block call on its own copy of the keyword dict (a block may add to it)."""
+    args, kwargs = as_args_kwargs(call)
+    return block(*args, **kwargs)
 
 
 def _next_inputs(call: CallInputs, output: Any) -> CallInputs:
@@ -43,11 +78,12 @@ def one_shot(model: nn.Module, sparsifier: Any, calibration_data: Iterable[Any],
     blocks); ``None`` means every ``nn.Linear`` weight of every block. Memory holds one block's
     statistics and the calibration activations at one block boundary.
 
-    A block's inputs are the first block's (captured on the calibration data), with the
-    previous block's output (its first element, for a tuple) in place of the first input: the
-    convention of transformer stacks. The result is ``model`` itself when ``inplace=True``
-    (else a deep copy), of the same class, with plain layers holding the sparse weights: ready
-    for ``save_pretrained``.
+    A block's inputs are the first block's (captured on the calibration data, running the model
+    only up to that block, with ``use_cache=False`` where its forward takes it and any KV-cache
+    object dropped), with the previous block's output (its first element, for a tuple) in place
+    of the first input: the convention of transformer stacks. Every block runs, configured or not.
+    The result is ``model`` itself when ``inplace=True`` (else a deep copy), of the same class,
+    with plain layers holding the sparse weights: ready for ``save_pretrained``.
     """
     block_types = check_scope(scope)
     if not block_types:
@@ -66,7 +102,12 @@ def one_shot(model: nn.Module, sparsifier: Any, calibration_data: Iterable[Any],
         if outside:
             raise SparsityConfigError(f"one_shot prunes inside the {len(blocks)} blocks; {outside} lie outside "
                                       f"every block: prune them separately (prepare_fx_sparse)")
-    calls = capture_calls(work, blocks[:1], batches)[blocks[0]]
+    captured = capture_calls(work, blocks[:1], [_without_cache(work, b) for b in batches], stop=True)[blocks[0]]
+    if not captured:
+        first = type(work.get_submodule(blocks[0])).__name__
+        raise SparsityConfigError(f"the calibration data never reached '{blocks[0]}' (the first {first}): pass "
+                                  f"batches on which the model runs its blocks")
+    calls = [_block_call(call) for call in captured]
     modes = {m: m.training for m in work.modules()}
     work.eval()
     try:
@@ -75,17 +116,15 @@ def one_shot(model: nn.Module, sparsifier: Any, calibration_data: Iterable[Any],
             block_config = None if config is None else [
                 {**e, "tensor_fqn": relative(e["tensor_fqn"], fqn)} for e in config
                 if e["tensor_fqn"].startswith(fqn + ".")]
-            if block_config == []:
-                continue
-            block_sparsifier = copy.deepcopy(sparsifier)
-            block_sparsifier.prepare(block, block_config, scope="layers", inplace=True)
             with torch.no_grad():
-                for call in calls:
-                    args, kwargs = as_args_kwargs(call)
-                    block(*args, **kwargs)
-                block_sparsifier.step()
-                block_sparsifier.squash_mask()
-                calls = [_next_inputs(call, block(*call.args, **call.kwargs)) for call in calls]
+                if block_config != []:  # a block with nothing to prune still runs: the next one needs its outputs
+                    block_sparsifier = copy.deepcopy(sparsifier)
+                    block_sparsifier.prepare(block, block_config, scope="layers", inplace=True)
+                    for call in calls:
+                        _run(block, call)
+                    block_sparsifier.step()
+                    block_sparsifier.squash_mask()
+                calls = [_next_inputs(call, _run(block, call)) for call in calls]
     finally:
         for m, training in modes.items():
             m.training = training

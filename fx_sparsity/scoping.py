@@ -114,23 +114,37 @@ def _quiet_run(model: nn.Module) -> Iterator[None]:
                     live.copy_(saved)
 
 
-def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any]) -> dict[str, list[CallInputs]]:
+class _Captured(Exception):
+    """Raised by the capture hook to stop the model once the inputs it wanted are recorded."""
+
+
+def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any], *,
+                  stop: bool = False) -> dict[str, list[CallInputs]]:
     """``{fqn: [inputs of each call]}``: what those submodules get when ``model`` runs on each batch.
 
     Runs in eval mode without grad, and leaves the RNG and every module's mode as they were.
+    With ``stop=True`` (one fqn), each batch runs only up to that submodule's first call: nothing
+    after it (later blocks, a language-model head and its logits) is computed.
     """
+    if stop and len(fqns) != 1:
+        raise ValueError("capture_calls(stop=True) records the inputs of one submodule")
     calls: dict[str, list[CallInputs]] = {fqn: [] for fqn in fqns}
 
     def hook(fqn: str) -> Callable:
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
             calls[fqn].append(CallInputs(args, kwargs))
+            if stop:
+                raise _Captured
         return record
 
     handles = [model.get_submodule(fqn).register_forward_pre_hook(hook(fqn), with_kwargs=True) for fqn in fqns]
     try:
         with _quiet_run(model):
             for batch in batches:
-                call_with(model, batch)
+                try:
+                    call_with(model, batch)
+                except _Captured:
+                    pass
     finally:
         for handle in handles:
             handle.remove()

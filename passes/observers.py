@@ -32,6 +32,7 @@ observer: the output observer of one linear is the input observer of the next.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -46,9 +47,9 @@ from .insert_masks import find_masked_uses
 from .linear import is_linear, linear_args
 from .manager import run_passes
 
-__all__ = ["ChannelNormObserver", "GramObserver", "Observation", "ObservedNode", "InsertObservers", "RemoveObservers",
-           "observe_linears", "observe_linear_inputs", "remove_observers", "observer_fqn_for", "quant_transparent",
-           "is_relu", "OBSERVER_PREFIX"]
+__all__ = ["ChannelNormObserver", "GramObserver", "SharedProduct", "Observation", "ObservedNode", "InsertObservers",
+           "RemoveObservers", "observe_linears", "observe_linear_inputs", "remove_observers", "observer_fqn_for",
+           "quant_transparent", "is_relu", "OBSERVER_PREFIX"]
 
 OBSERVER_PREFIX = "activation_post_process_"
 OBSERVER_SUFFIX = "_input_observer"
@@ -105,20 +106,53 @@ class ChannelNormObserver(ObserverBase):
         return f"num_channels={self.num_channels}, num_rows={int(self.num_rows)}"
 
 
+class SharedProduct:
+    """The last ``xᵀx`` a :class:`GramObserver` computed, for observers that see the same input next.
+
+    Linears reading one activation (q/k/v, gate/up) are observed one after another on the same
+    tensor object: the first computes the product, the others add it again. Holds one product
+    at most (the one for the newest input), as long as that tensor lives and is unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._input: weakref.ref | None = None
+        self._version = -1
+        self.product: torch.Tensor | None = None
+
+    def get(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._input is not None and self._input() is x and x._version == self._version:
+            return self.product
+        return None
+
+    def put(self, x: torch.Tensor, product: torch.Tensor) -> None:
+        self._input, self._version, self.product = weakref.ref(x), x._version, product
+
+    def clear(self) -> None:
+        self._input, self._version, self.product = None, -1, None
+
+    def __reduce__(self) -> tuple:
+        return (SharedProduct, ())  # copies and pickles start with nothing cached (a weakref cannot be saved)
+
+
 class GramObserver(ObserverBase):
     """Accumulates the Gram matrix ``Σ xᵀx`` of the inputs (last dim = channels), over all calls.
 
     What SparseGPT (Frantar & Alistarh 2023) needs: ``H = X Xᵀ`` of a linear layer's inputs.
-    Buffers (in ``state_dict``): ``gram`` (float64, ``num_channels²``) and ``num_rows``.
+    Buffers (in ``state_dict``): ``gram`` (float32, ``num_channels²``, as llm-compressor and the
+    reference code keep it: SparseGPT's choices are invariant to H's scale and float32 holds the
+    sums of the activations' squares with room to spare) and ``num_rows``. Observers given one
+    :class:`SharedProduct` compute the product once for an input they all see.
     """
 
     gram: torch.Tensor
     num_rows: torch.Tensor
 
-    def __init__(self, num_channels: int, device: torch.device | str | None = None):
+    def __init__(self, num_channels: int, device: torch.device | str | None = None,
+                 shared: SharedProduct | None = None):
         super().__init__(dtype=torch.float)
         self.num_channels = int(num_channels)
-        self.register_buffer("gram", torch.zeros(self.num_channels, self.num_channels, dtype=torch.float64,
+        self.shared = shared
+        self.register_buffer("gram", torch.zeros(self.num_channels, self.num_channels, dtype=torch.float32,
                                                  device=device))
         self.register_buffer("num_rows", torch.zeros((), dtype=torch.int64, device=device))
 
@@ -127,9 +161,16 @@ class GramObserver(ObserverBase):
             raise RuntimeError(f"{type(self).__name__} expects {self.num_channels} input channels, got input of "
                                f"shape {tuple(x.shape)}")
         with torch.no_grad():
-            flat = x.detach().reshape(-1, self.num_channels).double()
-            self.gram += flat.T @ flat
-            self.num_rows += flat.shape[0]
+            product = self.shared.get(x) if self.shared is not None else None
+            if product is None:
+                if self.shared is not None:
+                    self.shared.clear()  # free the last product before making the next: one at a time
+                flat = x.detach().reshape(-1, self.num_channels).float()
+                product = flat.T @ flat
+                if self.shared is not None:
+                    self.shared.put(x, product)
+            self.gram += product
+            self.num_rows += x.numel() // self.num_channels
         return x
 
     def channel_norms(self) -> torch.Tensor:

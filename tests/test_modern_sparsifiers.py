@@ -218,7 +218,7 @@ def _wanda_reference(weight, inputs, level=None, m=None):
     score = weight.abs() * x.pow(2).sum(0).sqrt()
     mask = torch.ones_like(weight)
     if m is None:
-        k = round(level * weight.shape[1])
+        k = int(weight.shape[1] * level)  # the published code truncates: sort_res[1][:, :int(cols * ratio)]
         drop = score.argsort(dim=1)[:, :k]
         mask.scatter_(1, drop, 0)
     else:

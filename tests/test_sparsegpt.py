@@ -214,7 +214,8 @@ def test_owl_levels_keep_the_overall_sparsity_and_spare_outlier_layers():
         pytest.approx(0.16)
     sparsifier.step()
     zeros = sum(int((sparsifier.get_mask(k) == 0).sum()) for k in sizes) / sum(sizes.values())
-    assert zeros == pytest.approx(0.7, abs=0.01)
+    # each row drops int(level * in_features) (truncated, as Wanda's code): at most 1/32 short per row
+    assert 0.7 - 1 / 32 <= zeros <= 0.7
     with pytest.raises(fxs.SparsityConfigError, match="one target level"):
         fxs.owl_levels(sparsifier)  # the levels differ now
     nm = fxs.WandaSparsifier(0.5, semi_structured_block_size=4)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityConfigError
-from ..passes import GramObserver
+from ..passes import GramObserver, SharedProduct
 from .nm_sparsifier import check_level
 from .wanda_sparsifier import WandaSparsifier
 
@@ -91,6 +91,15 @@ class SparseGPTSparsifier(WandaSparsifier):
         if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp > 0:
             raise SparsityConfigError(f"percdamp must be a number > 0 (e.g. 0.01), got {percdamp!r}")
         self.defaults.update(block_size=block_size, percdamp=float(percdamp))
+        self._shared_product = SharedProduct()
+
+    def make_observer(self, num_channels: int) -> nn.Module:
+        """Observers share the last ``xᵀx``: linears that read one input (q/k/v, gate/up) compute it once."""
+        return GramObserver(num_channels, shared=self._shared_product)
+
+    def step(self, use_path: bool = True) -> None:
+        self._shared_product.clear()  # calibration is over: free the last product before pruning
+        super().step(use_path)
 
     def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor,  # type: ignore[override]
                     sparsity_level: float, semi_structured_block_size: int | None = None, tensor_fqn: str = "",

@@ -21,7 +21,8 @@ class WandaSparsifier(BaseSparsifier):
     ``prepare`` (or ``prepare_fx_sparse``) puts a :class:`ChannelNormObserver` in front of
     the input of every linear that uses a configured weight, and nowhere else. Run
     calibration batches through the prepared module, then ``step()``: each row ``i`` of a
-    weight loses its ``round(sparsity_level * in_features)`` lowest scores. The norms
+    weight loses its ``int(sparsity_level * in_features)`` lowest scores (truncated, as the
+    published code and llm-compressor count them: 268 of 384 at 70%, not 269). The norms
     accumulate over every calibration batch (and every use of a tied weight).
     ``squash_mask()`` folds the masks and removes the observers.
 
@@ -57,13 +58,17 @@ class WandaSparsifier(BaseSparsifier):
     #: What is observed on each sparsified linear's input.
     observer_type: type[nn.Module] = ChannelNormObserver
 
+    def make_observer(self, num_channels: int) -> nn.Module:
+        """The observer for one linear's input of ``num_channels`` features."""
+        return self.observer_type(num_channels)
+
     def on_prepared(self, model: nn.Module) -> None:
         """Observe the input of every linear that uses a configured weight (prepare undoes all on error)."""
         observed = set()
         for prefix, gm in self.graph_modules():
             fqns = [relative(g["tensor_fqn"], prefix) for g in self.groups
                     if not prefix or g["tensor_fqn"].startswith(prefix + ".")]
-            found = observe_linear_inputs(gm, fqns, self.observer_type)
+            found = observe_linear_inputs(gm, fqns, self.make_observer)
             observed |= {f"{prefix}.{fqn}" if prefix else fqn for fqn in found}
         missing = [g["tensor_fqn"] for g in self.groups if g["tensor_fqn"] not in observed]
         if missing:
@@ -106,7 +111,7 @@ class WandaSparsifier(BaseSparsifier):
             mask.copy_(nm_keep_mask(scores, m // 2, m, level / 0.5, per_row=True))
             return
         keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        k = round(level * scores.shape[1])
+        k = int(level * scores.shape[1])  # truncated, as the published code and llm-compressor do
         if k:
             keep.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
         mask.copy_(keep)
