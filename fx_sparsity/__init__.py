@@ -6,7 +6,7 @@ mask buffers those nodes read; lowering rewrites sparse Linear nodes into sparse
 from . import passes
 from .api import prepare_fx_sparse
 from .distributed import masks_as_parameters
-from .errors import SparsityConfigError, TraceError
+from .errors import FxSparsityError, SparsityConfigError, TraceError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
 from .lowering import convert_fx_sparse
 from .mappings import (
@@ -67,6 +67,7 @@ __all__ = [
     "convert_fx_sparse",
     "masks_as_parameters",
     "one_shot",
+    "FxSparsityError",
     "SparsityConfigError",
     "TraceError",
     "passes",

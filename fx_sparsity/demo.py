@@ -23,10 +23,12 @@ from tabulate import tabulate
 from torch import nn
 from tqdm import tqdm
 
+from .errors import FxSparsityError
+
 __all__ = ["DemoConfig", "DemoResult", "MissingExtra", "run_demo", "load_digits_split"]
 
 
-class MissingExtra(RuntimeError):
+class MissingExtra(FxSparsityError, RuntimeError):
     """An optional dependency (an extra of the package) that the chosen option needs is not installed."""
 
 

@@ -6,8 +6,12 @@ import sys
 import types
 import warnings
 
+from .passes.errors import FxSparsityError
 
-class SparsityConfigError(ValueError, AssertionError):
+__all__ = ["FxSparsityError", "SparsityConfigError", "UnknownTensorError", "NotATensorError", "TraceError", "warn_user"]
+
+
+class SparsityConfigError(FxSparsityError, ValueError, AssertionError):
     """A bad sparsity config or argument.
 
     A ``ValueError``; also an ``AssertionError`` because torch.ao.pruning raises that for
@@ -23,7 +27,7 @@ class NotATensorError(SparsityConfigError, TypeError):
     """A ``tensor_fqn`` that names a module, not a tensor; a ``TypeError`` too, as in torch.ao.pruning."""
 
 
-class TraceError(RuntimeError):
+class TraceError(FxSparsityError, RuntimeError):
     """The model could not be turned into an FX graph."""
 
 

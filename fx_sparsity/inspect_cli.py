@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import FxSparsityError
+
 __all__ = ["CLIError", "parse_shape", "parse_block_shape", "load_factory", "check_inputs_run", "inspect_model"]
 
 INPUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                 "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32}
 
 
-class CLIError(Exception):
+class CLIError(FxSparsityError):
     """A problem with what the user typed or named; ``code`` is the exit status."""
 
     def __init__(self, message: str, code: int = 2):

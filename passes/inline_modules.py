@@ -24,13 +24,14 @@ from collections.abc import Callable
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .errors import FxSparsityError
 from .manager import run_passes
 from .recurrent import recurrent_graph
 
 __all__ = ["InlineModules", "inline_modules", "splice_module", "InlineError"]
 
 
-class InlineError(RuntimeError):
+class InlineError(FxSparsityError, RuntimeError):
     """A module's forward could not be traced into its caller's graph."""
 
 

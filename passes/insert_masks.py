@@ -26,6 +26,7 @@ from torch.ao.nn.intrinsic import _FusedModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .attrs import fetch_attr
+from .errors import FxSparsityError
 from .manager import run_passes
 
 __all__ = ["MaskSpec", "InsertMasks", "insert_masks", "MaskedUse", "find_masked_uses", "mask_fqn_for",
@@ -34,7 +35,7 @@ __all__ = ["MaskSpec", "InsertMasks", "insert_masks", "MaskedUse", "find_masked_
 MASK_SUFFIX = "_mask"
 
 
-class MaskInsertionError(RuntimeError):
+class MaskInsertionError(FxSparsityError, RuntimeError):
     """A mask could not be placed in front of every use of a tensor."""
 
 

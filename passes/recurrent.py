@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .errors import FxSparsityError
+
 __all__ = ["recurrent", "recurrent_graph", "GATES", "RecurrentError"]
 
 #: Gate blocks stacked in each ``weight_ih``/``weight_hh``/bias, per mode.
@@ -29,7 +31,7 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _RUN = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
 
 
-class RecurrentError(ValueError):
+class RecurrentError(FxSparsityError, ValueError):
     """A recurrent layer that cannot be written as one call with a fixed configuration."""
 
 
