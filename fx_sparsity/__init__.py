@@ -20,6 +20,7 @@ from .nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear
 from .one_shot import one_shot
 from .parametrization import FakeSparsity
 from .printing import format_sparse_code, format_sparse_graph, print_sparse_graph
+from .scopes import BlockScope, LayersScope, ModelScope, Scope
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import (
     BaseSparsifier,
@@ -67,6 +68,10 @@ __all__ = [
     "convert_fx_sparse",
     "masks_as_parameters",
     "one_shot",
+    "Scope",
+    "ModelScope",
+    "LayersScope",
+    "BlockScope",
     "FxSparsityError",
     "SparsityConfigError",
     "TraceError",

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from .errors import SparsityConfigError
 from .inputs import CallInputs, as_args_kwargs
-from .scoping import capture_calls, check_scope, relative, unit_fqns
+from .scopes import as_scope
+from .scoping import capture_calls, relative
 
 __all__ = ["one_shot"]
 
@@ -85,17 +86,17 @@ def one_shot(model: nn.Module, sparsifier: Any, calibration_data: Iterable[Any],
     The result is ``model`` itself when ``inplace=True`` (else a deep copy), of the same class,
     with plain layers holding the sparse weights: ready for ``save_pretrained``.
     """
-    block_types = check_scope(scope)
-    if not block_types:
+    scope_ = as_scope(scope)
+    if not scope_.block_types:
         raise SparsityConfigError(f"one_shot prunes block by block: pass scope=<block class>, e.g. "
                                   f"scope=LlamaDecoderLayer, got scope={scope!r}")
     batches = list(calibration_data)
     if not batches:
         raise SparsityConfigError("calibration_data is empty: one_shot needs batches to calibrate each block on")
     work = model if inplace else copy.deepcopy(model)
-    blocks = unit_fqns(work, block_types, [])
+    blocks = scope_.blocks(work)
     if not blocks:
-        raise SparsityConfigError(f"{type(model).__name__} has no submodule of type {block_types}")
+        raise SparsityConfigError(f"{type(model).__name__} has no submodule of type {scope_.block_types}")
     if config is not None:
         outside = [e.get("tensor_fqn") for e in config
                    if not any(str(e.get("tensor_fqn", "")).startswith(b + ".") for b in blocks)]

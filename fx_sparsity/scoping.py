@@ -27,6 +27,7 @@ from .errors import SparsityConfigError, TraceError, warn_user
 from .inputs import CallInputs, as_args_kwargs, call_with
 from .passes import MaskSpec, fetch_attr, owns_one_of, prepare_masks
 from .passes.insert_masks import mask_fqn_for
+from .scopes import Scope
 from .tracing import (
     HOOK_DICTS,
     TRACERS,
@@ -36,10 +37,6 @@ from .tracing import (
     trace,
     warn_hooks_traced_through,
 )
-
-__all__ = ["Unit", "check_scope", "check_eager_quantization", "check_not_prepared", "stand_in", "unit_fqns",
-           "capture_calls", "capture_inputs", "trace_unit", "prepare_units", "restore_units", "units_of",
-           "graph_parts", "relative", "UNITS_ATTR"]
 
 #: The attribute on a scoped model that lists its units.
 UNITS_ATTR = "fx_sparsity_units"
@@ -54,45 +51,8 @@ class Unit:
     graph_module: fx.GraphModule
 
 
-def check_scope(scope: Any) -> tuple[type[nn.Module], ...] | None:
-    """``None`` for ``"model"``, ``()`` for ``"layers"``, else the block types; ``SparsityConfigError`` otherwise."""
-    if scope == "model":
-        return None
-    if scope == "layers":
-        return ()
-    types = scope if isinstance(scope, tuple) else (scope,)
-    if types and all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-        return types
-    instance = next((t for t in types if isinstance(t, nn.Module)), None)
-    if instance is not None:
-        raise SparsityConfigError(f"scope is a module ({type(instance).__name__}), not a class: pass its class, "
-                                  f"scope={type(instance).__name__} (scope=type(block))")
-    raise SparsityConfigError(
-        f"scope={scope!r}: use \"model\" (one graph), \"layers\" (each layer that owns a configured tensor) or "
-        f"an nn.Module subclass / tuple of them (each block of that type, e.g. scope=LlamaDecoderLayer)")
-
-
 def _inside(fqn: str, prefix: str) -> bool:
     return fqn == prefix or fqn.startswith(prefix + ".")
-
-
-def unit_fqns(model: nn.Module, block_types: tuple[type[nn.Module], ...], owner_fqns: list[str]) -> list[str]:
-    """The fqns of the units, in ``named_modules`` order: outermost blocks, then owners outside them."""
-    blocks: list[str] = []
-    for name, module in model.named_modules():
-        if block_types and isinstance(module, block_types) and not any(_inside(name, b) for b in blocks):
-            blocks.append(name)
-    if "" in blocks:
-        raise SparsityConfigError(
-            f"scope={block_types}: the model itself is a {type(model).__name__}; a block scope replaces "
-            f"submodules, so use scope=\"model\" to trace the whole model")
-    units = set(blocks) | {o for o in owner_fqns if not any(_inside(o, b) for b in blocks)}
-    if "" in units:
-        raise SparsityConfigError(
-            f"scope=\"layers\": the model itself ({type(model).__name__}) owns configured tensors; a scoped prepare "
-            f"replaces submodules, so use scope=\"model\" for it")
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return sorted(units, key=order.__getitem__)
 
 
 @contextlib.contextmanager
@@ -361,7 +321,7 @@ def _first_names(module: nn.Module) -> dict[int, str]:
     return {id(t): name for name, t in reversed(tensors)}
 
 
-def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[type[nn.Module], ...], tracer: str,
+def prepare_units(model: nn.Module, specs: list[MaskSpec], scope: Scope, tracer: str,
                   example_inputs: Any) -> list[Unit]:
     """Trace each unit of ``model``, mask the tensors of ``specs`` (model fqns) in it, and put it in place.
 
@@ -375,10 +335,11 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], block_types: tuple[ty
     owners = [spec.tensor_fqn.rpartition(".")[0] for spec in specs]
     # and the modules that hold a configured tensor under another name (tied): they read it too
     readers = [name for name, module in model.named_modules() if name not in owners and owns_masked(name, module)]
+    block_types = scope.block_types
     if block_types and not any(isinstance(m, block_types) for m in model.modules()):
         warn_user(f"scope={[t.__name__ for t in block_types]}: the model has no module of that type; each layer that "
                   f"owns a configured tensor is a graph of its own, as with scope=\"layers\"")
-    fqns = unit_fqns(model, block_types, owners + readers)
+    fqns = scope.units(model, owners + readers)
     if tracer == "export" and example_inputs is None:
         raise SparsityConfigError(
             "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword inputs) the model "

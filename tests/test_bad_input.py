@@ -324,8 +324,9 @@ CATALOG: list[Row] = [
         "flow that depends on tensor values or shapes, and on non-tensor inputs. Use tracer=\"export\" with "
         "example_inputs=(...) (torch.export specialises such code on the example inputs)."),
     Row(PREPARE, "`scope` not a scope", lambda: prep(scope="block"), fxs.SparsityConfigError,
-        "scope='block': use \"model\" (one graph), \"layers\" (each layer that owns a configured tensor) or an "
-        "nn.Module subclass / tuple of them (each block of that type, e.g. scope=LlamaDecoderLayer)"),
+        "scope='block': use \"model\" (one graph), \"layers\" (each layer that owns a configured tensor), an "
+        "nn.Module subclass / tuple of them (each block of that type, e.g. scope=LlamaDecoderLayer), or ModelScope() / "
+        "LayersScope() / BlockScope(*types)"),
     Row(PREPARE, "`scope=\"layers\"` on a bare layer",
         lambda: prep([{"tensor_fqn": "weight"}], model=nn.Linear(4, 4), scope="layers"),
         fxs.SparsityConfigError, "scope=\"layers\": the model itself (Linear) owns configured tensors; a scoped "

@@ -113,7 +113,7 @@ def test_hidden_units_are_cut_and_the_cut_model_equals_the_masked_one(name, prun
     pruner = pruner_cls(0.5)
     masked = fxs.prepare_fx_sparse(model, pruner, None, example_inputs=(tokens(batch_first),))
     layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
-    units = next(g for g in pruner.groups if g["tensor_fqn"] == "rnn.weight_ih_l0")["channel_group"]
+    units = pruner.targets["rnn.weight_ih_l0"].channel_group
     assert units.num_classes == 24 * layers  # every layer's (and direction's) units, one group: one hidden_size
     pruner.step()
     small = pruner.prune().eval()
@@ -165,7 +165,7 @@ def test_a_used_final_state_cuts_the_same_units_in_every_layer():
     model, x = _Encoder(), torch.randn(5, 3, 8)
     pruner = fxs.SaliencyPruner(0.5)
     masked = fxs.prepare_fx_sparse(model, pruner, None, example_inputs=(x,))
-    assert pruner.groups[0]["channel_group"].num_classes == 16  # unit j of both layers is one class
+    assert pruner.targets[pruner.groups[0]["tensor_fqn"]].channel_group.num_classes == 16  # unit j of both layers is one class
     pruner.step()
     small = pruner.prune()
     assert small.rnn.hidden_size == 8

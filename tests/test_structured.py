@@ -133,9 +133,9 @@ def test_pruned_model_equals_the_masked_one(name, pruner_cls):
     for group in pruner.groups:  # every chosen group lost half its units (channels, heads, shuffled pairs)
         mask = pruner.get_mask(group["tensor_fqn"])
         assert (mask == 0).sum().item() == int(0.5 * mask.numel()) or pruner_cls is FPGMPruner, group["tensor_fqn"]
-        fqn, dim = group["channel_group"].anchor
-        kept = sum(n for n, k in zip(group["channel_group"].channels_per_class, mask.tolist()) if k)
-        assert pruned.get_parameter(fqn).shape[dim] == kept + group["channel_group"].fixed
+        fqn, dim = pruner.targets[group["tensor_fqn"]].channel_group.anchor
+        kept = sum(n for n, k in zip(pruner.targets[group["tensor_fqn"]].channel_group.channels_per_class, mask.tolist()) if k)
+        assert pruned.get_parameter(fqn).shape[dim] == kept + pruner.targets[group["tensor_fqn"]].channel_group.fixed
     assert params(pruned) < 0.75 * params(model)
     assert not [n for n, _ in pruned.named_buffers() if "channel_mask" in n]
     assert torch.equal(model(x), make()(x))  # the user's model is not touched
@@ -289,7 +289,7 @@ def test_resnext_grouped_convs_lose_the_same_number_of_channels_in_every_conv_gr
     pruner = SaliencyPruner(0.5)
     masked, pruned = prune(model, pruner, x)
     group = next(g for g in pruner.groups if g["module_fqn"] == "blocks.0.conv1")
-    assert group["channel_group"].balance == 4
+    assert pruner.targets[group["tensor_fqn"]].channel_group.balance == 4
     assert pruner.get_mask("blocks.0.conv1.weight").reshape(4, 4).sum(1).tolist() == [2, 2, 2, 2]
     assert pruner.get_mask("blocks.0.conv2.weight").reshape(4, 4).sum(1).tolist() == [2, 2, 2, 2]
     conv = pruned.get_submodule("blocks.0.conv2")
@@ -332,7 +332,7 @@ def test_attention_heads_are_pruned_whole():
     x = torch.randn(2, 5, 32)
     pruner = SaliencyPruner(0.5)
     masked, pruned = prune(model, pruner, x)
-    heads = next(g for g in pruner.groups if g["tensor_fqn"] == "0.attn.q.weight")["channel_group"]
+    heads = pruner.targets["0.attn.q.weight"].channel_group
     assert heads.producers == [("0.attn.q.weight", 0), ("0.attn.k.weight", 0), ("0.attn.v.weight", 0)]
     assert heads.channels_per_class == [8, 8, 8, 8]  # one class per head: 8 channels of q
     assert pruner.get_mask("0.attn.q.weight").tolist() in ([1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0],
@@ -350,7 +350,7 @@ def test_multihead_attention_is_written_out_and_its_heads_pruned():
     pruner = SaliencyPruner(0.5)
     masked, pruned = prune(model, pruner, x)
     heads = next(g for g in pruner.groups if g["tensor_fqn"] == "layers.0.self_attention.in_proj_weight")
-    assert heads["channel_group"].channels_per_class == [24] * 4  # q, k and v rows of each head
+    assert pruner.targets[heads["tensor_fqn"]].channel_group.channels_per_class == [24] * 4  # q, k and v rows of each head
     assert pruned.get_parameter("layers.0.self_attention.in_proj_weight").shape == (48, 32)
     assert pruned.get_submodule("layers.0.self_attention.out_proj").in_features == 16
     assert not [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
@@ -689,7 +689,7 @@ def test_the_cut_check_allows_for_tf32_float32_math():
     """On CUDA, float32 convolutions run in TF32 by default; a float16-sized difference is rounding there, not a bad cut."""
     from types import SimpleNamespace
 
-    from fx_sparsity.structured.pruner import _rtol
+    from fx_sparsity.pipeline.cut import _rtol
 
     def on(device, dtype=torch.float32):
         return SimpleNamespace(dtype=dtype, device=torch.device(device))  # this machine may have no GPU

@@ -62,11 +62,11 @@ def prune(model, scope, example, config=None):
 
 def test_llama_gqa_keeps_query_heads_with_their_kv_head():
     pruner, masked, pruned = prune(llama(), "model", inputs(cache=False))
-    heads = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "model.layers.0.self_attn.q_proj.weight")
+    heads = pruner.targets["model.layers.0.self_attn.q_proj.weight"].channel_group
     assert heads.producers == [("model.layers.0.self_attn.q_proj.weight", 0), ("model.layers.0.self_attn.k_proj.weight", 0),
                                ("model.layers.0.self_attn.v_proj.weight", 0)]
     assert heads.channels_per_class == [32, 32]  # a class: one kv head and its 2 query heads of 16
-    mlp = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "model.layers.0.mlp.gate_proj.weight")
+    mlp = pruner.targets["model.layers.0.mlp.gate_proj.weight"].channel_group
     assert mlp.producers == [("model.layers.0.mlp.gate_proj.weight", 0), ("model.layers.0.mlp.up_proj.weight", 0)]
     assert not any(g["tensor_fqn"] == "model.embed_tokens.weight" for g in pruner.groups)  # RMSNorm'd: left out
     layer = "model.layers.1.self_attn"
@@ -121,7 +121,7 @@ def test_bert_heads_and_intermediate_widths():
                        "bert.encoder.layer.0.intermediate.dense.weight",
                        "bert.encoder.layer.1.attention.self.query.weight",
                        "bert.encoder.layer.1.intermediate.dense.weight", "bert.pooler.dense.weight"]
-    heads = pruner.groups[0]["channel_group"]
+    heads = pruner.targets[pruner.groups[0]["tensor_fqn"]].channel_group
     assert heads.channels_per_class == [8, 8, 8, 8]
     example, other = inputs(), inputs(3, 11)
     torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
@@ -161,7 +161,7 @@ def test_gpt2_fused_qkv_conv1d_and_tied_embeddings():
     model = transformers.GPT2LMHeadModel(config).eval()
     example = {"input_ids": torch.randint(0, 100, (2, 8)), "use_cache": False}
     pruner, masked, pruned = prune(model, "model", example)
-    heads = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "transformer.h.0.attn.c_attn.weight")
+    heads = pruner.targets["transformer.h.0.attn.c_attn.weight"].channel_group
     assert heads.producers == [("transformer.h.0.attn.c_attn.weight", 1)]  # Conv1D: (in, out), q, k, v side by side
     assert heads.channels_per_class == [24] * 4
     torch.testing.assert_close(pruned(**example).logits, masked(**example).logits, rtol=1e-5, atol=1e-5)

@@ -246,7 +246,7 @@ def test_a_per_head_attention_bias_is_cut_with_its_heads():
     model = nn.Sequential(nn.Linear(8, 32), BiasedAttention(), nn.Linear(32, 2)).eval()
     x = torch.randn(2, 6, 8)
     pruner, small = pruned_equals_masked(model, x, [{"tensor_fqn": "1.qkv.weight"}], tracer="export")
-    heads = pruner.groups[0]["channel_group"]
+    heads = pruner.targets[pruner.groups[0]["tensor_fqn"]].channel_group
     assert heads.num_classes == 4 and ("1.relative_bias.weight", 1) in heads.tensors
     assert small.get_submodule("1.relative_bias").weight.shape == (16, 2)
 
@@ -269,7 +269,7 @@ class SuperResolution(nn.Module):
 def test_pixel_shuffle_cuts_whole_sub_pixel_groups(tracer):
     torch.manual_seed(0)
     pruner, small = pruned_equals_masked(SuperResolution().eval(), torch.randn(2, 3, 8, 8), tracer=tracer)
-    up = next(g["channel_group"] for g in pruner.groups if g["tensor_fqn"] == "up.weight")
+    up = pruner.targets["up.weight"].channel_group
     assert up.num_classes == 16 and up.channels_per_class == [4] * 16  # r² = 4 channels per shuffled channel
     assert small.get_submodule("up").weight.shape[0] == 32 and small.get_submodule("tail").weight.shape[1] == 8
 

@@ -2,7 +2,9 @@
 
 A sparsifier never walks a graph. It knows its groups (torch.ao.pruning's config dicts)
 and, through ``self.model`` (the prepared GraphModule), the live mask buffer of each
-group, which it overwrites in place.
+group, which it overwrites in place. Preparing and squashing are the pipeline's
+(:mod:`fx_sparsity.pipeline`); a sparsifier declares what it needs from it: ``defaults``,
+``masks``, :meth:`validate_group`, ``observer_type`` / :meth:`make_observer`, :meth:`on_prepared`.
 """
 from __future__ import annotations
 
@@ -14,27 +16,11 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from ..config import build_groups, config_or_default, initial_mask, publish_config
-from ..distributed import refuse_unsharded_fsdp, whole_tensors
-from ..errors import SparsityConfigError, warn_user
+from .. import pipeline
+from ..distributed import whole_tensors
 from ..fqn import get_arg_info_from_tensor_fqn
 from ..lowering import convert_fx_sparse
-from ..parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
-from ..passes import MaskSpec, fold_masks, mask_fqn_for, mask_or_none, owns_one_of, prepare_masks
-from ..rollback import snapshot
-from ..scoping import (
-    UNITS_ATTR,
-    check_eager_quantization,
-    check_not_prepared,
-    check_scope,
-    graph_parts,
-    prepare_units,
-    relative,
-    restore_units,
-    stand_in,
-    units_of,
-)
-from ..tracing import TRACERS, check_model, trace, warn_hooks_traced_through
+from ..passes import mask_fqn_for, mask_or_none
 
 __all__ = ["BaseSparsifier"]
 
@@ -91,115 +77,33 @@ class BaseSparsifier(abc.ABC):
         outermost block of those types (and, as "layers", owners outside them). Mask buffers and
         state-dict keys are the same for every scope.
         """
-        check_model(model)
-        if self.model is not None:
-            raise SparsityConfigError(
-                f"{type(self).__name__} is already prepared ({len(self.groups)} groups); "
-                f"use a new sparsifier for each model")
-        if config is not None and not isinstance(config, (list, tuple)):
-            raise TypeError(f"config must be a list of dicts (or None for every nn.Linear weight), got "
-                            f"{type(config).__name__}")
-        if tracer not in TRACERS:
-            raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
-        block_types = check_scope(scope)
-        check_not_prepared(model)
-        if block_types is not None and isinstance(model, fx.GraphModule):
-            raise SparsityConfigError("a GraphModule is prepared as it is: scope applies to an nn.Module to trace; "
-                                      "leave scope=\"model\"")
-        if inplace:
-            work = model
-        else:
-            try:
-                work = copy.deepcopy(model)
-            except Exception as e:
-                raise TypeError(f"cannot copy {type(model).__name__} ({e}); pass inplace=True to prepare it in "
-                                f"place") from e
-        restore = snapshot(work if inplace else None, self, ("model", "config", "groups", "state"))
-        try:
-            return self._prepare(work, model, config, block_types, tracer, example_inputs)
-        except BaseException:
-            restore()
-            raise
-
-    def _prepare(self, work: nn.Module, original: nn.Module, config, block_types, tracer: str,
-                 example_inputs) -> nn.Module:
-        imported = fake_sparsity_masks(work)
-        groups = build_groups(work, original, self.defaults, config_or_default(work, config, imported))
-        self._validate_groups(groups, work)
-        if not groups:
-            _warn_nothing_configured(work, config)
-        strip_fake_sparsity(work)
-
-        specs = [MaskSpec(g["tensor_fqn"], initial_mask(g, tensor_at(work, g["tensor_fqn"]), imported), {"group": i})
-                 for i, g in enumerate(groups)]
-        if block_types is None:
-            if not isinstance(work, fx.GraphModule):  # a GraphModule's qconfigs are prepare_fx's
-                check_eager_quantization(work, [g["module_fqn"] for g in groups])
-            prepared: nn.Module = trace(work, tracer, example_inputs,
-                                        see_inside=owns_one_of([tensor_at(work, g["tensor_fqn"]) for g in groups]))
-            if prepared is not work:
-                warn_hooks_traced_through(work, prepared)
-            prepare_masks(prepared, specs, work)
-            if prepared is not work:
-                stand_in(work, prepared)
-        else:
-            prepared = work
-            prepare_units(work, specs, block_types, tracer, example_inputs)
-        for group in groups:
-            group["module"] = prepared.get_submodule(group["module_fqn"])
-        self.model = prepared
-        self.config = list(config) if config is not None else None
-        self.groups = groups
-        self._publish()
-        self.on_prepared(prepared)
-        return prepared
+        return pipeline.prepare(self, model, config, scope=scope, example_inputs=example_inputs, tracer=tracer,
+                                inplace=inplace)
 
     def _publish(self) -> None:
-        """Record the live groups on each graph module (printing and lowering read them)."""
-        assert self.model is not None
-        units = units_of(self.model)
-        if not units and isinstance(self.model, fx.GraphModule):
-            publish_config(self.model, {group["tensor_fqn"]: group for group in self.groups})
-            return
-        tensors = {id(tensor_at(self.model, g["tensor_fqn"])): g for g in self.groups}
-        for unit in units:
-            config = {relative(g["tensor_fqn"], unit.fqn): g for g in self.groups
-                      if g["tensor_fqn"].startswith(unit.fqn + ".")}
-            held = [*unit.graph_module.named_parameters(remove_duplicate=False),
-                    *unit.graph_module.named_buffers(remove_duplicate=False)]
-            for name, tensor in held:  # tied tensors this unit reads under its own name
-                if id(tensor) in tensors and name not in config:
-                    config[name] = tensors[id(tensor)]
-            publish_config(unit.graph_module, config)
+        pipeline.publish(self._require_prepared("publish"), self.groups)
 
     def graph_modules(self) -> list[tuple[str, fx.GraphModule]]:
         """``[(fqn, graph module)]`` of the prepared model: one ``("", gm)`` for scope="model", else its units."""
-        return graph_parts(self._require_prepared("graph_modules"))
-
-    def _validate_groups(self, groups: list[dict[str, Any]], model: nn.Module) -> None:
-        """Run :meth:`validate_group` on every group; one error naming every group refused."""
-        errors = []
-        for group in groups:
-            try:
-                self.validate_group(group, tensor_at(model, group["tensor_fqn"]))
-            except ValueError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        if errors:
-            lines = "\n".join(f"  {e}" for e in errors)
-            raise SparsityConfigError(
-                f"{type(self).__name__} cannot sparsify {len(errors)} of the {len(groups)} configured tensors:\n"
-                f"{lines}\nLeave them out of the config (or configure them with a sparsifier that accepts them).")
+        return pipeline.graph_modules(self._require_prepared("graph_modules"))
 
     def validate_group(self, group: dict[str, Any], tensor: torch.Tensor) -> None:
         """Check one merged group before anything is modified; raise ``SparsityConfigError`` on a bad config."""
 
-    def on_prepared(self, model: fx.GraphModule) -> None:
-        """Called once the masks are in the graph, for sparsifiers that add more to it (Wanda: observers).
+    #: What the pipeline puts on the prepared model: one mask per tensor element ("elements") or one entry per
+    #: channel class of a coupled group ("channels", the structured pruners).
+    masks = "elements"
+    #: Observers on the inputs of the linears whose weights are sparsified (Wanda's norms, SparseGPT's Gram
+    #: matrices); ``None``: none.
+    observer_type: type[nn.Module] | None = None
 
-        An exception here undoes the whole prepare.
-        """
+    def make_observer(self, num_channels: int) -> nn.Module:
+        """The observer for one linear's input of ``num_channels`` features (``observer_type`` by default)."""
+        assert self.observer_type is not None
+        return self.observer_type(num_channels)
+
+    def on_prepared(self, model: nn.Module) -> None:
+        """Called once the masks (and observers) are in the graph; an exception here undoes the whole prepare."""
 
     # -- masks
     def _require_prepared(self, what: str) -> nn.Module:
@@ -255,21 +159,9 @@ class BaseSparsifier(abc.ABC):
         ``sparse_params`` dict on each owner module; lowering reads it.
         """
         model = self._require_prepared("squash_mask")
-        refuse_unsharded_fsdp(model)
-        units = units_of(model)
-        for prefix, gm in graph_parts(model):
-            fold_masks(gm, [relative(g["tensor_fqn"], prefix) for g in self.groups
-                            if not prefix or g["tensor_fqn"].startswith(prefix + ".")])
-        if units:  # the user's own modules back, holding the folded tensors
-            kept = restore_units(model, units)
-            if kept:
-                setattr(model, UNITS_ATTR, kept)
-                warn_user(f"squash_mask: {[u.fqn for u in kept]} are sharded by FSDP2 (fully_shard) and stay "
-                          f"GraphModules (without masks); squash before sharding to get the original layers back")
-            else:
-                delattr(model, UNITS_ATTR)
-            for group in self.groups:
-                group["module"] = model.get_submodule(group["module_fqn"])
+        if self.observer_type is not None:
+            pipeline.remove_observers(model, self.observer_type)
+        pipeline.squash_masks(model, self.groups)
         for group in self.groups:
             sparse_params = {}
             if params_to_keep is not None:
@@ -363,14 +255,3 @@ def check_sparsifier_state(state_dict: Any, into: str) -> None:
         raise RuntimeError(f"{into}.load_state_dict expects a sparsifier's state_dict() (keys 'state' and 'groups'), "
                            f"got {keys}: the model's state_dict goes to the prepared model's load_state_dict")
 
-
-def _warn_nothing_configured(model: nn.Module, config: list | None) -> None:
-    if config is None:
-        why = (f"the default config takes the weight of every nn.Linear (exact type), and "
-               f"{type(model).__name__} has none")
-    else:
-        why = "the config is empty"
-    example = next((name for name, p in model.named_parameters() if p.dim() > 1), "features.0.weight")
-    warn_user(
-        f"prepare: no tensor is configured for sparsity ({why}); step(), squash_mask() and schedulers will do "
-        f"nothing. Name the tensors to sparsify, e.g. config=[{{'tensor_fqn': '{example}'}}]")

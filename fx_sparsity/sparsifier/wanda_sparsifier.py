@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityConfigError
-from ..passes import ChannelNormObserver, observe_linear_inputs, observer_fqn_for, remove_observers
-from ..scoping import relative
+from ..passes import ChannelNormObserver, observer_fqn_for
 from .base_sparsifier import BaseSparsifier
 from .nm_sparsifier import check_level, check_nm_tensor, nm_keep_mask
 
@@ -55,28 +54,9 @@ class WandaSparsifier(BaseSparsifier):
                                       f"got shape {tuple(tensor.shape)}")
         check_level(group["sparsity_level"], high=0.5 if m else 1.0, where=where)
 
-    #: What is observed on each sparsified linear's input.
-    observer_type: type[nn.Module] = ChannelNormObserver
-
-    def make_observer(self, num_channels: int) -> nn.Module:
-        """The observer for one linear's input of ``num_channels`` features."""
-        return self.observer_type(num_channels)
-
-    def on_prepared(self, model: nn.Module) -> None:
-        """Observe the input of every linear that uses a configured weight (prepare undoes all on error)."""
-        observed = set()
-        for prefix, gm in self.graph_modules():
-            fqns = [relative(g["tensor_fqn"], prefix) for g in self.groups
-                    if not prefix or g["tensor_fqn"].startswith(prefix + ".")]
-            found = observe_linear_inputs(gm, fqns, self.make_observer)
-            observed |= {f"{prefix}.{fqn}" if prefix else fqn for fqn in found}
-        missing = [g["tensor_fqn"] for g in self.groups if g["tensor_fqn"] not in observed]
-        if missing:
-            raise SparsityConfigError(
-                f"{type(self).__name__} scores a weight by the inputs of the linear that uses it, but {missing} "
-                f"{'is' if len(missing) == 1 else 'are'} not the weight of any linear (F.linear / aten.linear) in "
-                f"the traced graph; leave {'it' if len(missing) == 1 else 'them'} out of the config (use "
-                f"GlobalMagnitudeSparsifier or WeightNormSparsifier for such tensors)")
+    #: What is observed on each sparsified linear's input (the pipeline places one per configured weight, and
+    #: ``squash_mask()`` removes them).
+    observer_type: type[nn.Module] | None = ChannelNormObserver
 
     def _observer(self, tensor_fqn: str) -> Any:
         try:
@@ -115,9 +95,3 @@ class WandaSparsifier(BaseSparsifier):
         if k:
             keep.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
         mask.copy_(keep)
-
-    def squash_mask(self, *args, **kwargs) -> nn.Module:
-        """Remove the observers, then fold the masks (see :meth:`BaseSparsifier.squash_mask`)."""
-        for _, gm in self.graph_modules():
-            remove_observers(gm, self.observer_type)
-        return super().squash_mask(*args, **kwargs)

@@ -6,7 +6,8 @@ from typing import Any
 from torch import fx
 
 from ..passes.channel_groups import ChannelAnalysis, ChannelGroup
-from .pruner import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner, analyse
+from ..pipeline.channels import analyse
+from .pruner import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner
 
 __all__ = ["ChannelGroup", "ChannelAnalysis", "find_channel_groups", "BaseStructuredSparsifier", "SaliencyPruner",
            "FPGMPruner"]
