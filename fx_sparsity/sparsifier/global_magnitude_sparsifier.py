@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import SparsityConfigError
 from .base_sparsifier import BaseSparsifier
-from .nm_sparsifier import check_level
+from .levels import check_level
 
 __all__ = ["GlobalMagnitudeSparsifier", "global_magnitude_keep"]
 

@@ -61,14 +61,13 @@ import torch
 import torch.nn.functional as F
 
 # A ValueError (and an AssertionError, as torch.ao raises for bad configs): one type to catch for every bad config.
-from ..errors import SparsityConfigError, warn_user
+from ..errors import SparsityConfigError
 
 __all__ = [
     "DEVIATIONS",
     "check_2d",
     "check_nearliness",
     "check_weight_norm_config",
-    "warn_if_clamped",
     "l1_norm",
     "l2_norm",
     "nearly_diagonal_mask",
@@ -205,14 +204,6 @@ def check_weight_norm_config(
             f"pass {values_per_block} to zero whole blocks or a smaller int for "
             "partial blocks"
         )
-
-
-def warn_if_clamped(sparsity_level, *, where: str = "") -> None:
-    """Warn that a level outside ``[0, 1]`` acts as 0 or 1 (torch.ao's semantics, kept for parity)."""
-    if _is_real(sparsity_level) and not 0 <= sparsity_level <= 1:
-        end = 0 if sparsity_level < 0 else 1
-        warn_user(f"{_prefix(where)}sparsity_level={sparsity_level!r} is outside [0, 1]; it acts as {end} "
-                  f"({'every weight kept' if end == 0 else 'every block zeroed'}), as in torch.ao.pruning")
 
 
 def check_nearliness(nearliness, shape=None, *, where: str = "", ranges: bool = True) -> None:

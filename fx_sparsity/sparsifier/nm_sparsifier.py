@@ -1,7 +1,6 @@
 """``NMSparsifier``: keep ``n`` of every ``m`` consecutive weights along the input dim (2:4 and friends)."""
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -9,24 +8,13 @@ from torch import nn
 
 from ..errors import SparsityConfigError
 from .base_sparsifier import BaseSparsifier
+from .levels import check_level
 
-__all__ = ["NMSparsifier", "nm_keep_mask", "check_level", "check_nm"]
+__all__ = ["NMSparsifier", "nm_keep_mask", "check_nm"]
 
 
 def _where(where: str) -> str:
     return f"{where}: " if where else ""
-
-
-def check_level(level, *, name: str = "sparsity_level", high: float = 1.0, where: str = "") -> float:
-    """``level`` as a float in ``[0, high]``, or ``SparsityConfigError`` naming it."""
-    if isinstance(level, torch.Tensor) and level.numel() == 1:
-        level = level.item()
-    if isinstance(level, bool) or not isinstance(level, numbers.Real) or math.isnan(level):
-        raise SparsityConfigError(f"{_where(where)}{name} must be a real number in [0, {high:g}], got {level!r}")
-    value = float(level)
-    if not -1e-9 <= value <= high + 1e-9:
-        raise SparsityConfigError(f"{_where(where)}{name} must be in [0, {high:g}], got {level!r}")
-    return min(max(value, 0.0), high)
 
 
 def check_nm(n, m, *, where: str = "") -> None:

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import SparsityConfigError
 from ..passes import GramObserver, SharedProduct
-from .nm_sparsifier import check_level
+from .levels import check_level
 from .wanda_sparsifier import WandaSparsifier
 
 __all__ = ["SparseGPTSparsifier", "sparsegpt_prune"]

@@ -9,7 +9,8 @@ from torch import nn
 from ..errors import SparsityConfigError
 from ..passes import ChannelNormObserver, observer_fqn_for
 from .base_sparsifier import BaseSparsifier
-from .nm_sparsifier import check_level, check_nm_tensor, nm_keep_mask
+from .levels import check_level
+from .nm_sparsifier import check_nm_tensor, nm_keep_mask
 
 __all__ = ["WandaSparsifier"]
 

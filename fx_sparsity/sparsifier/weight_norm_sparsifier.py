@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .base_sparsifier import BaseSparsifier
-from .mask_math import check_2d, check_weight_norm_config, resolve_norm_fn, warn_if_clamped, weight_norm_mask
+from .levels import warn_if_clamped
+from .mask_math import check_2d, check_weight_norm_config, resolve_norm_fn, weight_norm_mask
 
 __all__ = ["WeightNormSparsifier"]
 

@@ -19,7 +19,7 @@ from ..errors import SparsityConfigError, warn_user
 from ..passes import fetch_attr
 from ..passes.channel_groups import ChannelGroup
 from ..sparsifier.base_sparsifier import BaseSparsifier, check_sparsifier_state
-from ..sparsifier.nm_sparsifier import check_level
+from ..sparsifier.levels import check_level
 
 __all__ = ["BaseStructuredSparsifier", "SaliencyPruner", "FPGMPruner"]
 
