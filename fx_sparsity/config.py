@@ -17,8 +17,7 @@ from .errors import NotATensorError, SparsityConfigError, UnknownTensorError, wa
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, nearest_fqns
 from .parametrization import tensor_at
 
-__all__ = ["CONFIG_ATTR", "default_config", "config_or_default", "build_groups", "initial_mask", "publish_config",
-           "sparsity_config"]
+# Internal: no __all__ (not API); the pipeline and the front end import what they use by name.
 
 #: The attribute of a prepared GraphModule that holds ``{tensor_fqn: group}`` (the sparsifier's live groups).
 CONFIG_ATTR = "fx_sparsity_config"

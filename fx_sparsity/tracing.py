@@ -19,7 +19,7 @@ from .nn.attention import multi_head_attention
 from .passes import SetTrainingMode, inline_modules, run_passes
 from .passes.recurrent import recurrent_graph
 
-__all__ = ["trace", "TRACERS", "export_module", "allow_train_eval", "SameNoneInputs", "trace_written_out"]
+# Internal: no __all__ (not API); the pipeline and the front end import what they use by name.
 
 TRACERS = ("symbolic", "export")
 
