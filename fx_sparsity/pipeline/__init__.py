@@ -19,9 +19,8 @@ and levels; it never traces or scopes.
 from __future__ import annotations
 
 import copy
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 from torch import fx, nn
 
 from ..errors import SparsityConfigError
@@ -33,27 +32,13 @@ from . import channels, elements
 from .channels import ChannelTarget, Part
 from .cut import cut_model
 from .elements import publish, remove_observers, squash_masks
+from .protocol import SparsifierLike
 
 __all__ = ["SparsifierLike", "prepare", "publish", "squash_masks", "remove_observers", "graph_modules", "relative",
            "cut_model", "ChannelTarget", "Part"]
 
 
-class SparsifierLike(Protocol):
-    """What the pipeline reads from a sparsifier (BaseSparsifier and the structured pruners have it all)."""
-
-    defaults: dict[str, Any]
-    model: nn.Module | None
-    masks: str  # "elements" (one mask per tensor element) or "channels" (one entry per channel class)
-    observer_type: type[nn.Module] | None
-
-    def validate_group(self, group: dict[str, Any], tensor: torch.Tensor) -> None: ...
-
-    def make_observer(self, num_channels: int) -> nn.Module: ...
-
-    def on_prepared(self, model: nn.Module) -> None: ...
-
-
-def prepare(sparsifier: Any, model: nn.Module, config: list[dict] | None = None, *, scope: Any = "model",
+def prepare(sparsifier: SparsifierLike, model: nn.Module, config: list[dict] | None = None, *, scope: Any = "model",
             example_inputs: Any = None, tracer: str = "symbolic", inplace: bool = False) -> nn.Module:
     """Prepare ``model`` for ``sparsifier``: masks in the graph, groups on the sparsifier; returns the model to use.
 
@@ -65,7 +50,7 @@ def prepare(sparsifier: Any, model: nn.Module, config: list[dict] | None = None,
     if sparsifier.model is not None:
         raise SparsityConfigError(f"{name} is already prepared ({len(sparsifier.groups)} groups); use a new "
                                   f"sparsifier for each model")
-    channel_masks = getattr(sparsifier, "masks", "elements") == "channels"
+    channel_masks = sparsifier.masks == "channels"
     if config is not None and not isinstance(config, (list, tuple)):
         every = "prunable group" if channel_masks else "nn.Linear weight"
         raise TypeError(f"config must be a list of dicts (or None for every {every}), got {type(config).__name__}")

@@ -37,6 +37,7 @@ from ..passes.channel_masks import InsertChannelMasks
 from ..scopes import Scope
 from ..scoping import UNITS_ATTR, Unit, capture_inputs, relative
 from ..tracing import export_module, trace_written_out
+from .protocol import SparsifierLike
 
 __all__ = ["Part", "ChannelTarget", "place", "analyse", "guess_inputs", "MASK_NAME"]
 
@@ -120,7 +121,7 @@ def _units(work: nn.Module, config: list[dict] | None, scope: Scope,
     return [(fqn, work.get_submodule(fqn), captured[fqn]) for fqn in blocks]
 
 
-def place(sparsifier: Any, work: nn.Module, config: list[dict] | None, scope: Scope, tracer: str,
+def place(sparsifier: SparsifierLike, work: nn.Module, config: list[dict] | None, scope: Scope, tracer: str,
           example_inputs: Any) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
     """Trace, analyse and mask ``work`` (changed in place); returns ``(prepared, groups, {"parts", "targets"})``."""
     parts, groups, targets = [], [], {}

@@ -46,11 +46,12 @@ from ..scoping import (
     units_of,
 )
 from ..tracing import trace, warn_hooks_traced_through
+from .protocol import SparsifierLike
 
 __all__ = ["place", "place_observers", "publish", "squash_masks", "remove_observers"]
 
 
-def place(sparsifier: Any, work: nn.Module, original: nn.Module, config: list[dict] | None, scope: Scope,
+def place(sparsifier: SparsifierLike, work: nn.Module, original: nn.Module, config: list[dict] | None, scope: Scope,
           tracer: str, example_inputs: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Build the groups from ``config``, trace ``work`` as ``scope`` says and mask every use of each tensor.
 
@@ -83,7 +84,7 @@ def place(sparsifier: Any, work: nn.Module, original: nn.Module, config: list[di
     return prepared, groups
 
 
-def _validate(sparsifier: Any, groups: list[dict[str, Any]], model: nn.Module) -> None:
+def _validate(sparsifier: SparsifierLike, groups: list[dict[str, Any]], model: nn.Module) -> None:
     """The sparsifier's ``validate_group`` on every group; one error naming every group refused."""
     errors = []
     for group in groups:
