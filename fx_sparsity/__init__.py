@@ -8,7 +8,7 @@ from .api import prepare_fx_sparse
 from .distributed import masks_as_parameters
 from .errors import FxSparsityError, SparsityConfigError, TraceError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
-from .lowering import convert_fx_sparse
+from .lowering import convert_fx_sparse, register_lowering_target
 from .mappings import (
     get_dynamic_sparse_quantized_mapping,
     get_sparse_bsr_mapping,
@@ -20,8 +20,8 @@ from .nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear
 from .one_shot import one_shot
 from .parametrization import FakeSparsity
 from .printing import format_sparse_code, format_sparse_graph, print_sparse_graph
-from .scopes import BlockScope, LayersScope, ModelScope, Scope
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
+from .scopes import BlockScope, LayersScope, ModelScope, Scope
 from .sparsifier import (
     BaseSparsifier,
     GlobalMagnitudeSparsifier,
@@ -32,7 +32,7 @@ from .sparsifier import (
     WeightNormSparsifier,
     owl_levels,
 )
-from .structured import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner
+from .structured import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner, register_channel_rule
 
 __all__ = [
     "get_dynamic_sparse_quantized_mapping",
@@ -57,6 +57,7 @@ __all__ = [
     "BaseStructuredSparsifier",
     "SaliencyPruner",
     "FPGMPruner",
+    "register_channel_rule",
     "FakeSparsity",
     "fqn_to_module",
     "get_arg_info_from_tensor_fqn",
@@ -66,6 +67,7 @@ __all__ = [
     "print_sparse_graph",
     "format_sparse_code",
     "convert_fx_sparse",
+    "register_lowering_target",
     "masks_as_parameters",
     "one_shot",
     "Scope",

@@ -1,8 +1,10 @@
 """``convert_fx_sparse``: lower the sparse Linears of a prepared (or squashed) GraphModule.
 
 One loop for every mapping; what differs between mappings is a
-:class:`~fx_sparsity.lowering.strategies.LoweringStrategy`. Everything that can fail on
-the user's input is checked before the module is touched.
+:class:`~fx_sparsity.lowering.strategies.LoweringStrategy`, found through one registry of
+lowering targets (:mod:`~fx_sparsity.lowering.targets`) by name, by a mapping dict's class,
+or by ``"auto"``. Everything that can fail on the user's input is checked before the
+module is touched.
 """
 from __future__ import annotations
 
@@ -26,11 +28,22 @@ from ..passes import (
     tensor_readers,
 )
 from ..scoping import capture_calls, capture_inputs, units_of
+from . import builtin_targets  # noqa: F401  (registers the built-in targets)
 from .auto import Auto, choose_linear_lowering
-from .strategies import STRATEGIES, LoweringOptions, LoweringStrategy, register_lowering, strategy_for
+from .strategies import LoweringOptions, LoweringStrategy
+from .targets import (
+    STRATEGIES,
+    LoweringTarget,
+    lowering_targets,
+    register_lowering,
+    register_lowering_target,
+    strategy_for,
+    unregister_lowering_target,
+)
 
 __all__ = ["convert_fx_sparse", "sparse_block_shapes", "LoweringStrategy", "LoweringOptions", "register_lowering",
-           "STRATEGIES", "Auto", "choose_linear_lowering"]
+           "STRATEGIES", "Auto", "choose_linear_lowering", "LoweringTarget", "register_lowering_target",
+           "unregister_lowering_target", "lowering_targets"]
 
 
 def sparse_block_shapes(gm: nn.Module) -> dict[str, tuple[int, int] | None]:
@@ -85,8 +98,11 @@ def convert_fx_sparse(prepared: nn.Module, mapping: Mapping[type, type] | str | 
       between them stay quantized in between.
     - ``get_sparse_csr_mapping()`` / ``"csr"``, ``get_sparse_bsr_mapping()`` / ``"bsr"``, or a
       class with ``from_masked(weight, mask, bias, *, sparse_block_shape)``.
+    - the name of a target registered with ``register_lowering_target`` (or a dict naming
+      the class it ``produces``).
     - ``"auto"``: per layer, the fastest of dense / CSR / BSR (and int8 kernels when
-      ``max_rel_error`` admits them), timed on the input ``example_inputs`` gives it.
+      ``max_rel_error`` admits them, and registered targets), timed on the input
+      ``example_inputs`` gives it.
 
     Each group's ``sparse_block_shape`` becomes the kernel's block size (a shape the kernel
     blocks tile, e.g. (4, 4) over (1, 4), is run with the kernel's). The lowered modules

@@ -5,17 +5,17 @@ For each sparse Linear, the input it receives from ``example_inputs`` is recorde
 input, round-robin, a few rounds; a candidate's speedup is the median over rounds of
 dense time / its time in the same round (load changes between rounds cancel out):
 
-- ``dense``: ``nn.Linear`` holding weight·mask (what leaving the layer dense costs);
-- ``csr``: :class:`~fx_sparsity.nn.SparseCSRLinear`;
-- ``bsr<b>x<b>``: :class:`~fx_sparsity.nn.SparseBSRLinear` for square blocks ``b`` of 4, 8,
-  16 and the group's own block when square, when ``b`` divides the weight and the stored
-  blocks hold at most half of the weight (zeros inside a stored block cost time);
-- ``2:4``: :class:`~fx_sparsity.nn.SemiStructuredSparseLinear` on CUDA, for float16/bfloat16
-  weights whose mask is 2:4 (``NMSparsifier(2, 4)``);
-- ``int8`` (dense dynamic int8, x86 engine) and ``sparse_int8`` (torch.ao's
-  ``torch.ao.nn.sparse.quantized.dynamic.Linear``, qnnpack): float32 weights only, and
-  only when ``max_rel_error`` is at least :data:`INT8_ERROR_FLOOR`, since 8-bit weights do
-  not get closer than that; their error on the recorded input must then be within it.
+- every target of the registry registered with ``auto=True`` (:mod:`.targets`; the
+  built-ins are in ``builtin_targets.py``) whose ``applies`` accepts the layer, each under
+  its name: ``dense`` (``nn.Linear`` holding weight·mask: what leaving the layer dense
+  costs), ``csr``, ``bsr4x4`` / ``bsr8x8`` / ``bsr16x16`` and ``bsr`` (the group's own
+  block when square and not one of those), when the blocks divide the weight and store at
+  most half of it (zeros inside a stored block cost time); ``2:4`` on CUDA for
+  float16/bfloat16 weights whose mask is 2:4 (``NMSparsifier(2, 4)``); ``int8`` (dense
+  dynamic int8, x86 engine) and ``sparse_int8`` (torch.ao's
+  ``torch.ao.nn.sparse.quantized.dynamic.Linear``, qnnpack) for float32 weights, only when
+  ``max_rel_error`` is at least :data:`INT8_ERROR_FLOOR`, since 8-bit weights do not get
+  closer than that; and the user's own targets. Each skipped one is recorded with the reason.
 
 A sparse candidate wins only when it is at least :data:`MIN_SPEEDUP` times faster than
 dense; otherwise, and on ties within noise, the layer stays dense. Every candidate's
@@ -39,20 +39,16 @@ from torch import fx, nn
 
 from ..errors import SparsityConfigError
 from ..inputs import graph_inputs
-from ..nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear, sparse_kernel_available
-from ..nn.quantized import DYNAMIC_ENGINE, DenseDynamicInt8Linear, SparseQuantizedDynamicLinear, block_shape_supported
-from ..nn.semi_structured import semi_structured_problem
-from ..passes import INFO_ATTR
+from ..passes import INFO_ATTR, LowerSparseLinears, SparseLinear
 from ..timing import device_synchronizer, interleaved_times_ms
-from .strategies import LoweringOptions, LoweringStrategy, register_lowering
+from .strategies import LoweringOptions, LoweringStrategy
+from .targets import lowering_targets
 
 __all__ = ["LayerChoice", "choose_linear_lowering", "record_linear_inputs", "Auto", "MIN_SPEEDUP",
            "INT8_ERROR_FLOOR"]
 
 MIN_SPEEDUP = 1.05  # below this the difference is within timing noise: keep dense
 INT8_ERROR_FLOOR = 1e-3  # relative error 8-bit weights cannot get under
-_MAX_STORED_FRACTION = 0.5  # skip formats that would store (multiply) at least half the weight
-_BSR_SIZES = (4, 8, 16)
 _SAMPLE_S = 2e-4  # each timed sample runs the candidate for at least this long
 _BUDGET_S = 0.05  # per layer: more rounds than `repeat` while within this time
 _MAX_ROUNDS = 101
@@ -80,66 +76,22 @@ class LayerChoice:
                 **({"not_timed": dict(self.skipped)} if self.skipped else {})}
 
 
-def _dense_module(masked: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    module = nn.Linear(masked.shape[1], masked.shape[0], bias=bias is not None, device=masked.device,
-                       dtype=masked.dtype)
-    with torch.no_grad():
-        module.weight.copy_(masked)
-        if bias is not None:
-            module.bias.copy_(bias)
-    setattr(module, INFO_ATTR, {"lowered_to": "Linear", "format": "dense"})
-    return module
-
-
-def _stored_fraction(pattern: torch.Tensor, b: int) -> float:
-    rows, cols = pattern.shape
-    return pattern.reshape(rows // b, b, cols // b, b).any(dim=3).any(dim=1).float().mean().item()
-
-
 def _candidates(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
-                sparse_block_shape: tuple[int, int] | None, max_rel_error: float
+                sparse_block_shape: tuple[int, int] | None, max_rel_error: float, example: torch.Tensor | None = None
                 ) -> tuple[dict[str, Callable[[], nn.Module]], dict[str, str]]:
+    """``{name: make the module}`` of the auto targets that apply to this layer, and ``{name: why not}``."""
     masked = weight * mask.to(weight.dtype)
-    pattern = masked != 0
-    density = pattern.float().mean().item()
-    rows, cols = masked.shape
-    build: dict[str, Callable[[], nn.Module]] = {"dense": lambda: _dense_module(masked, bias)}
+    build: dict[str, Callable[[], nn.Module]] = {}
     skipped: dict[str, str] = {}
-    if not sparse_kernel_available(torch.sparse_csr, masked.dtype, masked.device):
-        skipped["csr"] = skipped["bsr"] = f"no {masked.device.type} sparse kernel for {masked.dtype}"
-    elif density > _MAX_STORED_FRACTION:
-        skipped["csr"] = skipped["bsr"] = f"{density:.0%} of the weight is nonzero"
-    else:
-        build["csr"] = lambda: SparseCSRLinear.from_masked(weight, mask, bias, sparse_block_shape=sparse_block_shape)
-        sizes = set(_BSR_SIZES)
-        if sparse_block_shape is not None and sparse_block_shape[0] == sparse_block_shape[1] > 1:
-            sizes.add(int(sparse_block_shape[0]))  # 1x1 blocks: CSR does the same with less overhead
-        for b in sorted(sizes):
-            name = f"bsr{b}x{b}"
-            if rows % b or cols % b:
-                continue  # not a candidate for this shape; not worth a line in the record
-            stored = _stored_fraction(pattern, b)
-            if stored > _MAX_STORED_FRACTION:
-                skipped[name] = f"{b}x{b} blocks would store {stored:.0%} of the weight"
-                continue
-            build[name] = functools.partial(SparseBSRLinear.from_masked, weight, mask, bias, sparse_block_shape=(b, b))
-    if masked.device.type == "cuda":  # 2:4 tensor cores; a CPU build has no kernel, so no line in the record
-        problem = semi_structured_problem(masked)
-        if problem is None:
-            build["2:4"] = functools.partial(SemiStructuredSparseLinear.from_masked, weight, mask, bias)
-        else:
-            skipped["2:4"] = problem
-    if masked.dtype != torch.float32:
-        skipped["int8"] = skipped["sparse_int8"] = f"int8 kernels take float32 weights, this one is {masked.dtype}"
-    elif max_rel_error < INT8_ERROR_FLOOR:
-        skipped["int8"] = skipped["sparse_int8"] = (
-            f"max_rel_error={max_rel_error:g} is below what int8 weights reach (~{INT8_ERROR_FLOOR:g})")
-    else:
-        build["int8"] = lambda: DenseDynamicInt8Linear.from_masked(weight, mask, bias)
-        block = tuple(sparse_block_shape) if sparse_block_shape is not None else (1, 4)
-        block = block if block_shape_supported(DYNAMIC_ENGINE, block) else (1, 4)
-        build["sparse_int8"] = lambda: SparseQuantizedDynamicLinear.from_masked(
-            weight, mask, bias, sparse_block_shape=block)
+    for name, target in lowering_targets().items():
+        if not target.auto:
+            continue
+        verdict = target.verdict(masked, mask, sparse_block_shape=sparse_block_shape, max_rel_error=max_rel_error)
+        if isinstance(verdict, str):
+            skipped[name] = verdict
+        elif verdict:
+            build[name] = functools.partial(target.make, masked, bias, mask=mask,
+                                            sparse_block_shape=sparse_block_shape, example=example)
     return build, skipped
 
 
@@ -177,10 +129,9 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
     """
     if max_rel_error < 0:
         raise ValueError(f"max_rel_error must be >= 0, got {max_rel_error}")
-    weight, mask = weight.detach(), mask.detach()
+    weight, mask, x = weight.detach(), mask.detach(), x.detach()
     bias = None if bias is None else bias.detach()
-    builders, skipped = _candidates(weight, mask, bias, sparse_block_shape, max_rel_error)
-    x = x.detach()
+    builders, skipped = _candidates(weight, mask, bias, sparse_block_shape, max_rel_error, x)
     # Modules are built under no_grad only: inference-mode tensors could not be used with autograd later.
     with torch.no_grad():
         # float64: exact beside any float32 kernel, also where float32 matmuls run in TF32
@@ -202,6 +153,14 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
                     dense_own = f", 2x the dense {weight.dtype} layer's own error" if allowed > max_rel_error else ""
                     skipped[name] = (f"relative error {errors[name]:.2g} > {allowed:.2g} "
                                      f"(max_rel_error={max_rel_error:g}{dense_own})")
+                    continue
+                try:  # once as it is timed, so that a module failing in inference mode is skipped, not fatal
+                    with torch.inference_mode():
+                        module(x)
+                except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+                    if name == "dense":
+                        raise
+                    skipped[name] = f"failed in inference mode: {str(e).splitlines()[0]}"
                     continue
                 modules[name] = module
             with torch.inference_mode():
@@ -265,18 +224,19 @@ class Auto(LoweringStrategy):
         self.inputs: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}
 
-    def observe(self, gm, sites):
+    def observe(self, gm: fx.GraphModule, sites: list[SparseLinear]) -> None:
         values = record_linear_inputs(gm, [s.input for s in sites], self.options.example_inputs)
         self.inputs = {s.node.name: values[s.input] for s in sites}
 
-    def make(self, site, weight, mask, bias):
+    def make(self, site: SparseLinear, weight: torch.Tensor, mask: torch.Tensor,
+             bias: torch.Tensor | None) -> nn.Module:
         choice = choose_linear_lowering(weight, mask, bias, self.inputs[site.node.name],
                                         sparse_block_shape=site.block_shape,
                                         max_rel_error=self.options.max_rel_error, repeat=self.repeat)
         self.records[site.node.name] = dict(getattr(choice.module, INFO_ATTR))
         return choice.module
 
-    def finish(self, gm, lowering):
+    def finish(self, gm: fx.GraphModule, lowering: LowerSparseLinears) -> None:
         for lowered in lowering.lowered:
             # The pass writes its own record (tensor_fqn, ...); the format and the choice stay under it.
             module = gm.get_submodule(lowered.module_fqn)
@@ -285,5 +245,3 @@ class Auto(LoweringStrategy):
             lowered.info = info
             lowered.node.meta["sparsity"] = dict(info)
 
-
-register_lowering("auto", Auto)

@@ -4,24 +4,24 @@
 :meth:`~LoweringStrategy.check` them (before anything changes), let the strategy
 :meth:`~LoweringStrategy.observe` the graph on the user's inputs (in eval mode), rewrite
 each linear into ``strategy.build(...)`` (:class:`~fx_sparsity.passes.LowerSparseLinears`),
-then :meth:`~LoweringStrategy.finish`. A mapping dict picks the strategy by its target class;
-a string picks it by name from :data:`STRATEGIES` (:func:`register_lowering` adds one).
+then :meth:`~LoweringStrategy.finish`. Which strategy a name or a mapping dict gets is the
+registry's business (:mod:`fx_sparsity.lowering.targets`): a registered target's ``build``
+runs through :class:`~fx_sparsity.lowering.targets.TargetStrategy`, and the built-ins that
+need the whole graph (``dynamic``, ``static``, ``semi_structured``, ``auto``) are the classes here.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
-from torch.ao.nn.sparse.quantized import Linear as _AoStaticLinear
-from torch.ao.nn.sparse.quantized.dynamic import Linear as _AoDynamicLinear
 from torch.ao.quantization import get_default_qconfig
+from torch.ao.quantization.observer import ObserverBase
 
 from ..errors import SparsityConfigError
 from ..inputs import call_with
-from ..nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear
+from ..nn import SemiStructuredSparseLinear
 from ..nn.quantized import (
     DYNAMIC_ENGINE,
     STATIC_ENGINE,
@@ -42,8 +42,7 @@ from ..passes import (
 )
 
 __all__ = ["LoweringOptions", "LoweringStrategy", "DynamicQuantized", "StaticQuantized", "FromMasked", "FromDense",
-           "SemiStructured",
-           "STRATEGIES", "register_lowering", "strategy_for"]
+           "SemiStructured"]
 
 # Block shapes torch documents for its sparse kernels; which of them work is measured per build.
 _DOCUMENTED_KERNEL_SHAPES = ((1, 4), (8, 1))
@@ -121,12 +120,14 @@ class _SparseQuantized(LoweringStrategy):
             raise SparsityConfigError("the sparse-quantized kernels run on CPU only; move the module first "
                                       "(prepared.cpu()). Tensors elsewhere:\n" + "\n".join(off_cpu))
         supported = [shape for shape in _DOCUMENTED_KERNEL_SHAPES if block_shape_supported(self.engine, shape)]
-        self.kernel, bad = {}, []
+        self.kernel: dict[str, tuple[int, int]] = {}
+        bad = []
         for site in sites:
             shape = _kernel_shape(site.block_shape, supported)
             if shape is None:
                 bad.append(f"  '{site.tensor_fqn}': sparse_block_shape={site.block_shape}")
-            self.kernel[site.node.name] = shape
+            else:
+                self.kernel[site.node.name] = shape
         if bad:
             failing = [shape for shape in _DOCUMENTED_KERNEL_SHAPES if shape not in supported]
             raise SparsityConfigError(
@@ -144,7 +145,8 @@ class DynamicQuantized(_SparseQuantized):
     name = "dynamic"
     engine = DYNAMIC_ENGINE
 
-    def make(self, site, weight, mask, bias):
+    def make(self, site: SparseLinear, weight: torch.Tensor, mask: torch.Tensor,
+             bias: torch.Tensor | None) -> nn.Module:
         return SparseQuantizedDynamicLinear.from_masked(weight, mask, bias,
                                                         sparse_block_shape=self.kernel[site.node.name])
 
@@ -173,7 +175,7 @@ class StaticQuantized(_SparseQuantized):
                                       "e.g. calibration_data=[(x,)]")
         self.qparams: dict[str, tuple] = {}
 
-    def observe(self, gm, sites):
+    def observe(self, gm: fx.GraphModule, sites: list[SparseLinear]) -> None:
         """Observe inputs and outputs of the sparse linears over the calibration data."""
         observed = observe_linears(gm, [s.node.name for s in sites], get_default_qconfig(STATIC_ENGINE).activation)
         fqns = {o.input for o in observed.values()} | {o.output for o in observed.values()}
@@ -187,19 +189,20 @@ class StaticQuantized(_SparseQuantized):
                                           "inputs to choose activation scales, e.g. calibration_data=[(x,), ...]")
             by_fqn = {}
             for fqn in fqns:
-                observer = gm.get_submodule(fqn)
+                observer = cast(ObserverBase, gm.get_submodule(fqn))
                 scale, zero_point = observer.calculate_qparams()
                 by_fqn[fqn] = (float(scale), int(zero_point), observer.dtype)
         finally:
             remove_observers(gm, fqns=fqns)
         self.qparams = {name: (by_fqn[o.input], by_fqn[o.output]) for name, o in observed.items()}
 
-    def make(self, site, weight, mask, bias):
+    def make(self, site: SparseLinear, weight: torch.Tensor, mask: torch.Tensor,
+             bias: torch.Tensor | None) -> nn.Module:
         _, (out_scale, out_zero_point, _) = self.qparams[site.node.name]
         return SparseQuantizedLinear.from_masked(weight, mask, bias, sparse_block_shape=self.kernel[site.node.name],
                                                  output_scale=out_scale, output_zero_point=out_zero_point)
 
-    def finish(self, gm, lowering):
+    def finish(self, gm: fx.GraphModule, lowering: LowerSparseLinears) -> None:
         inputs = {lowered.node.name: self.qparams[lowered.linear_name][0] for lowered in lowering.lowered}
         run_passes(gm, QuantizeBoundaries(inputs), FoldRequantize())
 
@@ -207,15 +210,16 @@ class StaticQuantized(_SparseQuantized):
 class FromMasked(LoweringStrategy):
     """A target class with ``from_masked(weight, mask, bias, *, sparse_block_shape)`` (CSR, BSR, yours)."""
 
-    target: type[nn.Module] = nn.Module
+    target: type[Any] = nn.Module  # a class with from_masked (from_dense for FromDense)
 
-    def __init__(self, options: LoweringOptions, target: type[nn.Module] | None = None):
+    def __init__(self, options: LoweringOptions, target: type[Any] | None = None):
         super().__init__(options)
         if target is not None:
             self.target = target
         self.name = self.name or self.target.__name__
 
-    def make(self, site, weight, mask, bias):
+    def make(self, site: SparseLinear, weight: torch.Tensor, mask: torch.Tensor,
+             bias: torch.Tensor | None) -> nn.Module:
         return self.target.from_masked(weight, mask, bias, sparse_block_shape=site.block_shape)
 
 
@@ -226,7 +230,8 @@ class FromDense(FromMasked):
     (``{"sparse_block_shape": ...}``), as torch.ao hands it the masked (parametrized) layer.
     """
 
-    def make(self, site, weight, mask, bias):
+    def make(self, site: SparseLinear, weight: torch.Tensor, mask: torch.Tensor,
+             bias: torch.Tensor | None) -> nn.Module:
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                            dtype=weight.dtype)
         with torch.no_grad():
@@ -256,68 +261,3 @@ class SemiStructured(FromMasked):
             raise SparsityConfigError("these sparse Linear layers cannot be stored 2:4 semi-structured:\n"
                                       + "\n".join(problems))
 
-
-class _CSR(FromMasked):
-    name, target = "csr", SparseCSRLinear
-
-
-class _BSR(FromMasked):
-    name, target = "bsr", SparseBSRLinear
-
-
-#: Strategies by name, for ``convert_fx_sparse(gm, mapping=<name>)``; "auto" is added by its module.
-STRATEGIES: dict[str, Callable[[LoweringOptions], LoweringStrategy]] = {
-    "dynamic": DynamicQuantized, "static": StaticQuantized, "csr": _CSR, "bsr": _BSR,
-    "semi_structured": SemiStructured}
-
-
-def register_lowering(name: str, factory: Callable[[LoweringOptions], LoweringStrategy]) -> None:
-    """Make ``convert_fx_sparse(gm, mapping=name)`` use ``factory(options)``."""
-    STRATEGIES[name] = factory
-
-
-def _target_for_linear(mapping: Any) -> type[nn.Module]:
-    if not isinstance(mapping, Mapping):
-        raise SparsityConfigError(
-            f"mapping must be a dict from float module type to target class (e.g. "
-            f"fx_sparsity.get_dynamic_sparse_quantized_mapping()), None, or 'auto'; got {type(mapping).__name__}")
-    others = [k for k in mapping if k is not nn.Linear]
-    if others:
-        names = ", ".join(getattr(k, "__name__", repr(k)) for k in others)
-        raise SparsityConfigError(f"mapping has entries for {names}: fx_sparsity lowers Linear layers only; "
-                                  f"keep just the torch.nn.Linear entry")
-    if nn.Linear not in mapping:
-        raise SparsityConfigError("mapping has no torch.nn.Linear entry; nothing to lower to "
-                                  "(e.g. fx_sparsity.get_dynamic_sparse_quantized_mapping())")
-    target = mapping[nn.Linear]
-    if not isinstance(target, type):
-        raise SparsityConfigError(f"mapping[torch.nn.Linear] must be a class, got {target!r}")
-    return target
-
-
-def strategy_for(mapping: Mapping[type, type] | str | None, options: LoweringOptions) -> LoweringStrategy:
-    """The strategy for a mapping dict (by its ``nn.Linear`` target), a registered name, or None (dynamic)."""
-    if isinstance(mapping, str):
-        if mapping not in STRATEGIES:
-            raise SparsityConfigError(
-                f"mapping={mapping!r}: use a dict such as get_dynamic_sparse_quantized_mapping(), None (dynamic), "
-                f"or one of the names {sorted(STRATEGIES)}")
-        return STRATEGIES[mapping](options)
-    if mapping is None:
-        return DynamicQuantized(options)
-    target = _target_for_linear(mapping)
-    if issubclass(target, _AoStaticLinear):
-        return StaticQuantized(options)
-    if issubclass(target, _AoDynamicLinear):
-        return DynamicQuantized(options)
-    if issubclass(target, SemiStructuredSparseLinear):
-        return SemiStructured(options)
-    if callable(getattr(target, "from_masked", None)):
-        return FromMasked(options, target)
-    if callable(getattr(target, "from_dense", None)):
-        return FromDense(options, target)
-    raise SparsityConfigError(
-        f"cannot lower to {target.__module__}.{target.__qualname__}: the target must be "
-        f"torch.ao.nn.sparse.quantized.dynamic.Linear, torch.ao.nn.sparse.quantized.Linear, or a class "
-        f"with a classmethod from_masked(weight, mask, bias, *, sparse_block_shape) or (torch.ao's) "
-        f"from_dense(linear)")
