@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .config import sparsity_config
 from .inputs import graph_inputs
 from .passes import INFO_ATTR, fetch_attr, find_masked_uses
-from .passes.channel_masks import CHANNEL_GROUPS_META
+from .passes.channels import CHANNEL_GROUPS_META
 from .scoping import capture_inputs, graph_parts
 
 __all__ = ["format_sparse_graph", "print_sparse_graph", "format_sparse_code"]

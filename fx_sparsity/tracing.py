@@ -17,6 +17,7 @@ from .errors import SparsityConfigError, TraceError, warn_user
 from .inputs import as_args_kwargs
 from .nn.attention import multi_head_attention
 from .passes import SetTrainingMode, inline_modules, run_passes
+from .passes.channels.registry import has_user_rule
 from .passes.recurrent import recurrent_graph
 
 # Internal: no __all__ (not API); the pipeline and the front end import what they use by name.
@@ -24,7 +25,14 @@ from .passes.recurrent import recurrent_graph
 TRACERS = ("symbolic", "export")
 
 
-class _SeeInside(fx.Tracer):
+class _KeepRegistered(fx.Tracer):
+    """``symbolic_trace``'s tracer, keeping also the layers ``register_channel_rule`` describes as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or has_user_rule(m)
+
+
+class _SeeInside(_KeepRegistered):
     """``symbolic_trace``'s tracer, tracing also into the leaf modules ``see_inside(qualname, module)`` picks."""
 
     def __init__(self, see_inside: Callable[[str, nn.Module], bool] | None = None):
@@ -105,34 +113,56 @@ def _symbolic_trace_any_order(model: nn.Module, see_inside: Callable[[str, nn.Mo
             return gm
         except Exception:  # a chosen layer that cannot be traced: passes.InlineModules says which, later
             pass
-    return fx.symbolic_trace(model, concrete_args=fixed)
+    plain = _KeepRegistered()  # symbolic_trace's, keeping registered layers whole
+    graph = plain.trace(model, concrete_args=fixed)
+    return fx.GraphModule(plain.root, graph, type(model).__name__)
 
 
-def _untraceable(name: str, e: Exception) -> TraceError:
+def _untraceable(name: str, e: Exception, hint: str = "") -> TraceError:
     return TraceError(
         f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {e}\n"
         f"Symbolic tracing fails on Python control flow that depends on tensor values or "
         f"shapes, and on non-tensor inputs. Use tracer=\"export\" with example_inputs=(...) "
-        f"(torch.export specialises such code on the example inputs).")
+        f"(torch.export specialises such code on the example inputs).{hint}")
 
 
 class _WriteOut(_SeeInside):
     """``symbolic_trace``'s tracer with every ``nn.MultiheadAttention`` written out in plain ops (its heads
     visible)."""
 
+    failed_in: tuple[str, type] | None = None  # the innermost layer a failed trace was in
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not isinstance(m, nn.MultiheadAttention) and super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), type(m))
+            raise
+
+
+def _rule_hint(failed_in: tuple[str, type] | None) -> str:
+    """For structured pruning: a layer symbolic tracing cannot enter can be described instead."""
+    if failed_in is None or not failed_in[0]:
+        return ""
+    path, cls = failed_in
+    return (f"\nIt fails inside '{path}' ({cls.__name__}). If that layer's channels come out as they went in, or "
+            f"must stay, describe it instead of tracing it: fx_sparsity.register_channel_rule({cls.__name__}, "
+            f"\"same\") or \"fixed\" keeps it a leaf (docs/structured.md).")
 
 
 def trace_written_out(model: nn.Module) -> fx.GraphModule:
     """``model`` traced symbolically with every ``nn.MultiheadAttention`` written out in plain ops
     (``fx_sparsity.nn.attention``), unused values removed; ``TraceError`` when it cannot be traced."""
     name = type(model).__name__
+    tracer = _WriteOut()
     try:
-        tracer = _WriteOut()
         graph = tracer.trace(model)
     except Exception as e:
-        raise _untraceable(name, e) from e
+        raise _untraceable(name, e, _rule_hint(tracer.failed_in)) from e
     gm = fx.GraphModule(tracer.root, graph, name)
     inline_modules(gm, lambda fqn, module: isinstance(module, nn.RNNBase))  # one call on its weights
     gm.graph.eliminate_dead_code()

@@ -13,7 +13,7 @@ graph :func:`recurrent_graph` writes for one of them::
                                                          True, %weight_ih_l0, %weight_hh_l0, ...))
 
 is spliced into the model's graph (``passes.inline_modules``), where the weights can be masked
-and their channels followed (``passes.channel_groups``).
+and their channels followed (``passes.channels``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Channel masks: trace each unit, find its coupled channel groups, mask the chosen ones (the structured pruners).
 
 Per unit (the whole model, or each block of a block scope) the graph is run on the example
-inputs to find its channel groups (``passes.channel_groups``). For each chosen group one mask
+inputs to find its channel groups (``passes.channels``). For each chosen group one mask
 buffer with an entry per class (``<first producer>.out_channel_mask``) is added, and every sink's
 input is multiplied by it (``InsertChannelMasks``), so the masked model computes exactly what the
 cut one will. Before (``nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))``)::
@@ -32,8 +32,7 @@ from torch import fx, nn
 from ..errors import SparsityConfigError, TraceError, warn_user
 from ..inputs import CallInputs, as_args_kwargs, graph_inputs
 from ..passes import fetch_attr, run_passes
-from ..passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
-from ..passes.channel_masks import InsertChannelMasks
+from ..passes.channels import ChannelAnalysis, ChannelGroup, InsertChannelMasks, find_channel_groups
 from ..scopes import Scope
 from ..scoping import UNITS_ATTR, Unit, capture_inputs, relative
 from ..tracing import export_module, trace_written_out

@@ -17,8 +17,14 @@ from torch.utils import _pytree as pytree
 from ..errors import warn_user
 from ..inputs import CallInputs, call_with
 from ..passes import run_passes
-from ..passes.channel_masks import RemoveChannelMasks
-from ..passes.cut_channels import CutError, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
+from ..passes.channels import (
+    CutError,
+    RemoveChannelMasks,
+    RewriteSizes,
+    cut_tensors,
+    plan_cut,
+    update_layer_attributes,
+)
 from ..scoping import UNITS_ATTR, relative
 from .channels import ChannelTarget, Part
 from .hf_config import update_attention_attributes, update_config

@@ -1,16 +1,26 @@
-"""Structured pruning: channel groups found in the graph, masked, then cut out of the model."""
+"""Structured pruning: channel groups found in the graph, masked, then cut out of the model.
+
+``ChannelRule`` (with ``register_channel_rule``) teaches the channel analysis a layer or op of your own.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from torch import fx
 
-from ..passes.channel_groups import ChannelAnalysis, ChannelGroup
+from ..passes.channels import (
+    ChannelAnalysis,
+    ChannelGroup,
+    ChannelRule,
+    ChannelRuleError,
+    register_channel_rule,
+    unregister_channel_rule,
+)
 from ..pipeline.channels import analyse
 from .pruner import BaseStructuredSparsifier, FPGMPruner, SaliencyPruner
 
 __all__ = ["ChannelGroup", "ChannelAnalysis", "find_channel_groups", "BaseStructuredSparsifier", "SaliencyPruner",
-           "FPGMPruner"]
+           "FPGMPruner", "ChannelRule", "ChannelRuleError", "register_channel_rule", "unregister_channel_rule"]
 
 
 def find_channel_groups(gm: fx.GraphModule, example_inputs: Any) -> list[ChannelGroup]:

@@ -17,7 +17,7 @@ from torch import fx, nn
 from .. import pipeline
 from ..errors import SparsityConfigError, warn_user
 from ..passes import fetch_attr
-from ..passes.channel_groups import ChannelGroup
+from ..passes.channels import ChannelGroup
 from ..sparsifier.base_sparsifier import BaseSparsifier, check_sparsifier_state
 from ..sparsifier.levels import check_level
 

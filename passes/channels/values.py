@@ -10,12 +10,13 @@ graph is running the graph's shape ops on small id tensors. Nothing here knows g
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 
 __all__ = ["Block", "Value", "Many", "canonical", "align", "permute", "reshape", "dim_groups", "take",
-           "keep_sizes", "kept_along", "broadcast_form"]
+           "keep_sizes", "kept_along", "broadcast_form", "new_shape", "value_kept_along"]
 
 
 class Block(NamedTuple):
@@ -48,7 +49,7 @@ def canonical(block: Block) -> Block | None:
     return Block(tuple(dims), ids) if dims else None
 
 
-def blocks(candidates) -> Value:
+def blocks(candidates: Iterable[Block | None]) -> Value:
     out = []
     for block in candidates:
         block = canonical(block) if block is not None else None
@@ -130,7 +131,7 @@ def reshape(value: Value, before: tuple[int, ...], after: tuple[int, ...]) -> tu
     return blocks(out), lost
 
 
-def take(ids: torch.Tensor, dim: int, index) -> torch.Tensor:
+def take(ids: torch.Tensor, dim: int, index: int | slice) -> torch.Tensor:
     """``ids`` indexed along ``dim`` by an int (dim kept, size 1) or a slice, clamped as tensors are."""
     if isinstance(index, int):
         return ids.narrow(dim, index % ids.shape[dim], 1)
@@ -146,5 +147,19 @@ def kept_along(block: Block, dim: int, keep: torch.Tensor) -> torch.Tensor:
 
 def keep_sizes(block: Block, keep: torch.Tensor) -> dict[int, int]:
     """``{dim: entries left}`` along each dim of ``block`` once the elements where ``keep`` is False go
-    (the block's kept entries form a grid: see ``channel_groups``)."""
+    (the block's kept entries form a grid: see ``channels.solver``)."""
     return {d: int(kept_along(block, d, keep).sum()) for d in block.dims}
+
+
+def new_shape(value: Value, shape: tuple[int, ...], keep: torch.Tensor) -> list[int]:
+    """``shape`` of a value holding ``value`` once the elements where ``keep`` is False go."""
+    out = list(shape)
+    for blk in value:
+        for d, n in keep_sizes(blk, keep).items():
+            out[d] = n
+    return out
+
+
+def value_kept_along(value: Value, dim: int, keep: torch.Tensor) -> torch.Tensor | None:
+    """Per index along ``dim`` of a value: kept? (None when no block holds ``dim``)."""
+    return next((kept_along(blk, dim, keep) for blk in value if dim in blk.dims), None)

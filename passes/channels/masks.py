@@ -23,8 +23,8 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .attrs import fetch_attr, unique_attr_name
-from .channel_groups import ChannelAnalysis, Sink
+from ..attrs import fetch_attr, unique_attr_name
+from .groups import ChannelAnalysis, Sink
 
 __all__ = ["InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META", "CHANNEL_GROUPS_META"]
 
