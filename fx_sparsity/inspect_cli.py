@@ -12,10 +12,10 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .errors import FxSparsityError
 
@@ -191,5 +191,5 @@ def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dty
               f"masks after one sparsifier.step()")
     parts = [header, "", text]
     if code:
-        parts += ["", format_sparse_code(prepared)]
+        parts += ["", format_sparse_code(cast(fx.GraphModule, prepared))]  # scope="model": one GraphModule
     return "\n".join(parts)

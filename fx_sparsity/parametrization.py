@@ -5,7 +5,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrize import is_parametrized, type_before_parametrizations
+from torch.nn.utils.parametrize import ParametrizationList, is_parametrized, type_before_parametrizations
 
 from .errors import SparsityConfigError
 
@@ -36,9 +36,23 @@ class FakeSparsity(nn.Module):
         return {}
 
 
+def _parametrizations(module: nn.Module) -> dict[str, ParametrizationList]:
+    """``module.parametrizations`` (a ``ModuleDict`` of ``ParametrizationList``) typed, in its order.
+
+    torch types every module attribute as ``Tensor | Module``.
+    """
+    return {name: cast(ParametrizationList, plist)
+            for name, plist in cast(nn.ModuleDict, module.parametrizations).items()}
+
+
 def _is_fake_sparsity(p: nn.Module) -> bool:
     # Ours, torch.ao.pruning's, or any class of that name with a mask (older torch paths).
     return isinstance(p, FakeSparsity) or (type(p).__name__ == "FakeSparsity" and hasattr(p, "mask"))
+
+
+def _mask_of(p: nn.Module) -> torch.Tensor:
+    """The ``mask`` buffer of a FakeSparsity (any of those :func:`_is_fake_sparsity` accepts)."""
+    return cast(torch.Tensor, p.mask)
 
 
 def fake_sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,16 +66,16 @@ def fake_sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_fqn, module in model.named_modules():
         if not _has_fake_sparsity(module):
             continue
-        for tensor_name, plist in module.parametrizations.items():
+        for tensor_name, plist in _parametrizations(module).items():
             others = [type(p).__name__ for p in plist if not _is_fake_sparsity(p)]
             if others:
                 raise SparsityConfigError(
                     f"'{module_fqn}.{tensor_name}' carries parametrizations {others} besides FakeSparsity; "
                     f"fx_sparsity can only import FakeSparsity masks. Remove the others first "
                     f"(torch.nn.utils.parametrize.remove_parametrizations).")
-            mask = plist[0].mask
+            mask = _mask_of(plist[0])
             for p in list(plist)[1:]:
-                mask = mask * p.mask
+                mask = mask * _mask_of(p)
             masks[f"{module_fqn}.{tensor_name}" if module_fqn else tensor_name] = mask.detach().clone()
     return masks
 
@@ -76,8 +90,7 @@ def strip_fake_sparsity(model: nn.Module) -> None:
     for module in model.modules():
         if not _has_fake_sparsity(module):
             continue
-        parametrizations = cast(nn.ModuleDict, module.parametrizations)
-        originals = {name: plist.original for name, plist in parametrizations.items()}
+        originals = {name: plist.original for name, plist in _parametrizations(module).items()}
         module.__class__ = type_before_parametrizations(module)
         del module._modules["parametrizations"]
         for name, original in originals.items():
@@ -88,7 +101,7 @@ def strip_fake_sparsity(model: nn.Module) -> None:
 
 
 def _has_fake_sparsity(module: nn.Module) -> bool:
-    return is_parametrized(module) and any(_is_fake_sparsity(p) for plist in module.parametrizations.values()
+    return is_parametrized(module) and any(_is_fake_sparsity(p) for plist in _parametrizations(module).values()
                                            for p in plist)
 
 
@@ -99,7 +112,7 @@ def tensor_at(model: nn.Module, tensor_fqn: str):
     for part in module_fqn.split(".") if module_fqn else []:
         owner = getattr(owner, part, None)
     if isinstance(owner, nn.Module) and is_parametrized(owner, name):
-        plist = owner.parametrizations[name]
+        plist = _parametrizations(owner)[name]
         others = [type(p).__name__ for p in plist if not _is_fake_sparsity(p)]
         if others:  # weight_norm, spectral_norm: the tensor is computed anew at each use
             raise SparsityConfigError(

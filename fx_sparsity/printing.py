@@ -31,6 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .config import sparsity_config
 from .inputs import graph_inputs
 from .passes import INFO_ATTR, fetch_attr, find_masked_uses
+from .passes.attrs import get_submodule
 from .passes.channels import CHANNEL_GROUPS_META
 from .scoping import capture_inputs, graph_parts
 
@@ -168,7 +169,7 @@ def _shapes(gm: fx.GraphModule, example_inputs: Any) -> dict[str, str]:
 def _lowered_info(gm: fx.GraphModule, node: fx.Node) -> dict | None:
     if node.op != "call_module":
         return None
-    info = getattr(gm.get_submodule(node.target), INFO_ATTR, None)
+    info = getattr(get_submodule(gm, node), INFO_ATTR, None)
     if info is None:
         meta = node.meta.get("sparsity")
         info = meta if isinstance(meta, dict) and "lowered_to" in meta else None
@@ -206,7 +207,7 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
             if group is not None and not group.anchor[0].endswith(".weight") and group.anchor[0] != "weight":
                 owner = group.anchor[0]
             counted = _channels_kept(group, mask) if group is not None else None
-            if counted is not None:
+            if group is not None and counted is not None:
                 kept, total = counted
                 units = ("" if set(group.channels_per_class) == {1} else
                          f", {int(kept_classes.sum())}/{mask.numel()} units")

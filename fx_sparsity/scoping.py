@@ -244,7 +244,7 @@ def _hand_back(graph_module: fx.GraphModule, original: nn.Module) -> None:
 
 def _copy_back(original: nn.Module, graph_module: nn.Module) -> None:
     """Put the graph module's current values into the original's tensors where they are other objects."""
-    current = dict(graph_module.named_parameters(remove_duplicate=False))
+    current: dict[str, torch.Tensor] = dict(graph_module.named_parameters(remove_duplicate=False))
     current.update(graph_module.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for name, tensor in [*original.named_parameters(remove_duplicate=False),

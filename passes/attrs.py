@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-__all__ = ["fetch_attr", "fetch_attr_or_none", "buffer_or_none", "mask_or_none", "has_submodule", "unique_attr_name"]
+__all__ = ["fetch_attr", "fetch_attr_or_none", "buffer_or_none", "mask_or_none", "has_submodule", "get_submodule",
+           "unique_attr_name"]
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:
@@ -57,6 +58,14 @@ def has_submodule(root: nn.Module, fqn: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def get_submodule(root: nn.Module, node: fx.Node) -> nn.Module:
+    """The module a ``call_module`` node calls: its target is the module's dotted name.
+
+    torch types every node target as ``Callable | str``; a ``call_module`` node's is a str by construction.
+    """
+    return root.get_submodule(str(node.target))
 
 
 def unique_attr_name(owner: nn.Module, name: str) -> str:

@@ -56,7 +56,7 @@ class FoldMasks(PassBase):
 
         for use in find_masked_uses(gm):
             if use.mask_fqn not in masks:
-                fold(use.tensor_fqn, fetch_attr(gm, use.tensor.target), use.mask_fqn)
+                fold(use.tensor_fqn, fetch_attr(gm, str(use.tensor.target)), use.mask_fqn)
             use.mul.replace_all_uses_with(use.tensor)
             gm.graph.erase_node(use.mul)
             if not use.mask.users:

@@ -22,8 +22,10 @@ import inspect
 from collections.abc import Callable
 
 from torch import fx, nn
+from torch.fx.node import Argument
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .attrs import get_submodule
 from .errors import FxSparsityError
 from .manager import run_passes
 from .recurrent import recurrent_graph
@@ -44,13 +46,13 @@ def _traced_forward(module: nn.Module) -> fx.Graph:
         raise InlineError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def _bind_placeholders(graph: fx.Graph, module: nn.Module, node: fx.Node) -> dict[fx.Node, object]:
+def _bind_placeholders(graph: fx.Graph, module: nn.Module, node: fx.Node) -> dict[fx.Node, Argument]:
     """Map the traced forward's placeholders to the call's arguments (defaults where not given)."""
     try:
         bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
     except TypeError as e:
         raise InlineError(f"its call does not match {type(module).__name__}.forward: {e}") from e
-    env: dict[fx.Node, object] = {}
+    env: dict[fx.Node, Argument] = {}
     for placeholder in graph.nodes:
         if placeholder.op != "placeholder":
             continue
@@ -71,7 +73,7 @@ def splice_module(gm: fx.GraphModule, node: fx.Node, traced: fx.Graph | None = N
     ``Graph.get_attr``/``call_function`` name them; attribute targets get the module's fqn.
     Raises :class:`InlineError` (graph unchanged) when the forward cannot be traced or bound.
     """
-    module = gm.get_submodule(node.target)
+    module = get_submodule(gm, node)
     traced = traced if traced is not None else _traced_forward(module)
     env = _bind_placeholders(traced, module, node)
     output = next(n for n in traced.nodes if n.op == "output")

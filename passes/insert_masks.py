@@ -72,7 +72,7 @@ class MaskedUse:
 
     @property
     def tensor_fqn(self) -> str:
-        return self.mask.target[: -len(MASK_SUFFIX)]
+        return self.mask_fqn[: -len(MASK_SUFFIX)]
 
 
 class InsertMasks(PassBase):
@@ -161,7 +161,8 @@ def find_masked_uses(gm: fx.GraphModule) -> list[MaskedUse]:
             continue
         module_fqn, _, name = mask.target.rpartition(".")
         owner = gm.get_submodule(module_fqn)
-        if name not in owner._buffers and not (name in owner._parameters and not owner._parameters[name].requires_grad):
+        frozen = owner._parameters.get(name)
+        if name not in owner._buffers and not (frozen is not None and not frozen.requires_grad):
             continue  # a mask is a buffer, or a frozen parameter (fx_sparsity.masks_as_parameters)
         use = MaskedUse(node, tensor, mask)
         node.meta.setdefault("sparsity", {"tensor_fqn": use.tensor_fqn, "mask_fqn": use.mask_fqn})

@@ -17,7 +17,10 @@ def is_linear(node: fx.Node) -> bool:
 
 def linear_args(node: fx.Node) -> tuple:
     """``(input, weight, bias)`` of a linear node, however they were passed (bias None if absent)."""
-    normalized = node.normalized_arguments(node.graph.owning_module, normalize_to_only_use_kwargs=True)
+    # torch types root as a Module, but reads it only for call_module nodes; a linear is a call_function, and a
+    # graph made without a GraphModule has no owning module (None).
+    normalized = node.normalized_arguments(node.graph.owning_module,  # type: ignore[arg-type]
+                                           normalize_to_only_use_kwargs=True)
     if normalized is not None:
         kwargs = normalized.kwargs
         return kwargs["input"], kwargs["weight"], kwargs.get("bias")

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import SupportsFloat, SupportsInt, TypeVar, cast
 
 import torch
 from torch import fx, nn
 from torch.ao.nn.quantized import DeQuantize, Quantize
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .attrs import fetch_attr, fetch_attr_or_none, unique_attr_name
+from .attrs import fetch_attr, fetch_attr_or_none, get_submodule, unique_attr_name
 from .insert_masks import find_masked_uses
 from .linear import is_linear, linear_args
 from .observers import is_relu, quant_transparent
@@ -56,6 +57,7 @@ __all__ = ["INFO_ATTR", "tensor_readers", "SparseLinear", "LoweredLinear", "find
 
 DEFAULT_BLOCK_SHAPE = (1, 4)
 LOWERED_SUFFIX = "_lowered"
+_M = TypeVar("_M", bound=nn.Module)
 #: The attribute of a lowered module that records what it was lowered from and to.
 INFO_ATTR = "fx_sparsity_info"
 
@@ -117,12 +119,12 @@ def find_sparse_linears(gm: fx.GraphModule, sparse_tensors: Mapping[str, tuple[i
             tensor_fqn, weight_node, mask_node = by_identity[id(fetch_attr(gm, str(weight.target)))], weight, None
         else:
             continue
-        block_shape = tuple(sparse_tensors.get(tensor_fqn) or default_block_shape)
+        block_shape = cast("tuple[int, int]", tuple(sparse_tensors.get(tensor_fqn) or default_block_shape))
         problem = None
         if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
             problem = f"its bias is computed in the graph ({bias}), not a module attribute"
-        elif fetch_attr(gm, weight_node.target).dim() != 2:
-            problem = f"its weight has {fetch_attr(gm, weight_node.target).dim()} dims, not 2"
+        elif fetch_attr(gm, str(weight_node.target)).dim() != 2:
+            problem = f"its weight has {fetch_attr(gm, str(weight_node.target)).dim()} dims, not 2"
         sites.append(SparseLinear(node, tensor_fqn, weight_node, mask_node, bias, block_shape,
                                   weight if mask_node is not None else None, problem))
     return sites
@@ -199,10 +201,10 @@ class LowerSparseLinears(PassBase):
         built: dict[int, tuple[nn.Module, str, SparseLinear, list]] = {}
         maybe_dead: list[fx.Node] = []
         for site in sites:
-            weight = fetch_attr(gm, site.weight.target).detach()
-            mask = (fetch_attr(gm, site.mask.target).detach() if site.mask is not None
+            weight = fetch_attr(gm, str(site.weight.target)).detach()
+            mask = (fetch_attr(gm, str(site.mask.target)).detach() if site.mask is not None
                     else (weight != 0).to(weight.dtype))
-            bias = None if site.bias is None else fetch_attr(gm, site.bias.target).detach()
+            bias = None if site.bias is None else fetch_attr(gm, str(site.bias.target)).detach()
             with torch.no_grad():
                 module = self.build(site, weight, mask, bias)
             if id(module) not in built:
@@ -232,7 +234,7 @@ class LowerSparseLinears(PassBase):
         self._delete_dead_tensors(gm, targets)
 
         for module, tmp, site, records in built.values():
-            still_read = sorted({n.name for n in tensor_readers(gm, fetch_attr_or_none(gm, site.weight.target))})
+            still_read = sorted({n.name for n in tensor_readers(gm, fetch_attr_or_none(gm, str(site.weight.target)))})
             if still_read:
                 getattr(module, INFO_ATTR)["dense_weight_kept"] = True
                 self.kept_dense[site.tensor_fqn] = still_read
@@ -325,9 +327,9 @@ class QuantizeBoundaries(PassBase):
         return PassResult(gm, bool(done))
 
 
-def _module(gm: fx.GraphModule, node, cls) -> nn.Module | None:
+def _module(gm: fx.GraphModule, node: object, cls: type[_M]) -> _M | None:
     if isinstance(node, fx.Node) and node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = get_submodule(gm, node)
         if isinstance(module, cls):
             return module
     return None
@@ -361,8 +363,9 @@ class FoldRequantize(PassBase):
             producer = src.args[0]
             upstream = _module(gm, producer, nn.Module)
             if not (upstream is not None and hasattr(upstream, "scale") and hasattr(upstream, "zero_point")
-                    and float(upstream.scale) == float(quantize.scale)
-                    and int(upstream.zero_point) == int(quantize.zero_point)
+                    # a quantized module's qparams: floats and ints, or tensors of one value
+                    and float(cast(SupportsFloat, upstream.scale)) == float(quantize.scale)
+                    and int(cast(SupportsInt, upstream.zero_point)) == int(quantize.zero_point)
                     and quantize.dtype == torch.quint8):
                 continue
             value = producer

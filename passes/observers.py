@@ -42,7 +42,7 @@ from torch import fx, nn
 from torch.ao.quantization.observer import ObserverBase
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .attrs import fetch_attr, has_submodule
+from .attrs import fetch_attr, get_submodule, has_submodule
 from .insert_masks import find_masked_uses
 from .linear import is_linear, linear_args
 from .manager import run_passes
@@ -200,7 +200,7 @@ def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in ("relu", "relu_")
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target)) is nn.ReLU
+        return type(get_submodule(gm, node)) is nn.ReLU
     return False
 
 
@@ -212,7 +212,7 @@ def _is_identity_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
         training = kwargs.get("train", kwargs.get("training", True))
         return p == 0 or training is False
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = get_submodule(gm, node)
         return (isinstance(module, nn.Dropout) and module.p == 0) or isinstance(module, nn.Identity)
     return False
 
@@ -328,7 +328,7 @@ class RemoveObservers(PassBase):
             return False
         if self.fqns is not None:
             return node.target in self.fqns
-        return isinstance(gm.get_submodule(node.target), self.observer_type)
+        return isinstance(get_submodule(gm, node), self.observer_type)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.removed = []

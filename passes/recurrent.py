@@ -17,6 +17,7 @@ and their channels followed (``passes.channels``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ __all__ = ["recurrent", "recurrent_graph", "GATES", "RecurrentError"]
 
 #: Gate blocks stacked in each ``weight_ih``/``weight_hh``/bias, per mode.
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-_RUN = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
+_RUN: dict[str, Callable[..., Any]] = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
+                                       "RNN_RELU": torch._VF.rnn_relu}
 
 
 class RecurrentError(FxSparsityError, ValueError):

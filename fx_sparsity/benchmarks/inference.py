@@ -32,6 +32,7 @@ import sys
 import time
 import warnings
 from collections import Counter
+from typing import cast
 
 import torch
 from tabulate import tabulate
@@ -63,7 +64,7 @@ def _prepared(width: int, sparsity: float, block: tuple[int, int]):
     dense = copy.deepcopy(model)
     with torch.no_grad():
         for i in range(0, 7, 2):
-            dense[i].weight.mul_(prepared.get_buffer(f"{i}.weight_mask"))
+            cast(nn.Linear, dense[i]).weight.mul_(prepared.get_buffer(f"{i}.weight_mask"))
     return prepared, dense
 
 

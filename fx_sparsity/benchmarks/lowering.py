@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ def ao_sparse_dynamic(linear: nn.Linear) -> nn.Module:
         return torch.ao.nn.sparse.quantized.dynamic.Linear.from_float(float_linear)
 
 
-STATS = {"median": statistics.median, "min": min}
+STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "min": min}
 
 
 def bench(sizes, batches, levels, *, warmup: int, repeat: int, number: int | None = None,

@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+from typing import Any, cast
 
 import torch
 from tabulate import tabulate
@@ -52,7 +53,7 @@ def linear_rows(sizes: list[tuple[int, int]], tokens: list[int], device: str, ro
             for n in tokens:
                 x = torch.randn(n, in_f, device=device, dtype=dtype)
                 auto = fxs.convert_fx_sparse(dense, "auto", example_inputs=(x,))
-                info = auto.get_submodule("0").fx_sparsity_info
+                info = cast("dict[str, Any]", auto.get_submodule("0").fx_sparsity_info)
                 fns = {"dense": lambda: dense(x), "auto": lambda: auto(x)}
                 if two_four is not None:
                     fns["2:4"] = lambda: two_four(x)

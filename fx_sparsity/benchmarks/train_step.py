@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import warnings
+from typing import Any
 
 import torch
 import torch._dynamo
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         print(f"\n## {row['name']}\n")
         table = []
         for kind in ("dense", "fx_sparsity", "torch.ao"):
-            line = [kind]
+            line: list[Any] = [kind]
             for mode in ("eager", "compiled"):
                 line.append(row["ms"][f"{kind} {mode}"])
                 for group in ("ratios", "ratios_min", "ratios_cpu"):

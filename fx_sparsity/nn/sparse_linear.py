@@ -169,6 +169,11 @@ class _SparseLinear(nn.Module):
     """Shared by the CSR and BSR Linears: buffers, forward, state dict, constructors."""
 
     _format: str
+    # The buffers registered in __init__ (torch types a module attribute as Tensor | Module).
+    weight_crow_indices: torch.Tensor
+    weight_col_indices: torch.Tensor
+    weight_values: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  blocksize: tuple[int, int] | None = None, device=None, dtype=None):
@@ -316,7 +321,8 @@ class _SparseLinear(nn.Module):
 
         Without ``mask``, the weight's own zeros are the sparsity pattern.
         """
-        return cls._from_weight(cls._masked(linear.weight, mask), getattr(linear, "bias", None), blocksize, None)
+        weight = cast(torch.Tensor, linear.weight)  # an nn.Linear's (or the like's) weight
+        return cls._from_weight(cls._masked(weight, mask), getattr(linear, "bias", None), blocksize, None)
 
     @classmethod
     def from_masked(cls, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, *,

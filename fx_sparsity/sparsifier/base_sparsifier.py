@@ -43,6 +43,7 @@ class BaseSparsifier(abc.ABC):
         self.groups: list[dict[str, Any]] = []
         self.enable_mask_update = True
         self.model: nn.Module | None = None
+        self.config: list[dict] | None = None  # the config of the last prepare (set by the pipeline)
 
     # -- pickling: the scheduler's step wrapper is a closure; everything else travels.
     def __getstate__(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import cast
 
 import torch
 
@@ -42,8 +43,9 @@ def check_level(level, *, name: str = "sparsity_level", high: float = 1.0, where
 
 def warn_if_clamped(sparsity_level, *, where: str = "") -> None:
     """Warn that a level outside ``[0, 1]`` acts as 0 or 1 (the clamping side of the rule: torch.ao's semantics)."""
+    # Compared as a float (typeshed's numbers.Real has no __ge__, which the real numbers all have).
     if isinstance(sparsity_level, numbers.Real) and not isinstance(sparsity_level, bool) \
-            and not 0 <= sparsity_level <= 1:
+            and not 0 <= cast(float, sparsity_level) <= 1:
         end = 0 if sparsity_level < 0 else 1
         warn_user(f"{_where(where)}sparsity_level={sparsity_level!r} is outside [0, 1]; it acts as {end} "
                   f"({'every weight kept' if end == 0 else 'every block zeroed'}), as in torch.ao.pruning")

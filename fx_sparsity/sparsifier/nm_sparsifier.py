@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import cast
 
 import torch
 from torch import nn
@@ -113,5 +114,5 @@ class NMSparsifier(BaseSparsifier):
 def _inputs_first(module: nn.Module | None, tensor_name: str) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2) keeps its weight as ``(in, out)``, a Linear's transposed (``input_dim``
     0 in the group)."""
-    return (tensor_name == "weight" and type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-            and module.weight.dim() == 2)
+    return (module is not None and tensor_name == "weight" and type(module).__name__ == "Conv1D"
+            and hasattr(module, "nf") and cast(torch.Tensor, module.weight).dim() == 2)

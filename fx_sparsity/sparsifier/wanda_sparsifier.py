@@ -64,6 +64,7 @@ class WandaSparsifier(BaseSparsifier):
             observer = self._require_prepared("step").get_submodule(observer_fqn_for(tensor_fqn))
         except AttributeError:
             observer = None
+        assert self.observer_type is not None  # set by every sparsifier that reads observers
         if not isinstance(observer, self.observer_type):
             raise RuntimeError(
                 f"no activation observer for '{tensor_fqn}' in the prepared module (removed by squash_mask()?); "
