@@ -33,13 +33,13 @@ class TraceError(FxSparsityError, RuntimeError):
 
 # Our own source folders: the pass library sits beside the package in a checkout, inside it when installed.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_OUR_DIRS = (_HERE + os.sep, os.path.join(os.path.dirname(_HERE), "passes") + os.sep)
+OUR_DIRS = (_HERE + os.sep, os.path.join(os.path.dirname(_HERE), "passes") + os.sep)
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` pointed at the user's line: the first caller outside fx_sparsity."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2: warn_user's caller
     frame_: types.FrameType | None = frame
-    while frame_ is not None and frame_.f_code.co_filename.startswith(_OUR_DIRS):
+    while frame_ is not None and frame_.f_code.co_filename.startswith(OUR_DIRS):
         frame_, level = frame_.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -33,8 +33,10 @@ from .tracing import (
     TRACERS,
     cache_hint,
     export_module,
+    first_line,
     keep_hooks_when_copied,
     trace,
+    user_frame,
     warn_hooks_traced_through,
 )
 
@@ -146,13 +148,18 @@ def _warn_uncalled(model: nn.Module, fqns: list[str], example_inputs: Any, optio
 
 
 def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | None,
-               see_inside: Callable[[str, nn.Module], bool]) -> fx.GraphModule:
-    """One unit as a GraphModule; errors name the unit."""
+               see_inside: Callable[[str, nn.Module], bool], block: bool = False) -> fx.GraphModule:
+    """One unit as a GraphModule; errors name the unit and the ways that work for a unit (a block's own
+    forward failing: scope="layers" traces less; a layer's: the other tracer)."""
     if tracer not in TRACERS:
         raise SparsityConfigError(f"tracer={tracer!r} is not one of {TRACERS}")
+    smaller = ("scope=\"layers\" (only the layers that own configured tensors are traced, not the block's own "
+               "forward); " if block else "")
     if tracer == "symbolic":
+        ways = (f"Ways that work, in order: {smaller}tracer=\"export\" with example_inputs=(...) (torch.export "
+                f"specialises such control flow on the inputs each unit gets).")
         try:
-            return trace(module, "symbolic", see_inside=see_inside)
+            return trace(module, "symbolic", see_inside=see_inside, ways=ways)
         except TraceError as e:
             raise TraceError(f"'{fqn}': {e}") from e
     assert inputs is not None
@@ -161,8 +168,9 @@ def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | No
     except Exception as e:
         raise TraceError(
             f"torch.export cannot trace '{fqn}' ({type(module).__name__}) on the inputs it got from example_inputs: "
-            f"{type(e).__name__}: {e}\nTry scope=\"layers\" (only the layers that own configured tensors are "
-            f"traced) or tracer=\"symbolic\".{cache_hint(e)}") from e
+            f"{type(e).__name__}: {first_line(e)}{user_frame(e)}\nWays that work, in order: {smaller}"
+            f"tracer=\"symbolic\" (no example inputs needed). (torch's full message is chained below.)"
+            f"{cache_hint(e)}") from e
 
 
 #: What eager-mode ``torch.ao.quantization.prepare`` reads (``qconfig``) and adds (the output observer).
@@ -352,7 +360,8 @@ def prepare_units(model: nn.Module, specs: list[MaskSpec], scope: Scope, tracer:
     units: list[Unit] = []
     for fqn in fqns:
         module = model.get_submodule(fqn)
-        gm = trace_unit(fqn, module, tracer, inputs.get(fqn), owns_masked)
+        gm = trace_unit(fqn, module, tracer, inputs.get(fqn), owns_masked,
+                        block=isinstance(module, block_types) if block_types else False)
         names = _first_names(module)
         unit_specs = []
         for spec in specs:

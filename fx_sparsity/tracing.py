@@ -5,7 +5,11 @@ import contextlib
 import copy
 import functools
 import inspect
+import io
+import linecache
 import logging
+import os
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import SparsityConfigError, TraceError, warn_user
+from .errors import OUR_DIRS, SparsityConfigError, TraceError, warn_user
 from .inputs import as_args_kwargs
 from .nn.attention import multi_head_attention
 from .passes import SetTrainingMode, inline_modules, run_passes
@@ -118,12 +122,42 @@ def _symbolic_trace_any_order(model: nn.Module, see_inside: Callable[[str, nn.Mo
     return fx.GraphModule(plain.root, graph, type(model).__name__)
 
 
-def _untraceable(name: str, e: Exception, hint: str = "") -> TraceError:
+#: Where library code lives: frames there are not the user's.
+_LIBRARY_DIRS = (*OUR_DIRS, os.path.dirname(torch.__file__) + os.sep, os.path.dirname(contextlib.__file__) + os.sep)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def user_frame(e: BaseException) -> str:
+    """`` (at file:line in func: `code`)`` for the innermost frame of the user's own code in ``e``'s traceback
+    (not torch's, not ours, not generated code); empty when there is none."""
+    found = ""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        name = code.co_filename
+        if not (name.startswith(_LIBRARY_DIRS) or name.startswith("<")):
+            line = linecache.getline(name, tb.tb_lineno).strip()
+            found = f" (at {name}:{tb.tb_lineno} in {code.co_name}{f': `{line}`' if line else ''})"
+        tb = tb.tb_next
+    return found
+
+
+#: What to try when the whole model's forward does not trace.
+MODEL_WAYS = ("Ways that work, in order: scope=\"layers\" (only the layers that own configured tensors are traced; "
+              "{name}'s own forward runs as written), or scope=<a block class> whose forward traces; "
+              "tracer=\"export\" with example_inputs=(...) (torch.export specialises such control flow on the "
+              "example inputs).")
+
+
+def _untraceable(name: str, e: Exception, hint: str = "", ways: str = MODEL_WAYS) -> TraceError:
+    """What failed and where on the first line; the ways that work after it (torch's own text stays chained)."""
     return TraceError(
-        f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {e}\n"
-        f"Symbolic tracing fails on Python control flow that depends on tensor values or "
-        f"shapes, and on non-tensor inputs. Use tracer=\"export\" with example_inputs=(...) "
-        f"(torch.export specialises such code on the example inputs).{hint}")
+        f"torch.fx.symbolic_trace cannot trace {name}: {type(e).__name__}: {first_line(e)}{user_frame(e)}\n"
+        f"{ways.format(name=name)}{hint}")
 
 
 class _WriteOut(_SeeInside):
@@ -213,7 +247,7 @@ def check_model(model: Any) -> None:
 
 
 def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None,
-          see_inside: Callable[[str, nn.Module], bool] | None = None) -> fx.GraphModule:
+          see_inside: Callable[[str, nn.Module], bool] | None = None, ways: str = MODEL_WAYS) -> fx.GraphModule:
     """Trace ``model`` (which the caller owns: the result shares its submodules and tensors).
 
     ``"symbolic"``: ``torch.fx.symbolic_trace``; standard layers stay ``call_module`` nodes,
@@ -232,7 +266,7 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
         try:
             return _symbolic_trace(model, see_inside)
         except Exception as e:  # symbolic_trace raises many types; all mean "not traceable"
-            raise _untraceable(name, e) from e
+            raise _untraceable(name, e, ways=ways) from e
     if example_inputs is None:
         raise SparsityConfigError(
             "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword "
@@ -242,9 +276,11 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
         return export_module(model, args, kwargs)
     except Exception as e:
         raise TraceError(
-            f"torch.export cannot trace {name}: {type(e).__name__}: {e}\n"
-            f"Check that example_inputs match the model's forward; if the model has data-dependent control "
-            f"flow, rewrite it with torch.cond or try tracer=\"symbolic\".{cache_hint(e)}") from e
+            f"torch.export cannot trace {name}: {type(e).__name__}: {first_line(e)}{user_frame(e)}\n"
+            f"Ways that work, in order: scope=\"layers\" (only the layers that own configured tensors are "
+            f"traced; {name}'s own forward runs as written) or a block class whose forward exports; example_inputs "
+            f"that match the forward; data-dependent control flow rewritten with torch.cond. (torch's full message "
+            f"is chained below.){cache_hint(e)}") from e
 
 
 def _auto_dims(value: Any) -> Any:
@@ -256,6 +292,20 @@ def _auto_dims(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _auto_dims(v) for k, v in value.items()}
     return None
+
+
+@contextlib.contextmanager
+def _stderr_kept_on_success() -> Iterator[None]:
+    """What torch writes to stderr while exporting, passed on only if the export succeeds: a failed export
+    prints its partial graph there before raising, and the error we raise (torch's chained) says it better."""
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        yield
+    sys.stderr.write(captured.getvalue())
+
+
+_EXPORT_LOGGERS = ("torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+                   "torch.export", "torch._export")
 
 
 def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -274,22 +324,27 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     absent = sorted(k for k, v in kwargs.items() if v is None and k not in required)
     kept_none = sorted(k for k, v in kwargs.items() if v is None and k in required)
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in required}
-    # torch.export logs each 0/1-specialised AUTO dim as a warning; the docstring says it once.
-    logger = logging.getLogger("torch._export.non_strict_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # torch.export logs each 0/1-specialised AUTO dim as a warning (the docstring says it once), and a failed
+    # export dumps graphs to the log before raising: the error we raise says what failed, with torch's chained.
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with _named_keywords(module, kwargs):
             bound = inspect.signature(module.forward).bind(*args, **kwargs)
             dynamic = {name: _auto_dims(value) for name, value in bound.arguments.items()}
-            exported = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
+            with _stderr_kept_on_success():
+                exported = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
     except Exception as e:  # inputs dynamic shapes cannot describe (custom objects): specialise them all
-        exported = torch.export.export(module, args, kwargs)
+        with _stderr_kept_on_success():
+            exported = torch.export.export(module, args, kwargs)
         warn_user(f"{type(module).__name__} was exported with every input dim fixed (batch and sequence "
                   f"included): torch.export could not make them dynamic ({type(e).__name__}: "
                   f"{str(e).splitlines()[0] if str(e) else ''}); call it on inputs of these shapes only")
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     gm = exported.module()
     allow_train_eval(gm, module.training)
     defaults = {n: p.default for n, p in parameters.items() if p.default is not inspect.Parameter.empty}

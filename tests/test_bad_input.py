@@ -320,9 +320,10 @@ CATALOG: list[Row] = [
         "tracer=\"export\" needs example_inputs: a tuple of inputs (or a dict of keyword inputs) the model can be "
         "called with, e.g. example_inputs=(torch.randn(1, 16),)"),
     Row(PREPARE, "model symbolic_trace cannot trace", lambda: fxs.prepare_fx_sparse(encoder_layer(), WN()), fxs.TraceError,
-        "torch.fx.symbolic_trace cannot trace TransformerEncoderLayer: …\nSymbolic tracing fails on Python control "
-        "flow that depends on tensor values or shapes, and on non-tensor inputs. Use tracer=\"export\" with "
-        "example_inputs=(...) (torch.export specialises such code on the example inputs)."),
+        "torch.fx.symbolic_trace cannot trace TransformerEncoderLayer: …\nWays that work, in order: scope=\"layers\" "
+        "(only the layers that own configured tensors are traced; TransformerEncoderLayer's own forward runs as "
+        "written), or scope=<a block class> whose forward traces; tracer=\"export\" with example_inputs=(...) "
+        "(torch.export specialises such control flow on the example inputs)."),
     Row(PREPARE, "`scope` not a scope", lambda: prep(scope="block"), fxs.SparsityConfigError,
         "scope='block': use \"model\" (one graph), \"layers\" (each layer that owns a configured tensor), an "
         "nn.Module subclass / tuple of them (each block of that type, e.g. scope=LlamaDecoderLayer), or ModelScope() / "
