@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "int64", "int32"],
                          help="dtype of the example inputs (integer inputs are zeros); default float32")
     inspect.add_argument("--tracer", default="symbolic", choices=["symbolic", "export"])
+    inspect.add_argument("--scope", default="model", metavar="SCOPE",
+                         help="model (default), layers, or MODULE:CLASS of the blocks to trace one by one "
+                              "(e.g. transformers.models.llama.modeling_llama:LlamaDecoderLayer)")
+    inspect.add_argument("--kwarg", action="append", metavar="NAME=VALUE",
+                         help="a keyword input passed with the example inputs, a Python literal (repeat for "
+                              "several), e.g. --kwarg use_cache=False")
     inspect.add_argument("--level", default="0.5", help="sparsity level (default 0.5)")
     inspect.add_argument("--block-shape", default="1,4", help="sparse block shape rows,cols (default 1,4)")
     inspect.add_argument("--tensors", help="comma-separated tensor fqns to sparsify (default: every nn.Linear weight)")
@@ -109,7 +115,7 @@ def _inspect(args) -> int:
             args.factory, input_shapes=args.input_shape, input_dtype=args.input_dtype, tracer=args.tracer,
             level=parse_level(args.level), block_shape=parse_block_shape(args.block_shape),
             tensors=[t.strip() for t in args.tensors.split(",") if t.strip()] if args.tensors else None,
-            code=args.code, seed=args.seed)
+            code=args.code, seed=args.seed, scope=args.scope, kwargs=args.kwarg)
     except CLIError as e:
         return _error("inspect", str(e), e.code)
     print(text)

@@ -52,7 +52,24 @@ def config_or_default(model: nn.Module, config: list | None, imported: dict[str,
         return list(config)
     if imported:
         return [{"tensor_fqn": fqn} for fqn in imported]
-    return default_config(model)
+    default = default_config(model)
+    _warn_tied(model, [entry["tensor_fqn"] for entry in default])
+    return default
+
+
+def _warn_tied(model: nn.Module, tensor_fqns: list[str]) -> None:
+    """Say so when the default config takes a weight another module uses too (a tied lm_head and embedding):
+    its mask then zeroes part of the other module's tensor as well."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for leaf, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append(f"{name}.{leaf}" if name else leaf)
+    for fqn in tensor_fqns:
+        others = [h for h in dict.fromkeys(holders.get(id(tensor_at(model, fqn)), [])) if h != fqn]
+        if others:
+            warn_user(f"config=None takes every nn.Linear weight, and '{fqn}' is tied to {others}: its mask zeroes "
+                      f"the same entries there (half an embedding table at 50%). To keep it dense, name the tensors "
+                      f"to sparsify in config= and leave '{fqn}' out")
 
 
 def _resolve_tensor(model: nn.Module, tensor_fqn: Any, where: str) -> torch.Tensor:

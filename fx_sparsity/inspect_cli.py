@@ -7,6 +7,7 @@ pruning plan can be looked at before any training.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import os
@@ -122,7 +123,7 @@ def _first_layer(model: nn.Module) -> str:
     return ""
 
 
-def check_inputs_run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+def check_inputs_run(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, Any] | None = None) -> None:
     """Run ``model`` once on ``inputs`` (eval mode, no grad); a failure becomes one :class:`CLIError` line.
 
     Checked before tracing, so a wrong ``--input-shape`` reads as such rather than as an
@@ -133,11 +134,13 @@ def check_inputs_run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **(kwargs or {}))
     except Exception as e:  # whatever the model raises: the message is all the user needs
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         name = type(model).__name__
-        if isinstance(e, TypeError) and "argument" in reason:
+        if isinstance(e, TypeError) and "keyword argument" in reason:
+            hint = f"check the --kwarg names against {name}.forward"
+        elif isinstance(e, TypeError) and "argument" in reason:
             hint = f"pass one --input-shape per input of {name}.forward"
         else:
             options = "--input-shape" if inputs[0].dtype == torch.float32 else "--input-shape and --input-dtype"
@@ -148,14 +151,42 @@ def check_inputs_run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None
             m.training = training
 
 
+def parse_kwarg(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE a Python literal (``use_cache=False``, ``output_attentions=False``, ``n=3``)."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip().isidentifier():
+        raise CLIError(f"bad --kwarg {text!r}: expected NAME=VALUE, e.g. --kwarg use_cache=False")
+    try:
+        return name.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError) as e:
+        raise CLIError(f"bad --kwarg {text!r}: the value must be a Python literal (False, 3, 'text', None)") from e
+
+
+def parse_scope(text: str) -> Any:
+    """``model``, ``layers`` or ``MODULE:CLASS`` (the block class)."""
+    if text in ("model", "layers"):
+        return text
+    module_name, colon, cls_name = text.partition(":")
+    if not colon or not module_name or not cls_name:
+        raise CLIError(f"bad --scope {text!r}: use model, layers or MODULE:CLASS of the blocks")
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise CLIError(f"bad --scope {text!r}: {type(e).__name__}: {e}") from e
+
+
 def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dtype: str = "float32",
                   tracer: str = "symbolic", level: float = 0.5, block_shape: tuple[int, int] = (1, 4),
-                  tensors: list[str] | None = None, code: bool = False, seed: int = 0) -> str:
+                  tensors: list[str] | None = None, code: bool = False, seed: int = 0, scope: str = "model",
+                  kwargs: list[str] | None = None) -> str:
     """Everything ``inspect`` prints, as a string; raises :class:`CLIError` on bad input."""
     import fx_sparsity as fxs
+    from fx_sparsity.inputs import CallInputs
     from fx_sparsity.printing import format_sparse_code, format_sparse_graph
 
     shapes = [parse_shape(s) for s in input_shapes or []]
+    keywords = dict(parse_kwarg(k) for k in kwargs or [])
+    scope_arg = parse_scope(scope)
     if tracer == "export" and not shapes:
         raise CLIError("--tracer export needs --input-shape (torch.export traces with example inputs)")
     factory = load_factory(spec)
@@ -166,9 +197,10 @@ def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dty
         raise CLIError(f"{spec}() raised {type(e).__name__}: {e}", code=1) from e
     if not isinstance(model, nn.Module):
         raise CLIError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
-    example = _example_inputs(shapes, INPUT_DTYPES[input_dtype]) if shapes else None
-    if example is not None:
-        check_inputs_run(model, example)
+    positional = _example_inputs(shapes, INPUT_DTYPES[input_dtype]) if shapes else None
+    if positional is not None:
+        check_inputs_run(model, positional, keywords)
+    example: Any = positional if not keywords or positional is None else CallInputs(positional, keywords)
 
     config = [{"tensor_fqn": t} for t in tensors] if tensors else None
     if config is None and not any(type(m) is nn.Linear for m in model.modules()):
@@ -176,7 +208,8 @@ def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dty
                        f"tensors to sparsify with --tensors, e.g. --tensors conv1.weight,fc.weight")
     sparsifier = fxs.WeightNormSparsifier(sparsity_level=level, sparse_block_shape=block_shape)
     try:
-        prepared = fxs.prepare_fx_sparse(model, sparsifier, config, example_inputs=example, tracer=tracer)
+        prepared = fxs.prepare_fx_sparse(model, sparsifier, config, example_inputs=example, tracer=tracer,
+                                         scope=scope_arg)
         sparsifier.step()
     except (fxs.SparsityConfigError, fxs.TraceError) as e:
         raise CLIError(str(e), code=1) from e
@@ -186,10 +219,14 @@ def inspect_model(spec: str, *, input_shapes: list[str] | None = None, input_dty
         raise CLIError(str(e), code=1) from e
     what = ", ".join(g["tensor_fqn"] for g in sparsifier.groups)
     block = "x".join(map(str, block_shape))
-    header = (f"{spec}: {type(model).__name__} traced with tracer={tracer!r}; WeightNormSparsifier("
+    scoped = f", scope={scope!r}" if scope != "model" else ""
+    header = (f"{spec}: {type(model).__name__} traced with tracer={tracer!r}{scoped}; WeightNormSparsifier("
               f"sparsity_level={level}, sparse_block_shape=({block.replace('x', ', ')})) on {what}; "
               f"masks after one sparsifier.step()")
     parts = [header, "", text]
     if code:
-        parts += ["", format_sparse_code(cast(fx.GraphModule, prepared))]  # scope="model": one GraphModule
+        graphs = [("", prepared)] if isinstance(prepared, fx.GraphModule) else [
+            (name, m) for name, m in prepared.named_modules() if isinstance(m, fx.GraphModule)]
+        for name, gm in graphs:
+            parts += ["", *([f"# {name}"] if name else []), format_sparse_code(cast(fx.GraphModule, gm))]
     return "\n".join(parts)

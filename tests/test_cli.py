@@ -74,7 +74,23 @@ class TestInspect:
         assert code == 1 and "collections:namedtuple() raised TypeError" in err
         # symbolic tracing cannot see through the encoder layer's fast path checks
         code, _, err = run_main(capsys, "inspect", "models:encoder_layer", "--input-shape", "2,5,32")
-        assert code == 1 and "Use tracer=\"export\"" in err, err
+        assert code == 1 and "scope=\"layers\"" in err and "tracer=\"export\"" in err, err
+
+    def test_scope_and_keyword_inputs(self, capsys):
+        # the encoder layer's own forward does not trace: the error says scope="layers", and --scope layers works
+        code, out, err = run_main(capsys, "inspect", "models:encoder_layer", "--input-shape", "2,5,32", "--scope",
+                                  "layers", "--code")
+        assert code == 0, err
+        assert "scope='layers'" in out and "[linear1]" in out and "# linear1" in out
+        code, out, err = run_main(capsys, "inspect", "models:encoder_layer", "--input-shape", "2,5,32", "--tracer",
+                                  "export", "--kwarg", "is_causal=False")
+        assert code == 0, err
+        code, _, err = run_main(capsys, "inspect", "models:mlp", "--input-shape", "2,16", "--kwarg", "foo=1")
+        assert code == 2 and "check the --kwarg names against Sequential.forward" in err, err
+        code, _, err = run_main(capsys, "inspect", "models:mlp", "--kwarg", "foo")
+        assert code == 2 and "bad --kwarg 'foo': expected NAME=VALUE" in err, err
+        code, _, err = run_main(capsys, "inspect", "models:mlp", "--scope", "nowhere")
+        assert code == 2 and "bad --scope 'nowhere'" in err, err
 
     @pytest.mark.parametrize("args, message", [
         (["--input-shape", "1,a"], "bad --input-shape '1,a': expected positive integers separated by commas"),
