@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..config import build_groups, config_or_default, initial_mask, publish_config
+from ..config import CONFIG_ATTR, build_groups, config_or_default, initial_mask, publish_config
 from ..distributed import refuse_unsharded_fsdp
 from ..errors import SparsityConfigError, warn_user
 from ..parametrization import fake_sparsity_masks, strip_fake_sparsity, tensor_at
@@ -111,6 +111,7 @@ def publish(model: nn.Module, groups: list[dict[str, Any]]) -> None:
     if not units and isinstance(model, fx.GraphModule):
         publish_config(model, {group["tensor_fqn"]: group for group in groups})
         return
+    model.__dict__[CONFIG_ATTR] = {g["tensor_fqn"]: g for g in groups}  # the whole config on the user's model too
     tensors = {id(tensor_at(model, g["tensor_fqn"])): g for g in groups}
     for unit in units:
         config = {relative(g["tensor_fqn"], unit.fqn): g for g in groups if _in_part(g["tensor_fqn"], unit.fqn)}
@@ -160,6 +161,7 @@ def squash_masks(model: nn.Module, groups: list[dict[str, Any]]) -> nn.Module:
                       f"GraphModules (without masks); squash before sharding to get the original layers back")
         else:
             delattr(model, UNITS_ATTR)
+            model.__dict__.pop(CONFIG_ATTR, None)
         for group in groups:
             group["module"] = model.get_submodule(group["module_fqn"])
     return model

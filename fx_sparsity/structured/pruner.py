@@ -171,7 +171,13 @@ class BaseStructuredSparsifier(BaseSparsifier):
         left as it is. With a block scope, each block gets its own class back when its forward runs
         with the smaller layers (a block whose code fixes a size stays a pruned GraphModule).
         """
-        return pipeline.cut_model(self._require_prepared("prune"), self.parts, self.targets)
+        model = self._require_prepared("prune")
+        if self.groups and all(bool(self.get_mask(g["tensor_fqn"]).all()) for g in self.groups):
+            levels = sorted({float(g["sparsity_level"]) for g in self.groups})
+            warn_user(f"prune(): every channel is kept (levels {levels}), so the model comes back uncut. Call step() "
+                      f"after setting a level above 0: a scheduler sets the level it starts from (often 0) when it is "
+                      f"made, and only its later steps raise it")
+        return pipeline.cut_model(model, self.parts, self.targets)
 
 
 class SaliencyPruner(BaseStructuredSparsifier):

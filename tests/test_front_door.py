@@ -1,0 +1,88 @@
+"""What a newcomer meets first: trace errors that name the way that works, and warnings where a call would
+silently do nothing (or more than asked)."""
+import pytest
+import torch
+from models import mlp, tied
+from torch import nn
+
+import fx_sparsity as fxs
+
+
+class Branchy(nn.Module):
+    """A model whose own forward branches on data: no tracer takes the whole of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc2(torch.relu(h))
+
+
+def test_a_data_dependent_model_is_told_to_use_scope_layers_and_that_works(capfd):
+    x = torch.randn(3, 8)
+    with pytest.raises(fxs.TraceError) as info:
+        fxs.prepare_fx_sparse(Branchy(), fxs.WeightNormSparsifier())
+    message = str(info.value)
+    first, ways = message.split("\n")[:2]
+    assert first.startswith("torch.fx.symbolic_trace cannot trace Branchy: TraceError: ")
+    assert "test_front_door.py" in first and "`if h.sum() > 0:`" in first  # where, in the user's code
+    assert ways.startswith('Ways that work, in order: scope="layers"')
+    with pytest.raises(fxs.TraceError) as info:
+        fxs.prepare_fx_sparse(Branchy(), fxs.WeightNormSparsifier(), tracer="export", example_inputs=(x,))
+    assert 'Ways that work, in order: scope="layers"' in str(info.value)
+    assert len(str(info.value).splitlines()) <= 3  # torch's text is chained, not pasted
+    assert "def forward" not in capfd.readouterr().err  # nor its partial graph printed
+    model = Branchy()
+    sparsifier = fxs.WeightNormSparsifier(0.5)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, scope="layers")
+    sparsifier.step()
+    torch.testing.assert_close(prepared(x), sparsifier.squash_mask()(x))
+    assert (prepared.fc1.weight == 0).float().mean().item() == 0.5
+
+
+def test_default_config_names_both_owners_of_a_tied_weight():
+    with pytest.warns(UserWarning, match=r"'out.weight' is tied to \['embed.weight'\]"):
+        fxs.prepare_fx_sparse(tied(), fxs.WeightNormSparsifier())
+
+
+def test_prune_that_cuts_nothing_says_why():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    pruner = fxs.SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(model, pruner, example_inputs=(torch.randn(2, 8),))
+    with pytest.warns(UserWarning, match=r"prune\(\): every channel is kept \(levels \[0.5\]\).*Call step\(\)"):
+        same = pruner.prune()
+    assert same.get_submodule("0").weight.shape == (16, 8)
+    # a scheduler made before step() starts the level at 0: prune() says so instead of returning the model uncut
+    pruner = fxs.SaliencyPruner(0.5)
+    fxs.prepare_fx_sparse(model, pruner, example_inputs=(torch.randn(2, 8),))
+    fxs.CubicSL(pruner, init_sl=0.0, total_t=10)
+    pruner.step()
+    with pytest.warns(UserWarning, match=r"levels \[0.0\]"):
+        pruner.prune()
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+@pytest.mark.parametrize("scope", ["model", "layers", fxs.BlockScope(Inner)], ids=["model", "layers", "block"])
+def test_the_live_config_is_on_the_prepared_model_in_every_scope(scope):
+    model = nn.Sequential(Inner(), nn.Linear(8, 2)) if scope != "model" else mlp()
+    sparsifier = fxs.WeightNormSparsifier(0.5)
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, scope=scope)
+    config = prepared.fx_sparsity_config
+    assert list(config) == [g["tensor_fqn"] for g in sparsifier.groups]
+    sparsifier.groups[0]["sparsity_level"] = 0.25  # the live groups, as a scheduler changes them
+    assert config[sparsifier.groups[0]["tensor_fqn"]]["sparsity_level"] == 0.25
+    squashed = sparsifier.squash_mask()
+    if scope != "model":
+        assert not hasattr(squashed, "fx_sparsity_config")  # the user's model as it was
