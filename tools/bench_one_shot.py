@@ -1,11 +1,15 @@
 """SparseGPT one-shot, ours vs llm-compressor, on the same random Llama and the same tokens, 1 thread.
 
-    nice -n 10 python tools/bench_one_shot.py --impls llmcompressor --sizes 100m,400m,1b   # driver: runs the grid
-    nice -n 10 python tools/bench_one_shot.py --impls ours --sizes 100m --reuse  # reruns ours, reuses saved llmc
+    nice -n 10 python tools/bench_one_shot.py --impls llmcompressor --sizes 100m,400m,1b   # runs these three
+    nice -n 10 python tools/bench_one_shot.py --impls ours --sizes 100m   # reruns ours; saved llmc JSON joins the table
+    python tools/bench_one_shot.py --reuse   # the whole grid, running only what has no saved JSON
+    python tools/bench_one_shot.py --impls ""   # runs nothing: the table of saved JSON
 
 Each (impl, size) runs in its own subprocess (``--impl ours|llmcompressor --size 100m|400m|1b``, one JSON
-line, also saved as ``<out-dir>/<impl>_<size>.json``); ``--reuse`` takes saved JSON whose settings match
-instead of rerunning. llm-compressor runs in its own venv (``--llmc-python``).
+line, also saved as ``<out-dir>/<impl>_<size>.json``, its output in ``<impl>_<size>.log``). The driver runs
+``--impls`` x ``--sizes`` (``--reuse``: those without saved JSON only) and tabulates them with every other
+saved result of the same samples/seq/seed. llm-compressor runs in its own venv (``--llmc-python``); ours runs
+whatever ``fx_sparsity`` ``sys.executable`` imports (PYTHONPATH=an exported commit measures that commit).
 
 - model: ``LlamaForCausalLM(LlamaConfig(...))`` (default attention and ``use_cache``), fp32; every parameter
   is then re-drawn from a generator seeded by its name, so both transformers versions hold identical weights;
@@ -15,12 +19,14 @@ instead of rerunning. llm-compressor runs in its own venv (``--llmc-python``).
   mask_structure="0:0", targets=model.layers.N), pipeline="sequential")``, no output_dir (nothing saved);
   block_size 128 and dampening 0.01 are both sides' defaults.
 
-Measured: ``total_s``, wall time of the call; ``first_block_s``, from the call's start to the first call of
-decoder layer 1 made after every Linear of layer 0 is pruned (a forward pre-hook on layer 1): block 0 is
-calibrated, pruned and its outputs propagated; ``first_call_s``, to the first call of layer 0 (setup before
-any calibration forward); ``peak_mib``, VmHWM after the call (reset via /proc/self/clear_refs just before it)
-minus VmRSS after the model and data were built. For ``--delta-size`` (100m) both save layers 0-1 after
-pruning and the driver prints max |dW| and the fraction of weights whose kept/pruned state agrees.
+Measured: ``total_s``, wall time of the call; ``cpu_s``, the process's CPU time over it (1 thread: close
+to ``total_s`` on an idle machine, lower when other processes share the cores); ``first_block_s``, from
+the call's start to the first call of decoder layer 1 made after every Linear of layer 0 is pruned (a
+forward pre-hook on layer 1): block 0 is calibrated, pruned and its outputs propagated; ``first_call_s``,
+to the first call of layer 0 (setup before any calibration forward); ``peak_mib``, VmHWM after the call
+(reset via /proc/self/clear_refs just before it) minus VmRSS after the model and data were built. For
+``--delta-size`` (100m) both save layers 0-1 after pruning and the driver prints max |dW| and the
+fraction of weights whose kept/pruned state agrees.
 """
 from __future__ import annotations
 
@@ -43,7 +49,6 @@ SIZES = {  # LlamaConfig shapes, TinyLlama-like (grouped-query attention, SiLU M
                num_key_value_heads=4),
 }
 IMPLS = ("ours", "llmcompressor")
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _status_kib(field: str) -> int:
@@ -108,7 +113,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     model, batches = build(args.size, args.samples, args.seq, args.seed)
     layers = model.model.layers
-    fingerprint = [float(layers[0].self_attn.q_proj.weight.double().sum()),
+    fingerprint = [float(layers[0].self_attn.q_proj.weight.detach().double().sum()),
                    int(sum(int(b["input_ids"].sum()) for b in batches))]
     processor = prepare_llmc(model, args.out_dir / f"config_{args.size}") if args.impl == "llmcompressor" else None
     marks: dict[str, float] = {}
@@ -128,12 +133,12 @@ def child(args: argparse.Namespace) -> dict:
     rss_built = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if args.impl == "ours":
         run_ours(model, batches)
     else:
         run_llmc(model, batches, processor, args.seq)
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _status_kib("VmHWM")
     for h in hooks:
         h.remove()
@@ -145,10 +150,10 @@ def child(args: argparse.Namespace) -> dict:
     versions = {p: _version(p) for p in ("torch", "transformers", "llmcompressor", "compressed-tensors")}
     return dict(impl=args.impl, size=args.size, samples=args.samples, seq=args.seq, seed=args.seed,
                 params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-                total_s=round(total, 2), first_call_s=_since(marks, "first_call", start),
+                total_s=round(total, 2), cpu_s=round(cpu, 2), first_call_s=_since(marks, "first_call", start),
                 first_block_s=_since(marks, "first_block", start), peak_mib=round((peak - rss_built) / 1024, 1),
                 rss_built_mib=round(rss_built / 1024, 1), decoder_linear_sparsity=round(zeros, 4),
-                fingerprint=fingerprint, versions=versions, git=_git() if args.impl == "ours" else None)
+                fingerprint=fingerprint, versions=versions, source=_source() if args.impl == "ours" else None)
 
 
 def _since(marks: dict, key: str, start: float) -> float | None:
@@ -162,11 +167,16 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git() -> str:
+def _source() -> str:
+    """Which fx_sparsity ran: the commit (+dirty) of its checkout, or its path outside a git checkout."""
+    import fx_sparsity
+    root = Path(fx_sparsity.__file__).resolve().parent.parent
+
     def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = git("status", "--porcelain", "--", "fx_sparsity", "passes")
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True).stdout.strip()
+    rev = git("rev-parse", "--short", "HEAD") if (root / ".git").exists() else ""
+    dirty = git("status", "--porcelain", "--", "fx_sparsity", "passes") if rev else ""
+    return rev + ("+dirty" if dirty else "") if rev else str(root)
 
 
 def run_one(impl: str, size: str, args: argparse.Namespace) -> dict:
@@ -177,11 +187,11 @@ def run_one(impl: str, size: str, args: argparse.Namespace) -> dict:
     log = args.out_dir / f"{impl}_{size}.log"
     print(f"running {impl} {size} (log: {log})", file=sys.stderr, flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "w") as err:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log.write_text(done.stdout)  # llm-compressor logs to stdout: the JSON is the last line starting with "{"
     if done.returncode != 0:
         sys.exit(f"{impl} {size} failed (exit {done.returncode}); see {log}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def ratio(a, b) -> str:
@@ -194,15 +204,11 @@ def table(results: dict) -> str:
     rows = []
     for size in SIZES:
         ours, llmc = results.get(("ours", size), {}), results.get(("llmcompressor", size), {})
-        if not ours and not llmc:
-            continue
-        row = [size, (ours or llmc).get("params_m")]
-        for key in ("total_s", "first_block_s", "peak_mib"):
-            row += [ours.get(key, "-"), llmc.get(key, "-"), ratio(ours.get(key), llmc.get(key))]
-        rows.append(row)
-    heads = ["size", "params M"] + [f"{k} {w}" for k in ("total s", "first block s", "peak MiB")
-                                    for w in ("ours", "llmc", "ours/llmc")]
-    return tabulate(rows, heads, disable_numparse=True)
+        if ours or llmc:
+            for key in ("total_s", "cpu_s", "first_block_s", "peak_mib"):
+                rows.append([size, (ours or llmc)["params_m"], key, ours.get(key, "-"), llmc.get(key, "-"),
+                             ratio(ours.get(key), llmc.get(key))])
+    return tabulate(rows, ["size", "params M", "metric", "ours", "llm-compressor", "ours/llmc"], disable_numparse=True)
 
 
 def delta_report(args: argparse.Namespace) -> str | None:
@@ -226,16 +232,16 @@ def driver(args: argparse.Namespace) -> None:
         saved = json.loads(path.read_text())
         if all(saved.get(k) == getattr(args, k) for k in ("samples", "seq", "seed")):
             results[saved["impl"], saved["size"]] = saved
-    for impl in args.impls.split(","):
-        for size in args.sizes.split(","):
+    for impl in filter(None, args.impls.split(",")):
+        for size in filter(None, args.sizes.split(",")):
             if not (args.reuse and (impl, size) in results):
                 results[impl, size] = run_one(impl, size, args)
     print(f"SparseGPT 0.5 one-shot, {args.samples} samples x {args.seq} tokens, 1 thread "
           f"(saved/new JSON in {args.out_dir})")
     print(table(results))
     for (impl, size), r in sorted(results.items()):
-        print(f"  {impl} {size}: first_call_s={r['first_call_s']} sparsity={r['decoder_linear_sparsity']} "
-              f"git={r['git']} versions={r['versions']}")
+        print(f"  {impl} {size}: cpu_s={r.get('cpu_s')} first_call_s={r['first_call_s']} "
+              f"sparsity={r['decoder_linear_sparsity']} source={r['source']} versions={r['versions']}")
     fps = {str(r["fingerprint"]) for (_, size), r in results.items() if size == args.delta_size}
     if len(fps) > 1:
         print(f"WARNING: {args.delta_size} model/data fingerprints differ between impls: {fps}")
