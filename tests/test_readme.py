@@ -39,8 +39,10 @@ def test_quickstart_commands_are_what_ci_runs():
     assert commands[0].endswith("python -m fx_sparsity demo")
     install = commands[0].split("&&")
     assert "torch==" in install[0] and "pip install -e" in install[1]  # torch first, then the project
+    assert "[demo]" in install[1]  # the demo's own extra, not the test tooling
     ci = (ROOT / ".ci" / "run").read_text()
-    assert commands[1] in ci
+    setup, test = commands[1].rsplit("&&", 1)
+    assert '".[test]"' in setup and test.strip() in ci
 
 
 def test_readme_is_short():
