@@ -59,6 +59,9 @@ def test_auto_keeps_30_percent_dense_and_lowers_95_percent(big):
     assert sparse["lowered_to"] in ("SparseCSRLinear", "SparseBSRLinear")
     assert sparse["speedup_vs_dense"] >= 1.05 and sparse["timed_rows"] == 64
     assert set(sparse["candidates_ms"]) >= {"dense", "csr"}
+    # the record agrees with itself: the speedup is what its own times say
+    times = sparse["candidates_ms"]
+    assert sparse["speedup_vs_dense"] == pytest.approx(times["dense"] / times[sparse["auto_choice"]], rel=2e-3)
     assert sparse["tensor_fqn"] == "2.weight" and sparse["weight_sparsity"] >= 0.95
     assert lowered.get_submodule("2").fx_sparsity_info == sparse  # survives pickling, unlike meta
     assert "int8" in sparse["not_timed"]  # the default bound admits float kernels only

@@ -165,10 +165,13 @@ def choose_linear_lowering(weight: torch.Tensor, mask: torch.Tensor, bias: torch
                 modules[name] = module
             with torch.inference_mode():
                 samples = _time({name: functools.partial(m, x) for name, m in modules.items()}, repeat, x.device)
-    timings = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    # Speedups are medians of same-round ratios: a load change between rounds cancels out.
+    # Speedups are medians of same-round ratios: a load change between rounds cancels out. The times recorded are
+    # dense's median over each candidate's speedup, the numbers the choice is made on (a median of ratios is not
+    # a ratio of medians: raw medians could show dense ahead of the candidate chosen for being faster).
     speedups = {name: statistics.median(d / c for d, c in zip(samples["dense"], s)) for name, s in samples.items()}
     speedups["dense"] = 1.0
+    dense_ms = statistics.median(samples["dense"]) * 1e3
+    timings = {name: dense_ms / speedups[name] for name in samples}
     best = max((n for n in speedups if n != "dense"), key=speedups.__getitem__, default=None)
     if best is None or speedups[best] < min_speedup:
         best = "dense"
