@@ -194,8 +194,34 @@ CASES = {
 }
 
 
+WIDTH = 120  # a printed table fits a terminal; every number is in --json too
+
+
+def _table(rows: list[dict]) -> str:
+    """The rows as tables at most WIDTH characters wide: headers wrapped, the name column first in each, the other
+    columns split over as many tables as it takes."""
+    flat = [_flat(r) for r in rows]
+    names = [{"name": r.pop("name")} for r in flat]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+
+    def render(cols: list[str]) -> str:
+        data = [{**n, **{c: r.get(c, "") for c in cols}} for n, r in zip(names, flat)]
+        return tabulate(data, headers="keys", floatfmt=".3f", maxheadercolwidths=16,
+                        maxcolwidths=[40] + [None] * len(cols))
+
+    tables: list[str] = []
+    chunk: list[str] = []
+    for column in columns:
+        if chunk and max(map(len, render([*chunk, column]).splitlines())) > WIDTH:
+            tables.append(render(chunk))
+            chunk = []
+        chunk.append(column)
+    tables.append(render(chunk))
+    return "\n\n".join(tables)
+
+
 def _flat(row: dict) -> dict:
-    out = {"case": row.get("case"), "name": row.get("name")}
+    out = {"name": row.get("name")}
     for group in ("ms", "bytes", "ratios"):
         for k, v in (row.get(group) or {}).items():
             out[f"{k} ({group})" if group != "ratios" else k] = round(v, 3) if isinstance(v, float) else v
@@ -220,7 +246,7 @@ def main(argv=None) -> int:
         all_rows += rows
         if rows:
             print(f"\n## {case}\n")
-            print(tabulate([_flat(r) for r in rows], headers="keys", floatfmt=".3f"))
+            print(_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1, default=str)
