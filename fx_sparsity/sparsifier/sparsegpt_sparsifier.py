@@ -32,7 +32,12 @@ def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, *
     h[dead, dead] = 1
     w[:, dead] = 0
     h.diagonal().add_(percdamp * h.diagonal().mean())
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # the upper Cholesky factor of H⁻¹, holding two (in, in) matrices at a time at most (H's own copy freed first)
+    factor = torch.linalg.cholesky(h)
+    del h
+    h_inv = torch.cholesky_inverse(factor)
+    del factor
+    h_inv = torch.linalg.cholesky(h_inv, upper=True)
     pruned = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
