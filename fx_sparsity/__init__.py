@@ -5,6 +5,7 @@ mask buffers those nodes read; lowering rewrites sparse Linear nodes into sparse
 """
 from . import passes
 from .api import prepare_fx_sparse
+from .compressed import load_compressed, save_compressed
 from .distributed import masks_as_parameters
 from .errors import FxSparsityError, SparsityConfigError, TraceError
 from .fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
@@ -19,10 +20,12 @@ from .mappings import (
 from .nn import SemiStructuredSparseLinear, SparseBSRLinear, SparseCSRLinear
 from .one_shot import one_shot
 from .parametrization import FakeSparsity
+from .pretrained import one_shot_pretrained
 from .printing import format_sparse_code, format_sparse_graph, print_sparse_graph
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .scopes import BlockScope, LayersScope, ModelScope, Scope
 from .sparsifier import (
+    ADMMSparsifier,
     BaseSparsifier,
     GlobalMagnitudeSparsifier,
     NearlyDiagonalSparsifier,
@@ -53,6 +56,7 @@ __all__ = [
     "NMSparsifier",
     "WandaSparsifier",
     "SparseGPTSparsifier",
+    "ADMMSparsifier",
     "owl_levels",
     "BaseStructuredSparsifier",
     "SaliencyPruner",
@@ -70,6 +74,9 @@ __all__ = [
     "register_lowering_target",
     "masks_as_parameters",
     "one_shot",
+    "one_shot_pretrained",
+    "save_compressed",
+    "load_compressed",
     "Scope",
     "ModelScope",
     "LayersScope",

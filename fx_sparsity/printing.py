@@ -32,7 +32,7 @@ from .config import sparsity_config
 from .inputs import graph_inputs
 from .passes import INFO_ATTR, fetch_attr, find_masked_uses
 from .passes.attrs import get_submodule
-from .passes.channels import CHANNEL_GROUPS_META
+from .passes.channels import CHANNEL_GROUPS_META, MASKED_NORM_META
 from .scoping import capture_inputs, graph_parts
 
 __all__ = ["format_sparse_graph", "print_sparse_graph", "format_sparse_code"]
@@ -206,6 +206,8 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
             owner = mask_fqn.rpartition(".")[0]
             if group is not None and not group.anchor[0].endswith(".weight") and group.anchor[0] != "weight":
                 owner = group.anchor[0]
+            elif group is not None and not owner:  # a mask another unit holds (a group across the blocks)
+                owner = group.anchor[0].rpartition(".")[0]
             counted = _channels_kept(group, mask) if group is not None else None
             if group is not None and counted is not None:
                 kept, total = counted
@@ -218,6 +220,9 @@ def _collect(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Note], dict[str, _Tenso
             previous = notes.get(node)
             notes[node] = _Note(f"{previous.tensor_fqn}; {text}" if previous else text,
                                 1 - kept / max(total, 1), "channels")
+        masked_norm = node.meta.get(MASKED_NORM_META)
+        if masked_norm:  # a norm or mean over masked channels, rewritten to average over the kept ones only
+            notes[node] = _Note(f"masked norm: {masked_norm['note']}", None, "channels")
 
     # Squashed: configured tensors without a mask hold their zeros themselves.
     config = sparsity_config(gm)
@@ -428,8 +433,12 @@ def format_sparse_code(gm: fx.GraphModule, *, stack_traces: bool = False) -> str
     marks = {}
     for node, note in notes.items():
         group = config.get(note.tensor_fqn)
-        what = {"masked": "mask", "folded": "folded", "lowered": f"lowered to {note.lowered_to}"}[note.stage]
+        what = {"masked": "mask", "folded": "folded", "lowered": f"lowered to {note.lowered_to}"}.get(note.stage,
+                                                                                                  note.stage)
         extra = ", ".join(x for x in (f"level {_level(group)}" if _level(group) else "", _block(group)) if x)
+        if note.zeros is None:  # a note only (a masked norm)
+            marks[node.name] = f"  # <- {note.tensor_fqn}"
+            continue
         marks[node.name] = (f"  # <- {what} {note.tensor_fqn}: {_pct(note.zeros)} zeros"
                             + (f" ({extra})" if extra else ""))
     code = gm.print_readable(print_output=False)

@@ -351,7 +351,7 @@ def test_multihead_attention_is_written_out_and_its_heads_pruned():
     masked, pruned = prune(model, pruner, x)
     heads = next(g for g in pruner.groups if g["tensor_fqn"] == "layers.0.self_attention.in_proj_weight")
     assert pruner.targets[heads["tensor_fqn"]].channel_group.channels_per_class == [24] * 4  # q, k and v rows of each head
-    assert pruned.get_parameter("layers.0.self_attention.in_proj_weight").shape == (48, 32)
+    assert pruned.get_parameter("layers.0.self_attention.in_proj_weight").shape == (48, 16)  # the residual width too
     assert pruned.get_submodule("layers.0.self_attention.out_proj").in_features == 16
     assert not [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
     torch.testing.assert_close(masked(x), model(x), rtol=1e-5, atol=1e-5) if not pruner.groups else None
@@ -469,23 +469,25 @@ def test_an_op_that_is_not_followed_refuses_its_group_and_names_itself():
         SaliencyPruner().prepare(model, [{"tensor_fqn": "fc1.weight"}], example_inputs=(x,))
 
 
-def test_normalised_widths_are_left_out_by_default_and_pruned_on_request_with_a_warning():
+def test_normalised_widths_are_pruned_exactly_by_default_and_left_out_on_request():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), _ViTMLPBlock(), _ViTMLPBlock(), nn.Linear(32, 4)).eval()
     x = torch.randn(2, 5, 16)
-    pruner = SaliencyPruner(0.5)
+    pruner = SaliencyPruner(0.5, prune_normalized=False)
     masked, pruned = prune(model, pruner, x)
     assert sorted(g["module_fqn"] for g in pruner.groups) == ["1.fc1", "2.fc1"]  # the hidden widths only
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
-    pruner = SaliencyPruner(0.5)
-    with pytest.warns(UserWarning, match=r"pruning the channels of '0.weight' changes what the model computes: "
-                                         r"LayerNorm '1.norm' normalises them together"):
-        masked = pruner.prepare(model, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
-    pruner.step()
-    pruned = pruner.prune()
+    pruner = SaliencyPruner(0.5)  # the residual width too: the masked LayerNorms average over the kept channels
+    masked, pruned = prune(model, pruner, x)
+    assert sorted(g["module_fqn"] for g in pruner.groups) == ["0", "1.fc1", "2.fc1"]
     assert pruned.get_submodule("1.norm").normalized_shape == (16,)
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    pruner = SaliencyPruner(0.5, prune_normalized=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: pruned exactly, no warning
+        masked, pruned = prune(model, pruner, x, [{"tensor_fqn": "0.weight"}])
     assert pruned.get_submodule("3").in_features == 16
-    assert pruned(x).shape == masked(x).shape
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_and_export_the_pruned_model():
@@ -582,20 +584,26 @@ def test_block_scope_keeps_the_users_model_and_prunes_inside_each_block():
     pruner = SaliencyPruner(0.5)
     masked = fxs.prepare_fx_sparse(model, pruner, scope=BasicBlock, example_inputs=(x,))
     assert type(masked) is SmallResNet and isinstance(masked.layer1[0], torch.fx.GraphModule)
-    # inside each block only its conv1 -> conv2 width can go; the residual width leaves the block
-    assert [g["module_fqn"] for g in pruner.groups] == ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1",
-                                                       "layer2.1.conv1"]
+    # inside each block its conv1 -> conv2 width; across blocks the residual width of layer1, which the model passes
+    # from the stem to each block as it is; layer2's reaches the pooling in the model's own code and stays
+    assert [g["module_fqn"] for g in pruner.groups] == ["stem.0", "layer1.0.conv1", "layer1.1.conv1",
+                                                       "layer2.0.conv1", "layer2.1.conv1"]
+    residual = pruner.targets["stem.0.weight"].channel_group
+    assert residual.producers == [("stem.0.weight", 0), ("layer1.0.conv2.weight", 0), ("layer1.1.conv2.weight", 0)]
     pruner.step()
     masked.eval()
     text = fxs.format_sparse_graph(masked)  # one table, a section per block
-    assert "[layer2.0]" in text and "group 0, channels of conv1: 8/16 kept" in text
+    assert "[layer2.0]" in text and "channels of conv1: 8/16 kept" in text
+    assert "channels of stem.0: 4/8 kept" in text  # the residual width's mask, held by the stem's graph
     pruned = pruner.prune().eval()
     assert type(pruned) is SmallResNet and type(pruned.layer2[0]) is BasicBlock  # the blocks' own class back
+    assert type(pruned.stem) is nn.Sequential and pruned.stem[0].out_channels == 4  # a layer between blocks too
     assert pruned.get_submodule("layer2.0.conv1").out_channels == 8
+    assert pruned.get_submodule("layer1.1.conv2").out_channels == 4
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(fxs.SparsityConfigError, match=r"its channels leave the block 'layer1.0' \(the group crosses "
+    with pytest.raises(fxs.SparsityConfigError, match=r"its channels leave the block 'layer2.0' \(the group crosses "
                                                       r"graphs\): prune it with scope=\"model\""):
-        SaliencyPruner().prepare(model, [{"tensor_fqn": "layer1.0.conv2.weight"}], scope=BasicBlock,
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "layer2.0.conv2.weight"}], scope=BasicBlock,
                                  example_inputs=(x,))
 
 

@@ -53,22 +53,22 @@ def logits(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def prune(model, scope, example, config=None):
-    pruner = fxs.SaliencyPruner(0.5)
+def prune(model, scope, example, config=None, **options):
+    pruner = fxs.SaliencyPruner(0.5, **options)
     masked = fxs.prepare_fx_sparse(model, pruner, config, scope=scope, tracer="export", example_inputs=example)
     pruner.step()
     return pruner, masked, pruner.prune()
 
 
 def test_llama_gqa_keeps_query_heads_with_their_kv_head():
-    pruner, masked, pruned = prune(llama(), "model", inputs(cache=False))
+    pruner, masked, pruned = prune(llama(), "model", inputs(cache=False), prune_normalized=False)
     heads = pruner.targets["model.layers.0.self_attn.q_proj.weight"].channel_group
     assert heads.producers == [("model.layers.0.self_attn.q_proj.weight", 0), ("model.layers.0.self_attn.k_proj.weight", 0),
                                ("model.layers.0.self_attn.v_proj.weight", 0)]
     assert heads.channels_per_class == [32, 32]  # a class: one kv head and its 2 query heads of 16
     mlp = pruner.targets["model.layers.0.mlp.gate_proj.weight"].channel_group
     assert mlp.producers == [("model.layers.0.mlp.gate_proj.weight", 0), ("model.layers.0.mlp.up_proj.weight", 0)]
-    assert not any(g["tensor_fqn"] == "model.embed_tokens.weight" for g in pruner.groups)  # RMSNorm'd: left out
+    assert not any(g["tensor_fqn"] == "model.embed_tokens.weight" for g in pruner.groups)  # the hidden width stays
     layer = "model.layers.1.self_attn"
     assert pruned.get_parameter(f"{layer}.q_proj.weight").shape == (32, 64)
     assert pruned.get_parameter(f"{layer}.k_proj.weight").shape == (16, 64)
@@ -83,12 +83,13 @@ def test_llama_gqa_keeps_query_heads_with_their_kv_head():
 
 def test_llama_block_scope_keeps_the_model_class_and_its_config(tmp_path):
     model = llama()
-    pruner, masked, pruned = prune(model, LlamaDecoderLayer, inputs(cache=False))  # blocks export without a cache
+    pruner, masked, pruned = prune(model, LlamaDecoderLayer, inputs(cache=False),  # blocks export without a cache
+                                   prune_normalized=False)  # (the hidden width: test_norm_widths.py)
     assert type(pruned) is transformers.LlamaForCausalLM
     assert all(type(layer) is LlamaDecoderLayer for layer in pruned.model.layers)  # the blocks' own class back
     config = pruned.config
-    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == \
-        (2, 1, 16, 64)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size,
+            config.hidden_size) == (2, 1, 16, 64, 64)
     assert model.config.num_attention_heads == 4  # the user's model keeps its own
     example = inputs(cache=False)
     torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
@@ -101,21 +102,23 @@ def test_llama_block_scope_keeps_the_model_class_and_its_config(tmp_path):
     torch.testing.assert_close(logits(reloaded(**example)), logits(pruned(**example)))
 
 
-def test_llama_residual_width_is_pruned_only_on_request():
-    pruner = fxs.SaliencyPruner(0.25)
-    with pytest.warns(UserWarning, match=r"pruning the channels of 'model.embed_tokens.weight' changes what the model "
-                                         r"computes: LlamaRMSNorm 'model.layers.0.input_layernorm' normalises them"):
-        fxs.prepare_fx_sparse(llama(), pruner, [{"tensor_fqn": "model.embed_tokens.weight"}], tracer="export",
-                              example_inputs=inputs(cache=False))
+def test_llama_residual_width_is_pruned_exactly_when_named():
+    pruner = fxs.SaliencyPruner(0.25, prune_normalized=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the masked RMSNorms average over the kept channels: exact
+        masked = fxs.prepare_fx_sparse(llama(), pruner, [{"tensor_fqn": "model.embed_tokens.weight"}],
+                                       tracer="export", example_inputs=inputs(cache=False))
+    assert pruner.targets["model.embed_tokens.weight"].channel_group.normalized.startswith("LlamaRMSNorm")
     pruner.step()
     pruned = pruner.prune()
     assert pruned.get_parameter("model.embed_tokens.weight").shape == (128, 48)
     assert pruned.get_parameter("model.norm.weight").shape == (48,)
-    assert logits(pruned(**inputs(cache=False))).shape == (2, 8, 128)
+    example = inputs(3, 11, cache=False)
+    torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
 
 
 def test_bert_heads_and_intermediate_widths():
-    pruner, masked, pruned = prune(bert(), "model", inputs())
+    pruner, masked, pruned = prune(bert(), "model", inputs(), prune_normalized=False)
     tensors = sorted(g["tensor_fqn"] for g in pruner.groups)
     assert tensors == ["bert.encoder.layer.0.attention.self.query.weight",
                        "bert.encoder.layer.0.intermediate.dense.weight",
@@ -129,16 +132,26 @@ def test_bert_heads_and_intermediate_widths():
     assert pruned.get_parameter("bert.encoder.layer.0.attention.self.value.weight").shape == (16, 32)
 
 
-def test_bert_block_scope_restores_bert_layers_and_says_what_its_config_cannot():
+def test_bert_block_scope_restores_bert_layers_and_says_what_its_config_cannot(tmp_path):
     with pytest.warns(UserWarning, match=r"BertForSequenceClassification.config cannot describe num_attention_heads=2 "
                                          r"\(the config derives the head size from hidden_size\)"):
-        pruner, masked, pruned = prune(bert(), BertLayer, inputs())
+        pruner, masked, pruned = prune(bert(), BertLayer, inputs(), prune_normalized=False)
     layer = pruned.bert.encoder.layer[0]
     assert type(layer) is BertLayer
     assert (layer.attention.self.num_attention_heads, layer.attention.self.all_head_size) == (2, 16)
     assert pruned.config.intermediate_size == 32
     example = inputs(3, 6)
     torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
+    # with the hidden width cut too (embeddings, every layer, the pooler), hidden_size / heads is the head size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pruner, masked, pruned = prune(bert(), BertLayer, inputs())
+    assert (pruned.config.hidden_size, pruned.config.num_attention_heads) == (16, 2)
+    assert type(pruned.bert.encoder.layer[1]) is BertLayer and type(pruned.bert.embeddings).__name__ == "BertEmbeddings"
+    torch.testing.assert_close(logits(pruned(**example)), logits(masked(**example)), rtol=1e-5, atol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded(**example)), logits(pruned(**example)))
 
 
 @pytest.mark.parametrize("make", [bert, llama], ids=["bert", "llama"])
@@ -195,7 +208,9 @@ def test_the_config_says_the_cut_widths_so_from_pretrained_rebuilds_the_pruned_m
     model.eval()
     ids = torch.randint(3, 128, (2, 8))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
-    pruner = fxs.SaliencyPruner(0.5)
+    # GPT-J's config derives its attention width from n_embd, and its heads (rotary on every other channel) stay:
+    # its hidden width stays too, or the config could not describe the model
+    pruner = fxs.SaliencyPruner(0.5, prune_normalized=family != "gptj")
     fxs.prepare_fx_sparse(model, pruner, scope=block, tracer="export", example_inputs=example)
     pruner.step()
     with warnings.catch_warnings():

@@ -52,17 +52,14 @@ def test_per_channel_tensors_passed_by_keyword_are_cut_with_their_channels(make)
     assert small.get_submodule("1" if isinstance(model[1], FrozenBatchNorm) else "0").bias.shape == (8,)
 
 
-def test_a_channels_last_layer_norm_is_cut_with_its_group_when_named():
+def test_a_channels_last_layer_norm_is_cut_with_its_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 4, 4), LayerNorm2d(16), nn.Conv2d(16, 8, 3)).eval()
     x = torch.randn(2, 3, 32, 32)
-    pruner = fxs.SaliencyPruner(0.5)
-    with pytest.warns(UserWarning, match="changes what the model computes"):
-        fxs.prepare_fx_sparse(model, pruner, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
-    pruner.step()
-    small = pruner.prune()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the masked LayerNorm averages over the kept channels: exact, no warning
+        pruner, small = pruned_equals_masked(model, x, [{"tensor_fqn": "0.weight"}])
     assert small.get_submodule("1").weight.shape == (8,) and small.get_submodule("2").weight.shape[1] == 8
-    small(x)
 
 
 def test_a_parametrized_layer_is_refused_and_named_not_cut_half():
@@ -309,10 +306,13 @@ def test_attention_weights_computed_and_dropped_do_not_block_its_heads():
         pruner = fxs.SaliencyPruner(0.5)
         fxs.prepare_fx_sparse(AttentionWeightsUnused().eval(), pruner, example_inputs=(x,), tracer=tracer)
         assert [g["tensor_fqn"] for g in pruner.groups] == ["attn.in_proj_weight", "attn.out_proj.weight"]
+    # alone (scope="layers"), the weights it returns average its heads: over the kept ones in the masked graph
+    pruner, small = pruned_equals_masked(AttentionWeightsUnused().eval(), x, scope="layers")
+    assert [g["tensor_fqn"] for g in pruner.groups] == ["attn.in_proj_weight"] and small.attn.num_heads == 2
     with pytest.warns(UserWarning, match="called with need_weights=True, and the attention weights it returns "
                                          "average its heads: call it with need_weights=False"):
-        fxs.prepare_fx_sparse(AttentionWeightsUnused().eval(), fxs.SaliencyPruner(0.5), scope="layers",
-                              example_inputs=(x,))
+        fxs.prepare_fx_sparse(AttentionWeightsUnused().eval(), fxs.SaliencyPruner(0.5, prune_normalized=False),
+                              scope="layers", example_inputs=(x,))
 
 
 class ScaledBlock(nn.Module):

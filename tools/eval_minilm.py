@@ -19,6 +19,11 @@ pruned model make one pass in turn), and "speed vs dense", the median over round
 dense time / pruned time. The pruned weights are dense tensors with zeros, so without a
 sparse kernel their speed is the dense speed; the column measures that rather than
 assume it.
+
+ADMM rows (``ADMMSparsifier``, ALPS-class) also report each pruned layer's reconstruction error
+``tr(ΔHΔᵀ)/tr(WHWᵀ)`` on the calibration inputs relative to SparseGPT's on the same statistics (mean
+/ max over the 36 layers) and the time per layer, with ADMM's slowdown against SparseGPT measured
+layer by layer in the same run (``--no-admm-compare`` skips SparseGPT; ``--admm-iterations N``).
 """
 from __future__ import annotations
 
@@ -146,7 +151,16 @@ def _unit_norms(sparsifier) -> None:
         observer.num_rows.fill_(1)
 
 
-# name -> (pattern, sparsifier factory, calibration: None | "calib" | "unit")
+#: ADMMSparsifier keywords for the ADMM rows (``--admm-iterations``, ``--no-admm-compare``): by default each
+#: ADMM row also runs SparseGPT per layer on the same statistics, for its reconstruction-error ratio and timing.
+ADMM_OPTIONS: dict = {"compare": True}
+
+
+def _admm(level: float, **kwargs) -> fxs.ADMMSparsifier:
+    return fxs.ADMMSparsifier(level, **kwargs, **ADMM_OPTIONS)
+
+
+# name -> (pattern, sparsifier factory, calibration: None | "calib" | "unit" | "blocks" | "owl")
 METHODS = {
     "magnitude (per layer)": ("50%", lambda: fxs.WeightNormSparsifier(0.5, (1, 1), 1, norm=1), None),
     "magnitude (global)": ("50%", lambda: fxs.GlobalMagnitudeSparsifier(0.5), None),
@@ -164,6 +178,13 @@ METHODS = {
     "SparseGPT 70% block by block": ("70%", lambda: fxs.SparseGPTSparsifier(0.7), "blocks"),
     "Wanda 70% OWL": ("70%", lambda: fxs.WandaSparsifier(0.7), "owl"),
     "SparseGPT 70% OWL": ("70%", lambda: fxs.SparseGPTSparsifier(0.7), "owl"),
+    "ADMM": ("50%", lambda: _admm(0.5), "calib"),
+    "ADMM block by block": ("50%", lambda: _admm(0.5), "blocks"),
+    "ADMM 2:4": ("2:4", lambda: _admm(0.5, semi_structured_block_size=4), "calib"),
+    "ADMM 2:4 block by block": ("2:4", lambda: _admm(0.5, semi_structured_block_size=4), "blocks"),
+    "ADMM 70%": ("70%", lambda: _admm(0.7), "calib"),
+    "ADMM 70% block by block": ("70%", lambda: _admm(0.7), "blocks"),
+    "ADMM 70% OWL": ("70%", lambda: _admm(0.7), "owl"),
 }
 OWL_LAMBDA, OWL_THRESHOLD = 0.08, 5.0  # the paper's defaults
 
@@ -180,18 +201,22 @@ def _statistics_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def prune_blocks(encoder: nn.Module, method: str, calib_batches) -> tuple[nn.Module, float, int]:
+def prune_blocks(encoder: nn.Module, method: str, calib_batches) -> tuple[nn.Module, float, int, list[dict]]:
     """``fx_sparsity.one_shot`` over the encoder's BertLayers: a pruned copy of the eager encoder, its
-    zeros fraction, and the most observer-statistics bytes held at once (one block's)."""
+    zeros fraction, the most observer-statistics bytes held at once (one block's), and what each block's
+    sparsifier recorded per weight (``sparsifier.state``: ADMM's errors and times)."""
     from transformers.models.bert.modeling_bert import BertLayer
 
     _, factory, _ = METHODS[method]
     held = [0]
+    layer_state: list[dict] = []
     original_step = fxs.BaseSparsifier.step
 
-    def step(self, *args, **kwargs):  # measure what each block holds when it steps
+    def step(self, *args, **kwargs):  # measure what each block holds when it steps; keep its per-weight state
         held[0] = max(held[0], _statistics_bytes(self.model))
-        return original_step(self, *args, **kwargs)
+        result = original_step(self, *args, **kwargs)
+        layer_state.extend(dict(self.state[g["tensor_fqn"]]) for g in self.groups if self.state.get(g["tensor_fqn"]))
+        return result
 
     fxs.BaseSparsifier.step = step
     try:
@@ -201,14 +226,14 @@ def prune_blocks(encoder: nn.Module, method: str, calib_batches) -> tuple[nn.Mod
         fxs.BaseSparsifier.step = original_step
     weights = [m.weight for m in pruned.bert.encoder.modules() if isinstance(m, nn.Linear)]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    return pruned, zeros, held[0]
+    return pruned, zeros, held[0], layer_state
 
 
 @torch.no_grad()
 def prune(graph: torch.fx.GraphModule, config: list[dict], method: str,
-          calib_batches) -> tuple[torch.fx.GraphModule, float, int]:
+          calib_batches) -> tuple[torch.fx.GraphModule, float, int, list[dict]]:
     """A pruned, squashed copy of ``graph``; the fraction of zeros in the pruned weights; the observer
-    statistics' bytes (all layers at once)."""
+    statistics' bytes (all layers at once); the sparsifier's per-weight state."""
     _, factory, calibration = METHODS[method]
     sparsifier = factory()
     with warnings.catch_warnings():  # torch's own deepcopy of an exported module warns about its pytree specs
@@ -225,7 +250,26 @@ def prune(graph: torch.fx.GraphModule, config: list[dict], method: str,
     sparsifier.step()
     zeros = sum(int((sparsifier.get_mask(g["tensor_fqn"]) == 0).sum()) for g in sparsifier.groups)
     total = sum(sparsifier.get_mask(g["tensor_fqn"]).numel() for g in sparsifier.groups)
-    return sparsifier.squash_mask(), zeros / total, held
+    layer_state = [dict(sparsifier.state[g["tensor_fqn"]]) for g in sparsifier.groups
+                   if sparsifier.state.get(g["tensor_fqn"])]
+    return sparsifier.squash_mask(), zeros / total, held, layer_state
+
+
+def reconstruction_summary(layer_state: list[dict]) -> dict:
+    """ADMM's per-layer errors and times, summed up (empty for the other methods)."""
+    if not layer_state or "reconstruction_error" not in layer_state[0]:
+        return {}
+    summary = {"layers": len(layer_state),
+               "mean_error": statistics.mean(s["reconstruction_error"] for s in layer_state),
+               "layer_s": statistics.mean(s["seconds"] for s in layer_state),
+               "mean_iterations": statistics.mean(s["iterations"] for s in layer_state)}
+    if "relative_to_sparsegpt" in layer_state[0]:
+        ratios = [s["relative_to_sparsegpt"] for s in layer_state]
+        summary.update(mean_ratio=statistics.mean(ratios), max_ratio=max(ratios),
+                       sparsegpt_layer_s=statistics.mean(s["sparsegpt_seconds"] for s in layer_state),
+                       slowdown=sum(s["seconds"] for s in layer_state)
+                       / sum(s["sparsegpt_seconds"] for s in layer_state))
+    return summary
 
 
 @torch.no_grad()
@@ -270,9 +314,9 @@ def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=
     for method in methods:
         start = time.perf_counter()
         if METHODS[method][2] == "blocks":
-            pruned, sparsity, held = prune_blocks(encoder, method, calib_batches)
+            pruned, sparsity, held, layer_state = prune_blocks(encoder, method, calib_batches)
         else:
-            pruned, sparsity, held = prune(graph, config, method, calib_batches)
+            pruned, sparsity, held, layer_state = prune(graph, config, method, calib_batches)
         cos = (embed(pruned, eval_batches) * dense).sum(1)  # both unit vectors
         pruned_graphs.append(pruned)
         rows.append({
@@ -280,6 +324,7 @@ def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=
             "mean_cos": cos.mean().item(), "min_cos": cos.min().item(),
             "dense_sent_per_s": None, "pruned_sent_per_s": None, "speed_vs_dense": None,
             "seconds": time.perf_counter() - start, "statistics_mib": held / 2**20,
+            "reconstruction": reconstruction_summary(layer_state),
         })
         log(f"  {method}: mean cos {rows[-1]['mean_cos']:.4f} ({rows[-1]['seconds']:.1f} s)")
     if repeat:
@@ -314,10 +359,18 @@ def table(result: dict) -> str:
             return ["-", "-", "-"]
         return [f"{r['dense_sent_per_s']:.0f}", f"{r['pruned_sent_per_s']:.0f}", f"{r['speed_vs_dense']:.2f}x"]
 
+    def reconstruction(r):  # ADMM rows: layer error relative to SparseGPT's (mean / max), time per layer
+        summary = r.get("reconstruction") or {}
+        if "mean_ratio" not in summary:
+            return ["-", "-"]
+        return [f"{summary['mean_ratio']:.2f} / {summary['max_ratio']:.2f}",
+                f"{summary['layer_s']:.2f} ({summary['slowdown']:.0f}x)"]
+
     rows = [[r["pattern"], r["method"], f"{r['sparsity']:.1%}", f"{r['mean_cos']:.4f}", f"{r['min_cos']:.4f}",
-             f"{r['seconds']:.1f}", f"{r.get('statistics_mib', 0):.1f}", *speed(r)] for r in result["rows"]]
+             f"{r['seconds']:.1f}", f"{r.get('statistics_mib', 0):.1f}", *speed(r), *reconstruction(r)]
+            for r in result["rows"]]
     headers = ["pattern", "method", "zeros", "mean cos", "min cos", "prune s", "statistics MiB", "dense sent/s",
-               "pruned sent/s", "speed vs dense"]
+               "pruned sent/s", "speed vs dense", "error vs SparseGPT", "s/layer (vs SparseGPT)"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
@@ -331,11 +384,18 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=SPLITS, default="first",
                         help="which 64 lines calibrate (the other 240 evaluate)")
     parser.add_argument("--methods", help="comma-separated method names (default: all)")
+    parser.add_argument("--admm-iterations", type=int, help="ADMMSparsifier(iterations=...) for the ADMM rows")
+    parser.add_argument("--no-admm-compare", action="store_true",
+                        help="ADMM rows without the per-layer SparseGPT reference (faster; no error ratio)")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args(argv)
     if args.check_st:
         check_against_sentence_transformers()
     methods = args.methods.split(",") if args.methods else None
+    if args.admm_iterations is not None:
+        ADMM_OPTIONS["iterations"] = args.admm_iterations
+    if args.no_admm_compare:
+        ADMM_OPTIONS["compare"] = False
     result = evaluate(fast=args.fast, batch_size=args.batch_size, repeat=args.repeat, methods=methods,
                       split=args.split)
     print(f"\nall-MiniLM-L6-v2, one-shot pruning of all {result['n_linear']} Linear weights; cosine similarity to "

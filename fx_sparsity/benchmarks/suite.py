@@ -1,6 +1,7 @@
 """fx_sparsity benchmark suite: every number a ratio measured in one run.
 
     python -m fx_sparsity bench [--quick] [--json PATH] [--cases mask_update,prepare,memory,train_step,inference]
+    python -m fx_sparsity bench --cases one_shot [--llmc-python PATH] [--one-shot-sizes 100m,400m,1b]
     fx-sparsity bench ...  /  python tools/bench.py ...  /  python -m fx_sparsity.benchmarks ...   (same thing)
 
 Cases measured here: ``mask_update`` (sparsifier.step, ours vs torch.ao.pruning, masks
@@ -10,6 +11,9 @@ the sibling modules :mod:`fx_sparsity.benchmarks.train_step` /
 :mod:`fx_sparsity.benchmarks.inference` in a child process each (their own torch.compile
 caches, thread count and warning filters) and fold their JSON in.
 Timings are medians from ``torch.utils.benchmark`` (warm-up included).
+``one_shot`` (:mod:`fx_sparsity.benchmarks.one_shot`: one-shot pruning of a random Llama, ours vs
+llm-compressor, time and peak memory, a subprocess per run) takes minutes per size: it runs only
+when ``--cases`` names it.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch.utils.benchmark import Timer
 
 import fx_sparsity as fxs
 
+from .one_shot import case_one_shot
 from .scopes import case_scopes
 from .structured import case_structured
 
@@ -191,7 +196,10 @@ CASES = {
     "structured": case_structured,
     "train_step": lambda quick: _sibling("train_step", "train_step", quick),
     "inference": lambda quick: _sibling("inference", "inference", quick),
+    "one_shot": case_one_shot,
 }
+#: Cases that run only when ``--cases`` names them (minutes each).
+OPT_IN = ("one_shot",)
 
 
 WIDTH = 120  # a printed table fits a terminal; every number is in --json too
@@ -222,7 +230,7 @@ def _table(rows: list[dict]) -> str:
 
 def _flat(row: dict) -> dict:
     out = {"name": row.get("name")}
-    for group in ("ms", "bytes", "ratios"):
+    for group in ("ms", "s", "MiB", "bytes", "ratios"):
         for k, v in (row.get(group) or {}).items():
             out[f"{k} ({group})" if group != "ratios" else k] = round(v, 3) if isinstance(v, float) else v
     if "masks_identical" in row:
@@ -234,7 +242,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fx-sparsity bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, short timings (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write one JSON object per case row")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    default = ",".join(c for c in CASES if c not in OPT_IN)
+    parser.add_argument("--cases", default=default, help=f"comma-separated subset of {','.join(CASES)} (default: "
+                                                          f"all but {','.join(OPT_IN)})")
+    parser.add_argument("--llmc-python", metavar="PATH", help="one_shot: the python of a venv with llm-compressor "
+                        "(default: this one, when it imports llmcompressor; else ours only)")
+    parser.add_argument("--one-shot-sizes", default="100m", metavar="SIZES",
+                        help="one_shot: comma-separated model sizes of tiny,100m,400m,1b (default 100m; --quick: tiny)")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
@@ -242,7 +256,10 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     all_rows = []
     for case in args.cases.split(","):
-        rows = CASES[case](args.quick)
+        if case == "one_shot":
+            rows = case_one_shot(args.quick, args.llmc_python, args.one_shot_sizes)
+        else:
+            rows = CASES[case](args.quick)
         all_rows += rows
         if rows:
             print(f"\n## {case}\n")

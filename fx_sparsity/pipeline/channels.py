@@ -1,10 +1,12 @@
 """Channel masks: trace each unit, find its coupled channel groups, mask the chosen ones (the structured pruners).
 
-Per unit (the whole model, or each block of a block scope) the graph is run on the example
-inputs to find its channel groups (``passes.channels``). For each chosen group one mask
-buffer with an entry per class (``<first producer>.out_channel_mask``) is added, and every sink's
-input is multiplied by it (``InsertChannelMasks``), so the masked model computes exactly what the
-cut one will. Before (``nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))``)::
+Per unit (the whole model, or each layer of the layers scope; block scopes: ``stitched``, the
+blocks and the layers between them followed as one graph) the graph is run on the example inputs
+to find its channel groups (``passes.channels``). For each chosen group one mask buffer with an
+entry per class (``<first producer>.out_channel_mask``) is added, every sink's input is
+multiplied by it (``InsertChannelMasks``) and every norm over masked channels averages over the
+kept ones only (``MaskNorms``), so the masked model computes exactly what the cut one will.
+Before (``nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))``)::
 
     %_0 : call_module[target=0](args = (%input_1,))
     %_1 : call_module[target=1](args = (%_0,))
@@ -28,17 +30,19 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ..errors import SparsityConfigError, TraceError, warn_user
 from ..inputs import CallInputs, as_args_kwargs, graph_inputs
 from ..passes import fetch_attr, run_passes
-from ..passes.channels import ChannelAnalysis, ChannelGroup, InsertChannelMasks, find_channel_groups
+from ..passes.channels import ChannelAnalysis, ChannelGroup, InsertChannelMasks, MaskNorms, find_channel_groups
 from ..scopes import Scope
 from ..scoping import UNITS_ATTR, Unit, capture_inputs, relative
 from ..tracing import export_module, trace_written_out
 from .protocol import SparsifierLike
 
-__all__ = ["Part", "ChannelTarget", "place", "analyse", "guess_inputs", "MASK_NAME"]
+__all__ = ["Part", "ChannelTarget", "place", "analyse", "guess_inputs", "MASK_NAME", "add_mask", "placeholder_values",
+           "choose", "trace_unit", "batch_of_two", "warn_nothing_to_prune"]
 
 MASK_NAME = "out_channel_mask"
 
@@ -52,31 +56,39 @@ class Part:
     analysis: ChannelAnalysis
     inputs: CallInputs
     original: nn.Module | None  # the block it replaced
+    model_inputs: CallInputs | None = None  # (units followed together, ``stitched``) the model's example inputs
 
 
 @dataclass
 class ChannelTarget:
     """What the pipeline placed for one pruned group (kept apart from the group's config dict, which saves as is)."""
 
-    part: str  # the fqn of the Part whose graph holds the group
+    part: str  # the fqn of the Part whose graph holds the group (its mask)
     channel_group: ChannelGroup
     mask_fqn: str  # the mask buffer, a model fqn
+    model_names: bool = False  # the group names tensors by their model fqns (a group across units)
 
 
 def mask_name(tensor_name: str) -> str:
     return MASK_NAME if tensor_name == "weight" else f"{tensor_name}_channel_mask"
 
 
-def analyse(gm: fx.GraphModule, inputs: Any) -> ChannelAnalysis:
-    """``find_channel_groups`` on ``gm`` run with ``inputs``, leaving its buffers, mode and the RNG as they were."""
-    buffers = {name: b.clone() for name, b in gm.named_buffers()}
+def placeholder_values(gm: fx.GraphModule, inputs: Any) -> list:
+    """The values of ``gm``'s placeholders for a call with ``inputs``."""
     args, kwargs = as_args_kwargs(inputs)
     if getattr(gm.graph._codegen, "pytree_info", None) is not None:  # exported: None keywords were left out,
         taken = inspect.signature(gm.forward).parameters              # but where the forward has no default
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in taken}
+    return graph_inputs(gm, CallInputs(args, kwargs))
+
+
+def analyse(gm: fx.GraphModule, inputs: Any, values: list | None = None) -> ChannelAnalysis:
+    """``find_channel_groups`` on ``gm`` run with ``inputs`` (or its placeholders' ``values``), leaving its buffers,
+    mode and the RNG as they were."""
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            return find_channel_groups(gm, graph_inputs(gm, CallInputs(args, kwargs)))
+            return find_channel_groups(gm, placeholder_values(gm, inputs) if values is None else values)
     except RuntimeError as e:
         if "ShapeProp error" not in str(e):
             raise
@@ -94,23 +106,22 @@ def analyse(gm: fx.GraphModule, inputs: Any) -> ChannelAnalysis:
 
 def _units(work: nn.Module, config: list[dict] | None, scope: Scope,
            example_inputs: Any) -> list[tuple[str, nn.Module, CallInputs]]:
-    """``[(fqn, module, inputs)]`` to trace: the whole model, or each block (each parameter-holding layer that is not
-    a standard torch layer, for layers scope: a standard layer alone holds no whole group)."""
+    """``[(fqn, module, inputs)]`` to trace: the whole model, or (layers scope) each parameter-holding layer that is
+    not a standard torch layer (a standard layer alone holds no whole group). Block scopes: ``stitched``."""
     if scope.whole_model:
         return [("", work, CallInputs(*as_args_kwargs(example_inputs)))]
-    blocks = scope.blocks(work) if scope.block_types else _layers(work)
-    if not scope.block_types:
-        alone = [b for b in blocks if not isinstance(work.get_submodule(b), nn.MultiheadAttention)
-                 and type(work.get_submodule(b)).__module__.startswith("torch.nn")]
-        for entry in config or []:
-            holder = next((b for b in alone if str(entry.get("tensor_fqn", "")).startswith(b + ".")), None)
-            if holder is not None:
-                raise SparsityConfigError(
-                    f"'{entry['tensor_fqn']}': with scope=\"layers\" each layer is a graph of its own, and "
-                    f"the channels of '{holder}' ({type(work.get_submodule(holder)).__name__}) leave it (the "
-                    f"group crosses graphs): prune it with scope=\"model\" or a block scope holding the "
-                    f"whole group")
-        blocks = [b for b in blocks if b not in alone]
+    blocks = _layers(work)
+    alone = [b for b in blocks if not isinstance(work.get_submodule(b), nn.MultiheadAttention)
+             and type(work.get_submodule(b)).__module__.startswith("torch.nn")]
+    for entry in config or []:
+        holder = next((b for b in alone if str(entry.get("tensor_fqn", "")).startswith(b + ".")), None)
+        if holder is not None:
+            raise SparsityConfigError(
+                f"'{entry['tensor_fqn']}': with scope=\"layers\" each layer is a graph of its own, and "
+                f"the channels of '{holder}' ({type(work.get_submodule(holder)).__name__}) leave it (the "
+                f"group crosses graphs): prune it with scope=\"model\" or a block scope holding the "
+                f"whole group")
+    blocks = [b for b in blocks if b not in alone]
     captured = capture_inputs(work, blocks, example_inputs)
     outside = [e.get("tensor_fqn") for e in config or []
                if not any(str(e.get("tensor_fqn", "")).startswith(b + ".") for b in blocks)]
@@ -123,34 +134,26 @@ def _units(work: nn.Module, config: list[dict] | None, scope: Scope,
 def place(sparsifier: SparsifierLike, work: nn.Module, config: list[dict] | None, scope: Scope, tracer: str,
           example_inputs: Any) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
     """Trace, analyse and mask ``work`` (changed in place); returns ``(prepared, groups, {"parts", "targets"})``."""
-    parts, groups, targets = [], [], {}
-    for fqn, module, inputs in _units(work, config, scope, example_inputs):
-        gm = _trace(module, tracer, inputs, fqn)
+    if scope.block_types:  # the blocks (and the layers between them) followed as one graph
+        from .stitched import place_stitched  # (built on this module's helpers)
+        return place_stitched(sparsifier, work, config, scope, tracer, example_inputs)
+    parts: list[Part] = []
+    groups: list[dict[str, Any]] = []
+    targets: dict[str, ChannelTarget] = {}
+    for fqn, module, inputs, gm in _traced_units(work, config, scope, tracer, example_inputs):
         part = Part(fqn, gm, analyse(gm, inputs), inputs, module if fqn else None)
         part_config = None if config is None else [
             {**e, "tensor_fqn": relative(e["tensor_fqn"], fqn)} for e in config
             if not fqn or str(e.get("tensor_fqn", "")).startswith(fqn + ".")]
         masks = {}
         prefix = f"{fqn}." if fqn else ""
-        for group, entry in _choose(part, part_config):
-            tensor_fqn, _dim = group.anchor
-            owner_fqn, _, tensor_name = tensor_fqn.rpartition(".")
-            anchor = fetch_attr(gm, tensor_fqn)
-            dtype = anchor.dtype if anchor.is_floating_point() else torch.float32
-            name = mask_name(tensor_name)
-            gm.get_submodule(owner_fqn).register_buffer(name, torch.ones(group.num_classes, dtype=dtype,
-                                                                         device=anchor.device))
-            masks[group.index] = f"{owner_fqn}.{name}" if owner_fqn else name
-            settings = {**copy.deepcopy(sparsifier.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
-            module_fqn = ".".join(n for n in (fqn, owner_fqn) if n)
-            groups.append({**settings, "tensor_fqn": prefix + tensor_fqn, "module_fqn": module_fqn,
-                           "tensor_name": tensor_name, "mask_name": name, "part": fqn})
-            sparsifier.validate_group(groups[-1], anchor)
-            targets[prefix + tensor_fqn] = ChannelTarget(fqn, group, prefix + masks[group.index])
-        run_passes(gm, InsertChannelMasks(part.analysis, masks))
+        for group, entry in choose(part, part_config, getattr(sparsifier, "prune_normalized", True)):
+            masks[group.index] = add_mask(sparsifier, gm, fqn, group.anchor[0], group, entry, groups)
+            targets[prefix + group.anchor[0]] = ChannelTarget(fqn, group, prefix + masks[group.index])
+        run_passes(gm, InsertChannelMasks(part.analysis, masks), MaskNorms(part.analysis, masks))
         parts.append(part)
     if not groups and config is None:
-        _warn_nothing_to_prune(type(sparsifier).__name__, parts)
+        warn_nothing_to_prune(type(sparsifier).__name__, parts)
     for part in parts:
         if part.fqn:
             work.set_submodule(part.fqn, part.graph_module)
@@ -162,7 +165,61 @@ def place(sparsifier: SparsifierLike, work: nn.Module, config: list[dict] | None
     return model, groups, {"parts": parts, "targets": targets}
 
 
-def _trace(module: nn.Module, tracer: str, inputs: CallInputs, fqn: str) -> fx.GraphModule:
+def _traced_units(work: nn.Module, config: list[dict] | None, scope: Scope, tracer: str,
+                  example_inputs: Any) -> list[tuple[str, nn.Module, CallInputs, fx.GraphModule]]:
+    """Each unit with its inputs and its graph. torch.export fixes a dim of size 1 in the example (batch 1 would
+    give a masked and a pruned model that take batch 1 only): an example of batch 1 is exported repeated to a
+    batch of 2, so the batch stays dynamic; if the model does not run or export that way, it is exported at
+    batch 1, with a warning."""
+    batched = batch_of_two(example_inputs) if tracer == "export" else None
+    failed: Exception | None = None
+    if batched is not None:
+        try:
+            return [(fqn, module, inputs, trace_unit(module, tracer, inputs, fqn))
+                    for fqn, module, inputs in _units(work, config, scope, batched)]
+        except SparsityConfigError:
+            raise
+        except Exception as e:
+            failed = e
+    traced = [(fqn, module, inputs, trace_unit(module, tracer, inputs, fqn))
+              for fqn, module, inputs in _units(work, config, scope, example_inputs)]
+    if failed is not None:
+        why = str(failed).splitlines()[0] if str(failed) else ""
+        warn_user(f"example_inputs have a batch of 1, which torch.export fixes: the masked and the pruned model will "
+                  f"take batch 1 only (the example repeated to a batch of 2 did not export: {type(failed).__name__}: "
+                  f"{why[:200]}). Pass example_inputs with a batch of 2 or more to keep the batch dynamic")
+    return traced
+
+
+def batch_of_two(example_inputs: Any) -> Any:
+    """``example_inputs`` with every tensor repeated to a batch of 2, when each tensor's first dim is 1 (else
+    None: the batch is not 1, or no tensor has a dim)."""
+    leaves = [t for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not leaves or any(t.shape[0] != 1 for t in leaves):
+        return None
+    return pytree.tree_map(lambda t: t.repeat(2, *[1] * (t.dim() - 1)).contiguous()
+                           if isinstance(t, torch.Tensor) and t.dim() >= 1 else t, example_inputs)
+
+
+def add_mask(sparsifier: SparsifierLike, gm: fx.GraphModule, fqn: str, tensor_fqn: str, group: ChannelGroup,
+             entry: dict, groups: list[dict[str, Any]]) -> str:
+    """Register ``group``'s mask next to its first producer ``tensor_fqn`` (in ``gm``, the graph of unit ``fqn``) and
+    append the group's dict to ``groups``; returns the mask's name in ``gm``."""
+    owner_fqn, _, tensor_name = tensor_fqn.rpartition(".")
+    anchor = fetch_attr(gm, tensor_fqn)
+    dtype = anchor.dtype if anchor.is_floating_point() else torch.float32
+    name = mask_name(tensor_name)
+    gm.get_submodule(owner_fqn).register_buffer(name, torch.ones(group.num_classes, dtype=dtype, device=anchor.device))
+    settings = {**copy.deepcopy(sparsifier.defaults), **{k: v for k, v in entry.items() if k != "tensor_fqn"}}
+    prefix = f"{fqn}." if fqn else ""
+    module_fqn = ".".join(n for n in (fqn, owner_fqn) if n)
+    groups.append({**settings, "tensor_fqn": prefix + tensor_fqn, "module_fqn": module_fqn, "tensor_name": tensor_name,
+                   "mask_name": name, "part": fqn})
+    sparsifier.validate_group(groups[-1], anchor)
+    return f"{owner_fqn}.{name}" if owner_fqn else name
+
+
+def trace_unit(module: nn.Module, tracer: str, inputs: CallInputs, fqn: str) -> fx.GraphModule:
     where = f"'{fqn}' ({type(module).__name__})" if fqn else type(module).__name__
     if isinstance(module, nn.MultiheadAttention):
         tracer = "export"  # a layer of its own (scope="layers"): its forward branches on its flags
@@ -183,8 +240,9 @@ def _trace(module: nn.Module, tracer: str, inputs: CallInputs, fqn: str) -> fx.G
     return gm
 
 
-def _choose(part: Part, config: list[dict] | None) -> list[tuple[ChannelGroup, dict]]:
-    """The groups to mask: those the config names (checked), or every one that can be cut exactly."""
+def choose(part: Part, config: list[dict] | None, normalized: bool = True) -> list[tuple[ChannelGroup, dict]]:
+    """The groups to mask: those the config names (checked), or every one that can be cut exactly (those a norm
+    averages over too unless ``normalized`` is False)."""
     found = part.analysis.groups
     if part.fqn:  # in a block's own graph, what leaves the graph is the block's output or input
         averaged = isinstance(part.original, nn.MultiheadAttention) and part.inputs.kwargs.get(
@@ -200,7 +258,7 @@ def _choose(part: Part, config: list[dict] | None) -> list[tuple[ChannelGroup, d
             if averaged and group.normalized:
                 group.normalized += hint
     if config is None:
-        return [(g, {}) for g in found if g.prunable and g.normalized is None]
+        return [(g, {}) for g in found if g.prunable and g.inexact is None and (normalized or g.normalized is None)]
     chosen: list[tuple[ChannelGroup, dict]] = []
     prefix = f"{part.fqn}." if part.fqn else ""
     for i, entry in enumerate(config):
@@ -220,9 +278,9 @@ def _choose(part: Part, config: list[dict] | None) -> list[tuple[ChannelGroup, d
         if any(g is group for g, _ in chosen):
             raise SparsityConfigError(f"config[{i}]: '{prefix}{fqn}' is in a group an earlier entry already names "
                                       f"(its producers: {[prefix + p for p, _ in group.producers]})")
-        if group.normalized is not None:
+        if group.inexact is not None:
             warn_user(f"pruning the channels of '{prefix}{fqn}' changes what the model computes: "
-                      f"{group.normalized}, so the pruned model computes something else than the masked one (close "
+                      f"{group.inexact}, so the pruned model computes something else than the masked one (close "
                       f"when the channels cut are small); fine-tune after pruning")
         chosen.append((group, entry))
     return chosen
@@ -287,9 +345,10 @@ def _layers(model: nn.Module) -> list[str]:
     return owners
 
 
-def _warn_nothing_to_prune(who: str, parts: list[Part]) -> None:
-    reasons = sorted({g.problem or g.normalized or "" for p in parts for g in p.analysis.groups if g.producers} - {""})
+def warn_nothing_to_prune(who: str, parts: list[Part]) -> None:
+    reasons = sorted({g.problem or g.inexact or g.normalized or "" for p in parts for g in p.analysis.groups
+                      if g.producers} - {""})
     warn_user(f"prepare: {who} found no channel group it can cut exactly (without changing the "
               f"model's output shapes); step() and prune() will do nothing. Why the groups were left out: "
-              f"{reasons[:4]}{' ...' if len(reasons) > 4 else ''}. A group a LayerNorm/RMSNorm normalises can still "
-              f"be named in the config.")
+              f"{reasons[:4]}{' ...' if len(reasons) > 4 else ''}. A group a norm averages over is pruned with "
+              f"prune_normalized=True (the default), or when named in the config.")

@@ -125,6 +125,24 @@ def _intermediate(module: nn.Module, name: str) -> int | None:
 _INTERMEDIATE = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "hidden_dim")
 
 
+_HIDDEN = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+
+
+def _hidden_width(model: nn.Module, config: Any) -> int | None:
+    """The hidden width of a Hugging Face model whose input embeddings were cut (None when it was not)."""
+    embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        layer = embeddings() if callable(embeddings) else None
+    except Exception:  # a model without input embeddings
+        return None
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    width = int(weight.shape[1])
+    said = [getattr(config, n) for n in _HIDDEN if isinstance(getattr(config, n, None), int)]
+    return width if said and width not in said else None
+
+
 def _rebuilt_mismatches(model: nn.Module, config: Any) -> list[str] | None:
     """The tensors whose shapes a model built from ``config`` (on the meta device) would not have; None when
     the config cannot build one here."""
@@ -140,14 +158,16 @@ def _rebuilt_mismatches(model: nn.Module, config: Any) -> list[str] | None:
 
 
 def update_config(model: nn.Module) -> None:
-    """A Hugging Face model's config after a cut: ``num_attention_heads``, ``num_key_value_heads`` (with
-    ``head_dim``, so the head size stays) and the MLP width (``intermediate_size``, ``ffn_dim``, ...), when every
-    layer has the same new size. Each change is kept if a model built from the config (on the meta device)
-    has more of the cut shapes; a warning names the tensors the config still cannot describe."""
+    """A Hugging Face model's config after a cut: the hidden size (``hidden_size``, ``n_embd``, ``d_model``: the
+    input embeddings' width), ``num_attention_heads``, ``num_key_value_heads`` (with ``head_dim``, so the head size
+    stays) and the MLP width (``intermediate_size``, ``ffn_dim``, ...), when every layer has the same new size.
+    Each change is kept if a model built from the config (on the meta device) has more of the cut shapes (the
+    hidden size with the head counts and size at once); a warning names the tensors the config still cannot
+    describe."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    heads, kvs, sizes, inter = set(), set(), set(), set()
+    heads, kvs, sizes, inter, head_sizes = set(), set(), set(), set(), set()
     for name, module in model.named_modules():
         counts = _attention_counts(module)
         if counts is not None:
@@ -157,6 +177,8 @@ def update_config(model: nn.Module) -> None:
         width = _intermediate(module, name)
         if width is not None:
             inter.add(width)
+        if "Attention" in type(module).__name__ and _head_size(module) is not None:
+            head_sizes.add(_head_size(module))
     unsaid: list[str] = []
     changes: list[tuple[dict[str, Any], str]] = []
     if len(heads) == 1 and (h := next(iter(heads))) != getattr(config, "num_attention_heads", h):
@@ -175,10 +197,24 @@ def update_config(model: nn.Module) -> None:
         changes.append(({n: width for n in names}, f"an MLP width of {width}"))
     elif len(inter) > 1:
         unsaid.append(f"a different intermediate size per layer {sorted(inter)}")
+    hidden = _hidden_width(model, config)
+    if hidden is not None:  # with the head counts and size at once: the config may derive one from the others
+        geometry: dict[str, Any] = {n: hidden for n in _HIDDEN if isinstance(getattr(config, n, None), int)
+                                    and not isinstance(getattr(config, n), bool)}
+        for change, _ in changes:
+            if "num_attention_heads" in change or "num_key_value_heads" in change:
+                geometry.update(change)
+        count = geometry.get("num_attention_heads", getattr(config, "num_attention_heads", None))
+        if len(head_sizes) == 1 and isinstance(count, int) and count and (
+                hasattr(config, "head_dim") or hidden // count != next(iter(head_sizes))):
+            geometry["head_dim"] = next(iter(head_sizes))
+        changes.insert(0, (geometry, f"a hidden size of {hidden}"))
     left = _rebuilt_mismatches(model, config)
     if left == []:  # the config already builds every cut shape (nothing it says was cut)
         return
     for change, what in changes:
+        if all(hasattr(config, k) and getattr(config, k) == v for k, v in change.items()):
+            continue  # already said (with the hidden size)
         before = {k: getattr(config, k) for k in change if hasattr(config, k)}
         if any(isinstance(v, (list, tuple)) for v in before.values()):  # a size per stage (SegFormer): not this
             unsaid.append(what)
@@ -201,6 +237,8 @@ def update_config(model: nn.Module) -> None:
         unsaid.append(what)
     if unsaid or left:
         shapes = f" ({len(left)} tensors, e.g. {left[:2]})" if left else ""
+        hint = (" The hidden size was cut too; prune_normalized=False (SaliencyPruner/FPGMPruner) keeps it"
+                if hidden is not None else "")
         warn_user(f"prune(): {type(model).__name__}.config cannot describe {'; '.join(unsaid) or 'the cut sizes'}"
                   f"{shapes}: from_pretrained would rebuild the original sizes. Save the pruned model with "
-                  f"torch.save(model) (or its state_dict with the code that builds it)")
+                  f"torch.save(model) (or its state_dict with the code that builds it).{hint}")

@@ -1,3 +1,4 @@
+from .admm_sparsifier import ADMMSparsifier
 from .base_sparsifier import BaseSparsifier
 from .global_magnitude_sparsifier import GlobalMagnitudeSparsifier
 from .nearly_diagonal_sparsifier import NearlyDiagonalSparsifier
@@ -7,5 +8,5 @@ from .sparsegpt_sparsifier import SparseGPTSparsifier
 from .wanda_sparsifier import WandaSparsifier
 from .weight_norm_sparsifier import WeightNormSparsifier
 
-__all__ = ["BaseSparsifier", "GlobalMagnitudeSparsifier", "NearlyDiagonalSparsifier", "NMSparsifier",
+__all__ = ["ADMMSparsifier", "BaseSparsifier", "GlobalMagnitudeSparsifier", "NearlyDiagonalSparsifier", "NMSparsifier",
            "SparseGPTSparsifier", "WandaSparsifier", "WeightNormSparsifier", "owl_levels"]

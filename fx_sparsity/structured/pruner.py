@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .. import pipeline
 from ..errors import SparsityConfigError, warn_user
@@ -30,9 +30,15 @@ def _inherits(cls: type, method: str) -> bool:
 
 
 class BaseStructuredSparsifier(BaseSparsifier):
-    """Prune whole channels of coupled layers; subclasses score them in :meth:`filter_scores`."""
+    """Prune whole channels of coupled layers; subclasses score them in :meth:`filter_scores`.
 
-    def __init__(self, sparsity_level: float | dict[str, Any] = 0.5, patterns: Any = None):
+    ``prune_normalized`` (default True): with ``config=None``, also prune the widths a LayerNorm, RMSNorm,
+    GroupNorm or a mean averages over (a transformer's residual width); the masked model then normalises over
+    the kept channels only, so the pruned model computes what it does. False leaves those widths whole.
+    """
+
+    def __init__(self, sparsity_level: float | dict[str, Any] = 0.5, patterns: Any = None, *,
+                 prune_normalized: bool = True):
         if all(_inherits(type(self), m) for m in ("filter_scores", "channel_scores", "update_mask")):
             raise TypeError(f"Can't instantiate {type(self).__name__}: it scores no channels. Use SaliencyPruner or "
                             f"FPGMPruner, or subclass it and implement filter_scores(weight, dim) (one score per "
@@ -44,6 +50,10 @@ class BaseStructuredSparsifier(BaseSparsifier):
             warn_user(f"{type(self).__name__}: patterns are not used; fx_sparsity follows every channel dependency "
                       f"in the traced graph (docs/structured.md)")
         super().__init__(defaults=defaults)
+        if not isinstance(prune_normalized, bool):
+            raise SparsityConfigError(f"{type(self).__name__}: prune_normalized must be True or False, got "
+                                      f"{prune_normalized!r}")
+        self.prune_normalized = prune_normalized  # read by the pipeline when config is None
         self.parts: list[pipeline.Part] = []
         self.targets: dict[str, pipeline.ChannelTarget] = {}  # per group's tensor_fqn: what prepare placed
 
@@ -86,16 +96,18 @@ class BaseStructuredSparsifier(BaseSparsifier):
             self.plan_masks()
             for group in self.groups:
                 target = self.targets[group["tensor_fqn"]]
-                self.update_mask(**{**group, "module": model.get_submodule(group["module_fqn"]),
+                names_in = model if target.model_names else self._part(target.part).graph_module  # where the
+                self.update_mask(**{**group, "module": model.get_submodule(group["module_fqn"]),  # group's names
                                     "mask": self.get_mask(group["tensor_fqn"]), "channel_group": target.channel_group,
-                                    "graph_module": self._part(target.part).graph_module})
+                                    "graph_module": names_in})
 
     def filter_scores(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
         """How much each entry of ``weight`` along ``dim`` (an output channel) is worth keeping."""
         raise NotImplementedError
 
-    def channel_scores(self, gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
-        """One score per class: :meth:`filter_scores` of each producer, summed over the class's channels."""
+    def channel_scores(self, gm: nn.Module, group: ChannelGroup) -> torch.Tensor:
+        """One score per class: :meth:`filter_scores` of each producer (a tensor of ``gm``: the graph holding the
+        group, or the model for a group across the units of a block scope), summed over the class's channels."""
         total = torch.zeros(group.num_classes, dtype=torch.float64)
         for (fqn, dim), classes in group.classes_of.items():
             scores = self.filter_scores(fetch_attr(gm, fqn).detach(), dim).double().cpu()
@@ -108,7 +120,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
         return min(round(check_level(sparsity_level) * classes), classes - 1)
 
     def update_mask(self, module: nn.Module, tensor_name: str, mask: torch.Tensor, sparsity_level: float = 0.5,
-                    channel_group: ChannelGroup | None = None, graph_module: fx.GraphModule | None = None,
+                    channel_group: ChannelGroup | None = None, graph_module: nn.Module | None = None,
                     part: str = "", **kwargs: Any) -> None:
         assert channel_group is not None and graph_module is not None
         scores = self.channel_scores(graph_module, channel_group)
@@ -181,7 +193,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
 
 
 class SaliencyPruner(BaseStructuredSparsifier):
-    """Drop the channels of smallest L1 norm (torch.ao's ``SaliencyPruner``), summed over the group's producers."""
+    """Drop the channels of smallest L1 norm (torch.ao's ``SaliencyPruner``), summed over the group's producers
+    (``prune_normalized``: see :class:`BaseStructuredSparsifier`)."""
 
     def filter_scores(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
         rows = weight.movedim(dim, 0)
@@ -194,10 +207,12 @@ class SaliencyPruner(BaseStructuredSparsifier):
 class FPGMPruner(BaseStructuredSparsifier):
     """Drop the filters nearest the geometric median (He et al. 2019; torch.ao's ``FPGMPruner``): each filter's
     summed distance to the others, summed over the group's producers. ``dist``: 1, 2 (default) or a callable
-    taking the flattened filters and returning their distance matrix."""
+    taking the flattened filters and returning their distance matrix (``prune_normalized``: see
+    :class:`BaseStructuredSparsifier`)."""
 
-    def __init__(self, sparsity_level: float = 0.5, dist: Callable | int | None = None):
-        super().__init__(sparsity_level)
+    def __init__(self, sparsity_level: float = 0.5, dist: Callable | int | None = None, *,
+                 prune_normalized: bool = True):
+        super().__init__(sparsity_level, prune_normalized=prune_normalized)
         if dist is None or dist in (1, 2):
             self.dist_fn: Callable = _Cdist(2 if dist is None else int(dist))
         elif callable(dist):

@@ -20,28 +20,31 @@ elements that must go together:
   joined along itself instead, so only the other dims shrink.
 
 ``solver`` turns the joins into classes (the units pruning removes) and groups (chosen
-together); ``masks`` multiplies each sink by its groups' masks; ``cut`` cuts the tensors and has
+together); ``masks`` multiplies each sink by its groups' masks and ``masked_norms`` makes each norm
+or mean over masked channels average over the kept ones only; ``cut`` cuts the tensors and has
 each node's rule rewrite its sizes. Rules are registered by op name, op and layer type
 (``registry``); ``register_channel_rule`` adds a user's (``custom``).
 
 Modules: ``values`` (blocks of ids), ``groups`` (the data types), ``tracker`` (the state rules
 share), ``registry``, ``follow`` (the walk over the graph), ``solver``, the rules by family, ``masks``,
-``cut``, ``custom``.
+``masked_norms``, ``cut``, ``custom``.
 """
 from . import contractions, conv, elementwise, embedding, indexing, norms, reductions, shapes  # noqa: F401 - rules
 from .custom import register_channel_rule, unregister_channel_rule
 from .cut import CutError, CutPlan, RewriteSizes, cut_tensors, plan_cut, update_layer_attributes
 from .follow import find_channel_groups
-from .groups import FIXED, ChannelAnalysis, ChannelGroup, Seen, Sink, Space
-from .masks import CHANNEL_GROUPS_META, CHANNEL_MASK_META, InsertChannelMasks, RemoveChannelMasks
+from .groups import FIXED, ChannelAnalysis, ChannelGroup, NormSite, Seen, Sink, Space
+from .masked_norms import MaskNorms
+from .masks import CHANNEL_GROUPS_META, CHANNEL_MASK_META, MASKED_NORM_META, InsertChannelMasks, RemoveChannelMasks
 from .registry import ChannelRule, ChannelRuleError, RuleHandle
 from .tracker import Refuse, Tracker
 from .values import Block, Many, Value
 
 __all__ = [
-    "find_channel_groups", "ChannelAnalysis", "ChannelGroup", "Space", "Sink", "Seen", "FIXED",
+    "find_channel_groups", "ChannelAnalysis", "ChannelGroup", "Space", "Sink", "NormSite", "Seen", "FIXED",
     "ChannelRule", "ChannelRuleError", "RuleHandle", "register_channel_rule", "unregister_channel_rule",
     "Tracker", "Refuse", "Block", "Many", "Value",
-    "InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META", "CHANNEL_GROUPS_META",
+    "InsertChannelMasks", "MaskNorms", "RemoveChannelMasks", "CHANNEL_MASK_META", "CHANNEL_GROUPS_META",
+    "MASKED_NORM_META",
     "CutPlan", "plan_cut", "cut_tensors", "RewriteSizes", "update_layer_attributes", "CutError",
 ]

@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .values import Many, Value
 
-__all__ = ["SizeRewriter", "NodeRule", "FIXED", "Space", "ChannelGroup", "Sink", "GroupedConv", "Seen",
+__all__ = ["SizeRewriter", "NodeRule", "FIXED", "Space", "ChannelGroup", "Sink", "NormSite", "GroupedConv", "Seen",
            "ChannelAnalysis"]
 
 FIXED = 0  # the element every channel that cannot be removed is joined to
@@ -59,7 +59,9 @@ class ChannelGroup:
     fixed: int = 0  # entries of the first producer that cannot go
     balance: int = 1  # equal numbers go from each of this many contiguous blocks (grouped convolutions)
     problem: str | None = None  # why it cannot be pruned
-    normalized: str | None = None  # why cutting it changes the function (it may still be pruned on request)
+    normalized: str | None = None  # which norm averages over its channels (the masked graph then normalises over
+    # the kept ones only: ``masked_norms``)
+    inexact: str | None = None  # why the masked graph cannot compute what the cut one will (pruned on request only)
     classes_of: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)  # producer -> class
     # of each entry (-1: cannot go)
     keep_one: list[torch.Tensor] = field(default_factory=list, repr=False)  # class sets of which one must stay (a
@@ -82,6 +84,20 @@ class Sink:
     arg: int | str
     source: str
     ids: torch.Tensor
+
+
+@dataclass
+class NormSite:
+    """A node that averages over channels (a LayerNorm, RMSNorm, GroupNorm, mean or variance): with their group
+    masked, the masked graph computes it over the kept channels only (``masked_norms.MaskNorms``)."""
+
+    node: str
+    kind: str  # "layer_norm", "rms_norm", "group_norm", "mean", "var", "std", "var_mean" or "std_mean"
+    ids: torch.Tensor  # the elements it averages over together
+    what: str  # the layer or op, for messages and the printed graph
+    dims: tuple[int, ...] = ()  # reductions: the dims reduced (non-negative)
+    keepdim: bool = False
+    correction: float = 1.0  # var/std: the divisor is (count - correction)
 
 
 @dataclass
@@ -108,10 +124,11 @@ class ChannelAnalysis:
 
     def __init__(self, groups: list[ChannelGroup], spaces: list[Space], label: torch.Tensor, group_of: torch.Tensor,
                  class_of: torch.Tensor, sinks: list[Sink], seen: dict[str, Seen], grouped: list[GroupedConv],
-                 balances: dict[int, torch.Tensor]):
+                 balances: dict[int, torch.Tensor], norms: list[NormSite] | None = None):
         self.groups, self.spaces, self.label = groups, spaces, label
         self.group_of, self.class_of = group_of, class_of  # per element: group index / class index (-1: none)
         self.sinks, self.seen, self.grouped, self.balances = sinks, seen, grouped, balances
+        self.norms: list[NormSite] = norms or []
 
     def group_of_tensor(self, fqn: str) -> ChannelGroup | None:
         """The group a config entry naming ``fqn`` means: the one it produces channels for, else the first

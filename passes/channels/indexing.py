@@ -156,7 +156,7 @@ def gather(t: Tracker, node: fx.Node, source: object, dim: int, index: object) -
     if shape is None or after is None:
         return False
     extra = len(after) - len(shape) + 1  # dims the index brings
-    constant = t.tensor(index)
+    constant = t.constant(index)  # a buffer, or computed from buffers (Swin's index.view(-1) under export)
     out = []
     for blk in t.value(source):
         ids = blk.ids

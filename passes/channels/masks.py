@@ -18,6 +18,7 @@ module: the class of every entry, or the trailing one for entries no mask covers
 from __future__ import annotations
 
 import operator
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -26,10 +27,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..attrs import fetch_attr, unique_attr_name
 from .groups import ChannelAnalysis, Sink
 
-__all__ = ["InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META", "CHANNEL_GROUPS_META"]
+__all__ = ["InsertChannelMasks", "RemoveChannelMasks", "CHANNEL_MASK_META", "CHANNEL_GROUPS_META", "MASKED_NORM_META",
+           "mark_part", "node_refs"]
 
 CHANNEL_MASK_META = "channel_mask"  # on each masking mul: the mask fqns it reads
 CHANNEL_GROUPS_META = "channel_groups"  # and the group each mask is for (printing reads it)
+MASKED_NORM_META = "masked_norm"  # on a norm ``masked_norms`` rewrote: what it was, and a note for the printed graph
 _PART_META = "channel_mask_part"  # on the nodes that build a mask
 
 
@@ -99,12 +102,43 @@ def _part(node: fx.Node) -> fx.Node:
     return node
 
 
+mark_part = _part  # a node that only serves the masks: erased with them once unused
+
+
+class _Ref:
+    """A node named in a rewritten node's record of what it was (a copied graph shares its nodes' meta)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def node_refs(a: Any) -> Any:
+    """``a`` (a node's arguments) with each node replaced by its name, to keep in ``node.meta``."""
+    return fx.node.map_aggregate(a, lambda v: cast(Any, _Ref(v.name)) if isinstance(v, fx.Node) else v)
+
+
+def _unmask_norms(gm: fx.GraphModule) -> bool:
+    """Put back each node ``masked_norms.MaskNorms`` rewrote (op, target and arguments as they were)."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    changed = False
+    for node in gm.graph.nodes:
+        was = node.meta.pop(MASKED_NORM_META, None)
+        if was is None:
+            continue
+        back = fx.node.map_aggregate((was["args"], was["kwargs"]),
+                                     lambda v: nodes[v.name] if isinstance(v, _Ref) else v)
+        node.op, node.target = was["op"], was["target"]
+        node.args, node.kwargs = back[0], back[1]
+        changed = True
+    return changed
+
+
 class RemoveChannelMasks(PassBase):
-    """Undo :class:`InsertChannelMasks`: each masking mul replaced by its input, the mask nodes and index
-    buffers gone."""
+    """Undo :class:`InsertChannelMasks` (and ``masked_norms.MaskNorms``): each masked norm back to what it was,
+    each masking mul replaced by its input, the mask nodes and index buffers gone."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        changed = False
+        changed = _unmask_norms(gm)
         for node in list(gm.graph.nodes):
             if node.meta.get(CHANNEL_MASK_META):
                 node.replace_all_uses_with(node.args[0])

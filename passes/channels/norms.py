@@ -2,9 +2,12 @@
 
 A tensor per channel (a batch norm's weight, bias and running statistics, PReLU's slopes) is cut
 with the channels. LayerNorm and RMSNorm average over their trailing dims, GroupNorm over groups of
-channels: cutting those channels changes the function, so their groups are *normalised* (pruned
-only on request), and the norm's input is a sink, so the masked norm averages over the kept
-channels only. After a cut, a functional layer norm gets its new ``normalized_shape``.
+channels (all of them with one group, one each with as many groups as channels: then nothing is
+averaged across channels): their groups are *normalised*, the norm's input is a sink, and where
+the group is masked the masked graph normalises over the kept channels only
+(``masked_norms.MaskNorms``), so the cut model computes what the masked one does. A GroupNorm of
+several channels per group loses as many from each group. After a cut, a functional layer norm gets
+its new ``normalized_shape``, a per-channel group norm its new number of groups.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ _native_batch_norm_legit_functional instance_norm""".split()
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
        nn.InstanceNorm3d)
 _LAYER_NORM = ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
+_GROUP_NORM = ("group_norm", "native_group_norm")
 
 
 def per_channel(t: Tracker, node: fx.Node, x: object, tensors: list[torch.Tensor | None]) -> bool:
@@ -94,16 +98,18 @@ class LayerNorm(ChannelRule):
         trailing = len(shape) if isinstance(shape, (list, tuple)) else 1
         layer = "layer" in name
         tensors = [t.tensor_arg(node, 2, "weight")] + ([t.tensor_arg(node, 3, "bias")] if layer else [])
-        return self.normalize(t, node, node.args[0], trailing, tensors, "LayerNorm" if layer else "RMSNorm")
+        return self.normalize(t, node, node.args[0], trailing, tensors, "LayerNorm" if layer else "RMSNorm",
+                              "layer_norm" if layer else "rms_norm")
 
     def follow_module(self, t: Tracker, node: fx.Node, module: nn.Module) -> bool:
         assert isinstance(module, (nn.LayerNorm, nn.RMSNorm))
         tensors = [module.weight, getattr(module, "bias", None)]
+        kind = "layer_norm" if isinstance(module, nn.LayerNorm) else "rms_norm"
         return self.normalize(t, node, node.args[0] if node.args else None, len(module.normalized_shape), tensors,
-                              type(module).__name__)
+                              type(module).__name__, kind)
 
     def normalize(self, t: Tracker, node: fx.Node, x: object, trailing: int, tensors: list[torch.Tensor | None],
-                  what: str) -> bool:
+                  what: str, kind: str) -> bool:
         shape = t.shape(x)
         assert shape is not None
         ndim = len(shape)
@@ -123,8 +129,7 @@ class LayerNorm(ChannelRule):
             if followed == 0:
                 t.fix(blk.ids, f"'{node.name}' normalises channels that are not followed (a model input)")
             elif set(blk.dims) <= set(normalised):
-                t.soft.append((blk.ids.reshape(-1), f"{module_or_node(node, what)} normalises them together"))
-                t.sink(node, 0, x, blk)
+                t.normalise(node, x, blk, kind, module_or_node(node, what))
             else:
                 for d in normalised:
                     if d in blk.dims:
@@ -157,11 +162,16 @@ class LayerNorm(ChannelRule):
             module.normalized_shape = tuple(module.weight.shape)
 
 
-@channel_rule("group_norm", "native_group_norm", modules=(nn.GroupNorm,))
+@channel_rule(*_GROUP_NORM, modules=(nn.GroupNorm,))
 class GroupNorm(ChannelRule):
+    """GroupNorm: a weight and bias per channel; the channels of a group normalised together (all of them with
+    one group; none across channels with one per group)."""
+
     makes_channels = True
 
     def follow(self, t: Tracker, node: fx.Node) -> bool:
+        if op_name(node) == "native_group_norm":  # (input, weight, bias, N, C, HxW, group, eps)
+            return self.group_norm(t, node, node.args[0], node.args[6], t.tensor(node.args[1]), t.tensor(node.args[2]))
         return self.group_norm(t, node, node.args[0], arg(node, 1, "num_groups"), t.tensor_arg(node, 2, "weight"),
                                t.tensor_arg(node, 3, "bias"))
 
@@ -170,24 +180,43 @@ class GroupNorm(ChannelRule):
         return self.group_norm(t, node, node.args[0] if node.args else None, module.num_groups, module.weight,
                                module.bias)
 
-    def group_norm(self, t: Tracker, node: fx.Node, x: object, num_groups: int, w: torch.Tensor | None,
+    def group_norm(self, t: Tracker, node: fx.Node, x: object, num_groups: object, w: torch.Tensor | None,
                    b: torch.Tensor | None) -> bool:
-        if not per_channel(t, node, x, [w, b]):
+        shape = t.shape(x)
+        if not isinstance(num_groups, int) or shape is None or not per_channel(t, node, x, [w, b]):
             return False
         value = t.values[node]
         assert isinstance(value, tuple)
+        per_group = num_groups == shape[1]  # each channel normalised alone: cut as a batch norm is
+        what = module_or_node(node, "GroupNorm")
         for blk in value:
-            if 1 in blk.dims:
+            if 1 in blk.dims and not per_group:
                 if blk.dims != (1,):
                     raise Refuse(f"'{node.name}' normalises groups of channels held with other dims")
-                t.soft.append((blk.ids.reshape(-1), f"{module_or_node(node, 'GroupNorm')} normalises them in groups"))
-                t.balances.append((blk.ids.reshape(-1), int(num_groups), split_another_way(node.name)))
-                t.sink(node, 0, x, blk)
+                t.normalise(node, x, blk, "group_norm", what)
+                if num_groups > 1:
+                    t.balances.append((blk.ids.reshape(-1), num_groups, split_another_way(node.name)))
         if t.shape(node) is None:
             t.values[node] = Many([value, (), ()])
+        if per_group and node.op == "call_function":
+            t.record(node, self, op_name(node), x, value)
+        return True
+
+    def rewrite(self, r: SizeRewriter, node: fx.Node, seen: Seen) -> bool:
+        """A functional group norm with a group per channel: as many groups as channels are left."""
+        channels = new_shape(seen.inputs, seen.in_shape, r.keep)[1]
+        if channels == seen.in_shape[1]:
+            return False
+        if seen.kind == "native_group_norm":
+            node.update_arg(4, channels)
+            node.update_arg(6, channels)
+        else:
+            node.update_arg(1, channels)
         return True
 
     def update_attributes(self, module: nn.Module) -> None:
         assert isinstance(module, nn.GroupNorm)
         if module.weight is not None:
+            if module.num_groups == module.num_channels:  # a group per channel
+                module.num_groups = module.weight.shape[0]
             module.num_channels = module.weight.shape[0]

@@ -1,9 +1,11 @@
 """Reductions over channels, and ops that mix them along a dim (softmax, cumsum).
 
 Sums are sinks (masked before, they add what the cut model adds); means and variances over every
-channel of a block normalise them (``soft``: cutting changes the function); other reductions fix
-them. Over some of a block's dims only (a head's head_dim), the block is joined along them
-instead, so whole heads can still go. A softmax along a channel dim joins it the same way.
+channel of a block normalise them: their input is a sink and, where the group is masked, the masked
+graph takes them over the kept channels only (``masked_norms``; a norm of the masked input already
+is). Other reductions fix them. Over some of a block's dims only (a head's head_dim), the block is
+joined along them instead, so whole heads can still go. A softmax along a channel dim joins it the
+same way.
 """
 from __future__ import annotations
 
@@ -33,15 +35,22 @@ class Reduce(ChannelRule):
         if name in ("max", "min") and isinstance(arg(node, 1, "dim"), fx.Node):  # max(a, b): elementwise
             return elementwise(t, node, tensor_nodes(node.args))
         norm = name in ("norm", "linalg_vector_norm")
+        variance = name in ("var", "std", "var_mean", "std_mean")
         dim = arg(node, 2 if norm else 1, "dim")
         if isinstance(dim, fx.Node):
             return False
+        unbiased = arg(node, 2, "unbiased", True) if variance else True
+        if isinstance(dim, bool):  # torch.var(x, unbiased)
+            dim, unbiased = None, dim
         reduced = dims(dim, ndim)
         keepdim = node.kwargs.get("keepdim")
         if keepdim is None:
-            position = 3 if norm or name in ("var", "std", "var_mean", "std_mean") else 2
+            position = 3 if norm or variance else 2
             keepdim = arg(node, position, "keepdim", False)
             keepdim = keepdim if isinstance(keepdim, bool) else False
+        given = node.kwargs.get("correction")
+        correction = float(given) if isinstance(given, (int, float)) else 1.0 if unbiased is not False else 0.0
+        order = arg(node, 1, "p" if name == "norm" else "ord", 2) if norm else None
         out = []
         for blk in t.value(x):
             inside = [d for d in blk.dims if d in reduced]
@@ -49,10 +58,15 @@ class Reduce(ChannelRule):
                 whole = set(blk.dims) <= set(reduced)
                 if whole and name in _SUM:
                     t.sink(node, 0, x, blk)
-                elif whole and name in _MEAN:
-                    why = f"{module_or_node(node, name)} normalises them together (a mean over them)"
-                    t.soft.append((blk.ids.reshape(-1), why))
+                elif whole and norm:  # a norm of the masked input is the cut one's
+                    what = module_or_node(node, name)
+                    t.soft.append((blk.ids.reshape(-1), f"{what} normalises them together"))
                     t.sink(node, 0, x, blk)
+                    if isinstance(order, (int, float)) and order < 0:
+                        t.inexact.append((blk.ids.reshape(-1), f"{what} takes a norm of negative order over them"))
+                elif whole and name in _MEAN:
+                    t.normalise(node, x, blk, name, module_or_node(node, name),
+                                dims=tuple(reduced), keepdim=bool(keepdim), correction=correction)
                 elif whole:
                     t.fix(blk.ids, f"'{node.name}' ({name}) reduces over them")
                 else:

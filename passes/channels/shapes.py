@@ -10,6 +10,7 @@ computed at run time adapt by themselves)::
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import cast
 
@@ -78,29 +79,46 @@ class Expand(ChannelRule):
 
 
 def rewrite_sizes(r: SizeRewriter, node: fx.Node, seen: Seen) -> bool:
-    """The literal sizes of a view, reshape, expand or unflatten, for the cut."""
+    """The literal sizes of a view, reshape, expand or unflatten, for the cut. A size computed at run time along a
+    dim that holds channels (``c // self.heads`` from a width that was cut) becomes the literal it must be."""
     if not isinstance(seen.out_shape, TensorMetadata):
         return False
     old = tuple(seen.out_shape.shape)
     new = new_shape(seen.output, old, r.keep)
-    if new == list(old):
-        return False
+    held = {d for blk in seen.output for d in blk.dims} if isinstance(seen.output, tuple) else set()
+
+    def size(given: fx.node.Argument, d: int) -> fx.node.Argument:
+        if old[d] != new[d]:
+            return r.size(node, given, old[d], new[d])
+        if d in held and isinstance(given, fx.Node) and not _scaled(given):
+            return new[d]
+        return given
+
     if seen.kind == "unflatten":
         dim = int(arg(node, 1, "dim")) % len(seen.in_shape)
-        sizes = list(arg(node, 2, "sizes"))
-        for i in range(len(sizes)):
-            sizes[i] = r.size(node, sizes[i], old[dim + i], new[dim + i])
+        before: list[fx.node.Argument] = list(arg(node, 2, "sizes"))
+        sizes = [size(s, dim + i) for i, s in enumerate(before)]
+        if sizes == before:
+            return False
         node.update_arg(2, sizes)
         return True
     listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
     given = list(cast("Sequence[fx.node.Argument]", node.args[1] if listed else node.args[1:]))
     if len(given) != len(old):
+        if new == list(old):
+            return False
         raise CutError(f"'{node.name}' has {len(given)} sizes for a {len(old)}-dim result")
-    for d in range(len(old)):
-        if old[d] != new[d]:
-            given[d] = r.size(node, given[d], old[d], new[d])
-    node.args = (node.args[0], given) if listed else (node.args[0], *given)
+    sizes = [size(s, d) for d, s in enumerate(given)]
+    if all(a is b for a, b in zip(sizes, given)):
+        return False
+    node.args = (node.args[0], sizes) if listed else (node.args[0], *sizes)
     return True
+
+
+def _scaled(size: fx.Node) -> bool:
+    """``n * <int>`` (torch.export's batch times heads): ``RewriteSizes.size`` keeps it dynamic."""
+    return size.op == "call_function" and size.target is operator.mul and any(
+        isinstance(a, int) and not isinstance(a, bool) for a in size.args)
 
 
 @channel_rule("permute", "transpose", "swapaxes", "swapdims", "t", "movedim")
@@ -139,12 +157,40 @@ class NumpyT(ChannelRule):
 
 @channel_rule(*_META)
 class Meta(ChannelRule):
-    """Sizes, strides, asserts, ``new_*`` tensors: no channels move (``getattr`` of ``.T``/``.mT`` transposes)."""
+    """Sizes, strides, asserts, ``new_*`` tensors: no channels move (``getattr`` of ``.T``/``.mT`` transposes).
+    A size read along a dim that holds channels (``b, n, c = x.shape``) is recorded: after a cut it keeps the value
+    the masked model reads (so ``(c // heads) ** -0.5`` stays the scale it was), and the sizes of views and
+    reshapes are rewritten on their own (``rewrite_sizes``)."""
 
     def follow(self, t: Tracker, node: fx.Node) -> bool:
-        if op_name(node) == "getattr" and node.args[1] in ("T", "mT"):
+        name = op_name(node)
+        if name == "getattr" and node.args[1] in ("T", "mT"):
             return transpose_last(t, node, node.args[0])
+        x = node.args[0] if node.args else None
+        if (name == "size" or (name == "getattr" and node.args[1] == "shape")) and t.value(x):
+            t.record(node, self, name, x, ())
         return True
+
+    def rewrite(self, r: SizeRewriter, node: fx.Node, seen: Seen) -> bool:
+        """Each size read along a dim that holds channels becomes the literal the masked model reads."""
+        held = {d for blk in seen.inputs for d in blk.dims}
+        ndim = len(seen.in_shape)
+        if seen.kind == "size" and len(node.args) + len(node.kwargs) > 1:
+            dim = arg(node, 1, "dim")
+            reads = [(node, dim % ndim)] if isinstance(dim, int) else []
+        else:  # the whole shape, then items of it
+            reads = [(user, user.args[1] % ndim) for user in node.users
+                     if user.target is operator.getitem and isinstance(user.args[1], int)]
+        changed = False
+        for read, d in reads:
+            if d not in held:
+                continue
+            literal = int(seen.in_shape[d])
+            for user in list(read.users):
+                user.args, user.kwargs = fx.node.map_aggregate(
+                    (user.args, user.kwargs), lambda a: literal if a is read else a)  # type: ignore[assignment]
+            changed = True
+        return changed
 
 
 @channel_rule("repeat", "repeat_interleave", "flip")

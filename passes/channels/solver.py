@@ -4,7 +4,8 @@ The connected elements are the *classes*, the units pruning removes (a channel, 
 head with its query heads). A *group* is the set of producer spaces whose classes are linked
 through a shared tensor: its classes are scored and chosen together. A group is refused
 (``problem``) when an op touching it is not understood, or when none of its channels can go; a
-group whose channels a mean normalises together is *normalised*. A block over several dims keeps
+group whose channels a norm or a mean averages over together is *normalised* (and *inexact* where
+the masked graph cannot average over the kept ones only). A block over several dims keeps
 a grid (whole rows or whole columns go), so reshapes of it stay valid once cut.
 """
 from __future__ import annotations
@@ -137,7 +138,7 @@ def solve(t: Tracker) -> ChannelAnalysis:
     _attach_reasons(t, groups, group_of, space_of, producer_group)
     _attach_fixed_reasons(t, groups, spaces, by_key)
     balances = _balances(t, groups, group_of, class_of)
-    return ChannelAnalysis(groups, spaces, label, group_of, class_of, t.sinks, t.seen, t.grouped, balances)
+    return ChannelAnalysis(groups, spaces, label, group_of, class_of, t.sinks, t.seen, t.grouped, balances, t.norms)
 
 
 def _attach_reasons(t: Tracker, groups: list[ChannelGroup], group_of: torch.Tensor, space_of: torch.Tensor,
@@ -154,6 +155,9 @@ def _attach_reasons(t: Tracker, groups: list[ChannelGroup], group_of: torch.Tens
     for ids, why in t.soft:
         for g in groups_of(ids):
             groups[g].normalized = groups[g].normalized or why
+    for ids, why in t.inexact:
+        for g in groups_of(ids):
+            groups[g].inexact = groups[g].inexact or why
 
 
 def _attach_fixed_reasons(t: Tracker, groups: list[ChannelGroup], spaces: list[Space],

@@ -8,19 +8,22 @@ a node did for the rewrite after a cut (:meth:`Tracker.record`) and sets the nod
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .groups import FIXED, GroupedConv, NodeRule, Seen, Sink, Space
+from .groups import FIXED, GroupedConv, NodeRule, NormSite, Seen, Sink, Space
 from .values import Block, Many, Value, blocks, broadcast_form
 
 __all__ = ["Tracker", "Refuse"]
 
 #: What ``Tracker.values`` holds per node: a parameter or buffer (a ``get_attr``), a value, or several.
 NodeValue = torch.Tensor | Value | Many
+
+
+_UNKNOWN = object()  # a value not known before the graph runs
 
 
 class Refuse(Exception):
@@ -42,7 +45,9 @@ class Tracker:
         self.fix_edges: list[tuple[torch.Tensor, torch.Tensor]] = []  # to FIXED, kept apart to say why
         self.fixed: list[tuple[torch.Tensor, str]] = []
         self.refused: list[tuple[torch.Tensor, str]] = []
-        self.soft: list[tuple[torch.Tensor, str]] = []
+        self.soft: list[tuple[torch.Tensor, str]] = []  # averaged over together (a norm): ``normalized``
+        self.inexact: list[tuple[torch.Tensor, str]] = []  # ... in a way the masked graph cannot reproduce
+        self.norms: list[NormSite] = []  # where the masked graph averages over the kept channels only
         self.balances: list[tuple[torch.Tensor, int, str]] = []
         self.grouped: list[GroupedConv] = []
         self.sinks: list[Sink] = []
@@ -50,6 +55,7 @@ class Tracker:
         self.values: dict[fx.Node, NodeValue] = {}
         self.seen: dict[str, Seen] = {}
         self.links: list[tuple[tuple[str, int], tuple[str, int]]] = []  # producer spaces scored as one group
+        self._constants: dict[fx.Node, object] = {}
 
     # -- elements
     def space(self, tensor: torch.Tensor, dim: int, fqn: str | None = None) -> torch.Tensor:
@@ -134,6 +140,19 @@ class Tracker:
             out.append(blk)
         return tuple(out)
 
+    def normalise(self, node: fx.Node, source: object, blk: Block, kind: str, what: str, dims: tuple[int, ...] = (),
+                  keepdim: bool = False, correction: float = 1.0) -> None:
+        """``node`` averages the elements of ``blk`` (its input ``source``, argument 0) together: they are
+        *normalised* (``soft``), the input is a sink, and, where their group is masked, the masked graph computes
+        ``node`` over the kept ones only (``NormSite``; a reduction's ``dims``, ``keepdim``, ``correction``)."""
+        ids = blk.ids.reshape(-1)
+        self.soft.append((ids, f"{what} normalises them together"))
+        if not isinstance(source, fx.Node) or self.tensor(source) is not None:
+            self.inexact.append((ids, f"{what} averages over them in a parameter, which no mask reaches"))
+            return
+        self.sink(node, 0, source, blk)
+        self.norms.append(NormSite(node.name, kind, ids, what, dims, keepdim, correction))
+
     # -- masks and rewrites
     def sink(self, node: fx.Node, arg: int | str | None, source: object, blk: Block, weight: bool = False) -> None:
         """``node``'s input ``arg`` (``source``, holding ``blk``) is multiplied by the masks; a parameter only
@@ -172,6 +191,49 @@ class Tracker:
             found = self.values.get(node)
             return found if isinstance(found, torch.Tensor) else None
         return None
+
+    def constant(self, node: object) -> torch.Tensor | None:
+        """The value of a tensor the graph computes from buffers and literals only (an index reshaped in the
+        forward, ``table[self.index.view(-1)]``, which torch.export keeps as ops on the buffer; symbolic tracing
+        folds it into a constant), or the buffer a ``get_attr`` reads; None for anything else."""
+        found = self._constant(node, 8)
+        return found if isinstance(found, torch.Tensor) else None
+
+    def _constant(self, node: object, depth: int) -> object:
+        if not isinstance(node, fx.Node):
+            return node
+        if node in self._constants:
+            return self._constants[node]
+        tensor = self.tensor(node)
+        found: object = _UNKNOWN
+        if tensor is not None:
+            found = tensor
+        elif node.op in ("call_function", "call_method") and depth > 0 and node.all_input_nodes:
+            found = self._evaluate(node, depth)
+        self._constants[node] = found
+        return found
+
+    def _evaluate(self, node: fx.Node, depth: int) -> object:
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
+            return _UNKNOWN
+        if op_name(node) == "sym_size":  # a size of a value: what ShapeProp found
+            shape = self.shape(node.args[0])
+            return shape[int(cast(int, node.args[1]))] if shape is not None else _UNKNOWN
+        inputs = {n: self._constant(n, depth - 1) for n in node.all_input_nodes}
+        if any(v is _UNKNOWN or isinstance(v, nn.Parameter) for v in inputs.values()):
+            return _UNKNOWN
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: cast(fx.Node, inputs[n]))
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    result = getattr(args[0], str(target))(*args[1:], **kwargs)
+                else:
+                    result = cast(Any, target)(*args, **kwargs)
+        except Exception:
+            return _UNKNOWN
+        small = not isinstance(result, torch.Tensor) or result.numel() <= 1 << 20
+        return result if small and isinstance(result, (torch.Tensor, int, float, bool)) else _UNKNOWN
 
     def tensor_arg(self, node: fx.Node, i: int, name: str) -> torch.Tensor | None:
         """The parameter or buffer given as argument ``i`` or keyword ``name``."""
