@@ -28,7 +28,7 @@ from ..rollback import snapshot
 from ..scopes import Scope, as_scope
 from ..scoping import check_not_prepared, graph_parts, relative
 from ..tracing import TRACERS, check_model
-from . import channels, elements
+from . import channels, elements, stitched
 from .channels import ChannelTarget, Part
 from .cut import cut_model
 from .elements import publish, remove_observers, squash_masks
@@ -75,7 +75,9 @@ def prepare(sparsifier: SparsifierLike, model: nn.Module, config: list[dict] | N
                                                                 "parts", "targets"))
     try:
         if channel_masks:
-            placed, groups, extra = channels.place(sparsifier, work, config, scope_, tracer, example_inputs)
+            # block scopes: the blocks (and the layers between them) followed as one graph (stitched.py)
+            place = stitched.place_stitched if scope_.block_types else channels.place
+            placed, groups, extra = place(sparsifier, work, config, scope_, tracer, example_inputs)
         else:
             placed, groups = elements.place(sparsifier, work, model, config, scope_, tracer, example_inputs)
             extra = {}

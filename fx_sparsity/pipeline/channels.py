@@ -134,9 +134,6 @@ def _units(work: nn.Module, config: list[dict] | None, scope: Scope,
 def place(sparsifier: SparsifierLike, work: nn.Module, config: list[dict] | None, scope: Scope, tracer: str,
           example_inputs: Any) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
     """Trace, analyse and mask ``work`` (changed in place); returns ``(prepared, groups, {"parts", "targets"})``."""
-    if scope.block_types:  # the blocks (and the layers between them) followed as one graph
-        from .stitched import place_stitched  # (built on this module's helpers)
-        return place_stitched(sparsifier, work, config, scope, tracer, example_inputs)
     parts: list[Part] = []
     groups: list[dict[str, Any]] = []
     targets: dict[str, ChannelTarget] = {}
