@@ -1,5 +1,6 @@
 """Structured pruning of Hugging Face transformers (tiny random configs, no download): BERT and Llama with
-grouped-query attention, traced with torch.export, whole model or block by block. Heads and MLP widths are cut;
+grouped-query attention, traced with torch.export, whole model or block by block. Heads, MLP widths and the hidden
+width (across the blocks too) are cut;
 the pruned model computes what the masked one does, keeps its class (block scope), runs on other shapes,
 compiles, exports, and its config says the new sizes so save_pretrained / from_pretrained round-trips."""
 import warnings
@@ -100,6 +101,68 @@ def test_llama_block_scope_keeps_the_model_class_and_its_config(tmp_path):
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert params(reloaded) == params(pruned)
     torch.testing.assert_close(logits(reloaded(**example)), logits(pruned(**example)))
+
+
+def tied_llama(tied):
+    """The Llama above, its LM head tied to its embeddings or not."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _ids(batch=2, length=8):
+    return {"input_ids": torch.randint(3, 128, (batch, length)), "use_cache": False}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_decoder_block_by_block_cuts_its_hidden_size(tied, tmp_path):
+    """The hidden width is one group across the model (embeddings, every block's projections and norms, the final
+    norm, the LM head), joined through the model's own code between the blocks; the class, its config and tied
+    weights stay true; fine-tuned with the masks, the pruned model computes what the masked one does."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model = tied_llama(tied)
+    pruner = fxs.SaliencyPruner(0.5)
+    example = _ids(batch=1)  # a batch of one: exported on it repeated, so the batch stays dynamic
+    masked = fxs.prepare_fx_sparse(model, pruner, scope=LlamaDecoderLayer, tracer="export", example_inputs=example)
+    hidden = pruner.targets["model.embed_tokens.weight"].channel_group
+    assert {"model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"} <= {
+        fqn for fqn, _ in hidden.producers}  # one group from the embeddings through every block
+    head = set() if tied else {"lm_head.weight"}  # (tied: the embeddings' tensor, named once)
+    assert {"model.norm.weight", "model.layers.1.input_layernorm.weight", *head} <= {fqn for fqn, _ in hidden.tensors}
+    masks = [k for k in masked.state_dict() if "mask" in k]
+    assert "model.embed_tokens.out_channel_mask" in masks and len(masks) == 5  # once, read by every unit
+    pruner.step()
+    masked.train()  # a few steps of fine-tuning with the masks
+    optimizer = torch.optim.AdamW(masked.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = masked(**_ids(4), labels=_ids(4)["input_ids"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    masked.eval()
+    pruned = pruner.prune().eval()
+    assert type(pruned) is transformers.LlamaForCausalLM and pruned.config.hidden_size == 32
+    assert all(type(layer) is LlamaDecoderLayer for layer in pruned.model.layers)
+    assert type(pruned.model.norm) is LlamaRMSNorm and type(pruned.model.embed_tokens) is torch.nn.Embedding
+    assert pruned.model.embed_tokens.weight.shape == (128, 32) and pruned.lm_head.in_features == 32
+    assert (pruned.lm_head.weight is pruned.model.embed_tokens.weight) == tied
+    assert params(pruned) <= 0.45 * params(model)
+    assert model.config.hidden_size == 64  # the user's model keeps its own
+    other = _ids(3, 11)
+    ours, theirs = masked(**other).logits, pruned(**other).logits
+    assert ((ours - theirs).abs().max() / ours.abs().max()).item() <= 1e-4
+    generated = pruned.generate(torch.tensor([[1, 5, 9, 12]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+    pruned.save_pretrained(tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert params(reloaded) == params(pruned)
+    torch.testing.assert_close(reloaded(**other).logits, pruned(**other).logits)
+    whole = fxs.SaliencyPruner(0.5, prune_normalized=False)  # the hidden size kept
+    fxs.prepare_fx_sparse(model, whole, scope=LlamaDecoderLayer, tracer="export", example_inputs=_ids())
+    assert "model.embed_tokens.weight" not in whole.targets and len(whole.groups) == 4
 
 
 def test_llama_residual_width_is_pruned_exactly_when_named():

@@ -5,11 +5,11 @@
 No download: the text is Python's own documentation, shipped with every CPython as
 ``pydoc_data.topics`` (79 topics, ~465k characters). Sorted by name, every 10th topic is held
 out for evaluation; the model trains on the rest. The model is a character-level GPT (4
-pre-norm blocks, width 64, 4 heads, MLP 256, context 64; q, k, v, attention output and the
-two MLP linears in each block are ``nn.Linear``: 24 weights pruned, embeddings and head kept; 0.2M
-parameters),
-trained with AdamW from a fixed seed for ``--steps`` steps (a few minutes on 2 CPU cores). The
-trained weights are cached in ``--checkpoint`` and reused when the settings match.
+pre-norm blocks, width 64, 4 heads, MLP 256, context 64, 0.2M parameters; q, k, v, attention
+output and the two MLP linears of each block are ``nn.Linear``: 24 weights pruned, embeddings
+and head kept), trained with AdamW from a fixed seed for ``--steps`` steps of 32 windows (a few
+minutes on 2 idle CPU cores). The trained weights are cached in ``--checkpoint`` and reused when
+the settings match.
 
 Each method prunes a copy block by block with ``fx_sparsity.one_shot`` (scope = the block
 class), calibrated on ``--calibration`` windows of training text, and is scored by the
