@@ -334,21 +334,29 @@ def test_a_checkpoint_llm_compressor_wrote_joins_our_flow(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FXS_LEGACY_CT_PYTHON"), reason="set FXS_LEGACY_CT_PYTHON to a python with "
-                    "compressed-tensors <= 0.14 and transformers 4.x (the stacks that still decompress sparsity)")
+                    "compressed-tensors <= 0.14 and transformers 4.x (the stacks that still decompress sparsity; "
+                    ".ci/run builds one)")
 @pytest.mark.parametrize("format", ["sparse-bitmask", "sparse-24-bitmask"])
 def test_legacy_stack_from_pretrained_reads_ours(tmp_path, format):
     """Where compressed-tensors still decompresses sparsity, transformers' from_pretrained reads our checkpoint."""
     pytest.importorskip("compressed_tensors")
     model = _pruned(format)
     fxs.save_compressed(model, tmp_path / "c", format=format)
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "expected.pt")
+    ids = calibration()[0]["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.save({"state": {k: v.clone() for k, v in model.state_dict().items()}, "ids": ids, "logits": logits},
+               tmp_path / "expected.pt")
     check = textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
-        got = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'c')!r}, torch_dtype=torch.float32).state_dict()
-        bad = [k for k, v in expected.items() if not torch.equal(got[k], v)]
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'c')!r}, torch_dtype=torch.float32).eval()
+        got = model.state_dict()
+        bad = [k for k, v in expected["state"].items() if not torch.equal(got[k], v)]
         assert not bad, bad
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
         print("ok")
     """)
     done = subprocess.run([os.environ["FXS_LEGACY_CT_PYTHON"], "-c", check], capture_output=True, text=True,
