@@ -15,10 +15,12 @@ evaluation ones: 64 of the 304 lines of ``fx_sparsity/data/sentences.txt`` (``--
 Metric: cosine similarity between each sentence's pruned and dense embedding, mean and
 minimum over the evaluation sentences. Throughput: sentences/s over the evaluation set
 (batches of similar length, best of ``--repeat`` rounds; in each round the dense and every
-pruned model make one pass in turn), and "speed vs dense", the median over rounds of
-dense time / pruned time. The pruned weights are dense tensors with zeros, so without a
-sparse kernel their speed is the dense speed; the column measures that rather than
-assume it.
+pruned model make one pass in turn), and "pruned / dense sent/s", those two columns divided
+(above 1: the pruned model is faster). When the timing cannot tell the models apart (a pass
+under a second, as with ``--fast``, fewer than 3 rounds, or per-round ratios that spread over
+10%) the ratio is shown to a tenth, marked noisy, and a note under the table says why. The
+pruned weights are dense tensors with zeros, so without a sparse kernel their speed is the
+dense speed; the column measures that rather than assume it.
 
 ADMM rows (``ADMMSparsifier``, ALPS-class) also report each pruned layer's reconstruction error
 ``tr(ΔHΔᵀ)/tr(WHWᵀ)`` on the calibration inputs relative to SparseGPT's on the same statistics (mean
@@ -29,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -42,7 +42,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+from _eval_report import (  # noqa: E402
+    RECONSTRUCTION_HEADERS,
+    github_table,
+    reconstruction_cells,
+    reconstruction_summary,
+    recorded_states,
+    report,
+)
 from torch import nn  # noqa: E402
 
 import fx_sparsity as fxs  # noqa: E402
@@ -209,21 +216,13 @@ def prune_blocks(encoder: nn.Module, method: str, calib_batches) -> tuple[nn.Mod
 
     _, factory, _ = METHODS[method]
     held = [0]
-    layer_state: list[dict] = []
-    original_step = fxs.BaseSparsifier.step
 
-    def step(self, *args, **kwargs):  # measure what each block holds when it steps; keep its per-weight state
-        held[0] = max(held[0], _statistics_bytes(self.model))
-        result = original_step(self, *args, **kwargs)
-        layer_state.extend(dict(self.state[g["tensor_fqn"]]) for g in self.groups if self.state.get(g["tensor_fqn"]))
-        return result
+    def measure(sparsifier) -> None:  # what each block holds when it steps
+        held[0] = max(held[0], _statistics_bytes(sparsifier.model))
 
-    fxs.BaseSparsifier.step = step
-    try:
+    with recorded_states(measure) as layer_state:
         pruned = fxs.one_shot(encoder, factory(), [(ids, mask) for _, ids, mask in calib_batches], scope=BertLayer,
                               progress=False)
-    finally:
-        fxs.BaseSparsifier.step = original_step
     weights = [m.weight for m in pruned.bert.encoder.modules() if isinstance(m, nn.Linear)]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return pruned, zeros, held[0], layer_state
@@ -255,23 +254,6 @@ def prune(graph: torch.fx.GraphModule, config: list[dict], method: str,
     return sparsifier.squash_mask(), zeros / total, held, layer_state
 
 
-def reconstruction_summary(layer_state: list[dict]) -> dict:
-    """ADMM's per-layer errors and times, summed up (empty for the other methods)."""
-    if not layer_state or "reconstruction_error" not in layer_state[0]:
-        return {}
-    summary = {"layers": len(layer_state),
-               "mean_error": statistics.mean(s["reconstruction_error"] for s in layer_state),
-               "layer_s": statistics.mean(s["seconds"] for s in layer_state),
-               "mean_iterations": statistics.mean(s["iterations"] for s in layer_state)}
-    if "relative_to_sparsegpt" in layer_state[0]:
-        ratios = [s["relative_to_sparsegpt"] for s in layer_state]
-        summary.update(mean_ratio=statistics.mean(ratios), max_ratio=max(ratios),
-                       sparsegpt_layer_s=statistics.mean(s["sparsegpt_seconds"] for s in layer_state),
-                       slowdown=sum(s["seconds"] for s in layer_state)
-                       / sum(s["sparsegpt_seconds"] for s in layer_state))
-    return summary
-
-
 @torch.no_grad()
 def time_rounds(modules: list[nn.Module], batches, repeat: int) -> list[list[float]]:
     """``repeat`` rounds; in each, one timed pass over ``batches`` per module, in turn.
@@ -291,6 +273,38 @@ def time_rounds(modules: list[nn.Module], batches, repeat: int) -> list[list[flo
             row.append(time.perf_counter() - start)
         rounds.append(row)
     return rounds
+
+
+#: timings that cannot tell the models apart, reported in words: a dense pass shorter than MIN_PASS_S, fewer
+#: than MIN_ROUNDS rounds, or a model whose per-round speed ratios spread wider than MAX_SPREAD (max / min - 1)
+MIN_PASS_S, MIN_ROUNDS, MAX_SPREAD = 1.0, 3, 0.10
+
+
+def add_speeds(rows: list[dict], rounds: list[list[float]], n_eval: int) -> dict:
+    """Each row's sentences/s (dense and pruned, best of the rounds) and "speed vs dense", the ratio of those two
+    numbers (pruned / dense), so that the table's three columns agree; the timing's summary, noise included."""
+    dense_pass_s = min(r[0] for r in rounds)
+    spread = 0.0
+    for i, row in enumerate(rows, start=1):
+        per_round = [r[0] / r[i] for r in rounds]  # dense time / pruned time within each round
+        spread = max(spread, max(per_round) / min(per_round) - 1)
+        row.update(dense_sent_per_s=n_eval / dense_pass_s, pruned_sent_per_s=n_eval / min(r[i] for r in rounds),
+                   round_speed_ratios=per_round)
+        row["speed_vs_dense"] = row["pruned_sent_per_s"] / row["dense_sent_per_s"]
+    return {"rounds": len(rounds), "n_eval": n_eval, "dense_pass_s": dense_pass_s, "spread": spread,
+            "noise": timing_noise(len(rounds), dense_pass_s, spread)}
+
+
+def timing_noise(rounds: int, dense_pass_s: float, spread: float) -> str | None:
+    """Why the timing cannot tell the models apart, in words; None when it can."""
+    reasons = []
+    if rounds < MIN_ROUNDS:
+        reasons.append(f"{rounds} timing round{'s' if rounds > 1 else ''} (--repeat)")
+    if dense_pass_s < MIN_PASS_S:
+        reasons.append(f"a dense pass takes {dense_pass_s:.2f} s")
+    if spread > MAX_SPREAD:
+        reasons.append(f"a model's speed ratio varies by {spread:.0%} from round to round")
+    return "; ".join(reasons) or None
 
 
 def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=None, log=print,
@@ -327,16 +341,12 @@ def evaluate(fast: bool = False, batch_size: int = 32, repeat: int = 3, methods=
             "reconstruction": reconstruction_summary(layer_state),
         })
         log(f"  {method}: mean cos {rows[-1]['mean_cos']:.4f} ({rows[-1]['seconds']:.1f} s)")
+    timing = None
     if repeat:
-        rounds = time_rounds([graph, *pruned_graphs], eval_batches, repeat)
-        dense_rate = len(evals) / min(r[0] for r in rounds)
-        for i, row in enumerate(rows, start=1):
-            row["dense_sent_per_s"] = dense_rate
-            row["pruned_sent_per_s"] = len(evals) / min(r[i] for r in rounds)
-            row["speed_vs_dense"] = statistics.median(r[0] / r[i] for r in rounds)
+        timing = add_speeds(rows, time_rounds([graph, *pruned_graphs], eval_batches, repeat), len(evals))
     return {"n_eval": len(evals), "n_calib": len(calib), "split": split, "n_linear": len(config),
             "eager_gap": eager_gap, "rows": rows, "threads": torch.get_num_threads(), "batch_size": batch_size,
-            "repeat": repeat}
+            "repeat": repeat, "timing": timing}
 
 
 def check_against_sentence_transformers(log=print) -> float:
@@ -354,24 +364,34 @@ def check_against_sentence_transformers(log=print) -> float:
 
 
 def table(result: dict) -> str:
+    noisy = bool((result.get("timing") or {}).get("noise"))
+
     def speed(r):
         if r["dense_sent_per_s"] is None:
             return ["-", "-", "-"]
-        return [f"{r['dense_sent_per_s']:.0f}", f"{r['pruned_sent_per_s']:.0f}", f"{r['speed_vs_dense']:.2f}x"]
-
-    def reconstruction(r):  # ADMM rows: layer error relative to SparseGPT's (mean / max), time per layer
-        summary = r.get("reconstruction") or {}
-        if "mean_ratio" not in summary:
-            return ["-", "-"]
-        return [f"{summary['mean_ratio']:.2f} / {summary['max_ratio']:.2f}",
-                f"{summary['layer_s']:.2f} ({summary['slowdown']:.0f}x)"]
+        ratio = f"~{r['speed_vs_dense']:.1f} (noisy)" if noisy else f"{r['speed_vs_dense']:.2f}"
+        return [f"{r['dense_sent_per_s']:.1f}", f"{r['pruned_sent_per_s']:.1f}", ratio]
 
     rows = [[r["pattern"], r["method"], f"{r['sparsity']:.1%}", f"{r['mean_cos']:.4f}", f"{r['min_cos']:.4f}",
-             f"{r['seconds']:.1f}", f"{r.get('statistics_mib', 0):.1f}", *speed(r), *reconstruction(r)]
+             f"{r['seconds']:.1f}", f"{r.get('statistics_mib', 0):.1f}", *speed(r),
+             *reconstruction_cells(r.get("reconstruction"))]
             for r in result["rows"]]
     headers = ["pattern", "method", "zeros", "mean cos", "min cos", "prune s", "statistics MiB", "dense sent/s",
-               "pruned sent/s", "speed vs dense", "error vs SparseGPT", "s/layer (vs SparseGPT)"]
-    return tabulate(rows, headers=headers, tablefmt="github")
+               "pruned sent/s", "pruned / dense sent/s", *RECONSTRUCTION_HEADERS]
+    return github_table(rows, headers)
+
+
+def timing_note(result: dict) -> str | None:
+    """What the throughput columns are, and whether they can be compared at all."""
+    timing = result.get("timing")
+    if not timing:
+        return None
+    measured = (f"best of {timing['rounds']} rounds over {timing['n_eval']} sentences; pruned / dense sent/s is "
+                f"the pruned column divided by the dense one, above 1 when the pruned model is faster")
+    if timing["noise"]:
+        return (f"Throughput ({measured}): too noisy to tell the models apart ({timing['noise']}), so the ratio "
+                f"is shown to a tenth. Measure without --fast, with --repeat 5 or more, on an idle machine.")
+    return f"Throughput: {measured}; each model's per-round ratio varied by at most {timing['spread']:.0%}."
 
 
 def main(argv=None) -> int:
@@ -398,14 +418,10 @@ def main(argv=None) -> int:
         ADMM_OPTIONS["compare"] = False
     result = evaluate(fast=args.fast, batch_size=args.batch_size, repeat=args.repeat, methods=methods,
                       split=args.split)
-    print(f"\nall-MiniLM-L6-v2, one-shot pruning of all {result['n_linear']} Linear weights; cosine similarity to "
-          f"the dense "
-          f"embeddings over {result['n_eval']} sentences (Wanda calibrated on {result['n_calib']} others); "
-          f"torch {torch.__version__}, {result['threads']} threads, batch {result['batch_size']}\n")
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    title = (f"all-MiniLM-L6-v2, one-shot pruning of all {result['n_linear']} Linear weights; cosine similarity to "
+             f"the dense embeddings over {result['n_eval']} sentences (Wanda calibrated on {result['n_calib']} "
+             f"others); torch {torch.__version__}, {result['threads']} threads, batch {result['batch_size']}")
+    report(title, table(result), result, args.json, [note for note in [timing_note(result)] if note])
     return 0
 
 

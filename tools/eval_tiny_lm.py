@@ -20,16 +20,21 @@ windows). ADMM rows also report the mean per-layer reconstruction error relative
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
+from _eval_report import (
+    RECONSTRUCTION_HEADERS,
+    github_table,
+    reconstruction_cells,
+    reconstruction_summary,
+    recorded_states,
+    report,
+)
 from torch import nn
 
 import fx_sparsity as fxs
@@ -137,19 +142,8 @@ METHODS = {  # name -> factory(level, m)
 
 def prune(model: TinyLM, method: str, level: float, m: int | None, calibration: list) -> tuple[nn.Module, list]:
     """A copy of ``model`` pruned block by block; the per-weight state each block's sparsifier recorded."""
-    states: list[dict] = []
-    original_step = fxs.BaseSparsifier.step
-
-    def step(self, *args, **kwargs):  # one_shot's block sparsifiers are copies: keep what they record
-        result = original_step(self, *args, **kwargs)
-        states.extend(dict(self.state[g["tensor_fqn"]]) for g in self.groups if self.state.get(g["tensor_fqn"]))
-        return result
-
-    fxs.BaseSparsifier.step = step  # type: ignore[method-assign]
-    try:
+    with recorded_states() as states:
         pruned = fxs.one_shot(model, METHODS[method](level, m), calibration, scope=Block, progress=False)
-    finally:
-        fxs.BaseSparsifier.step = original_step  # type: ignore[method-assign]
     return pruned, states
 
 
@@ -191,11 +185,8 @@ def evaluate(steps: int = 1500, seed: int = 0, checkpoint: str | None = None, le
             linears = [mod.weight for mod in pruned.blocks.modules() if isinstance(mod, nn.Linear)]
             zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
             row = {"pattern": pattern if pattern == "2:4" else f"{pattern}%", "method": method, "zeros": zeros,
-                   "perplexity": perplexity(pruned, held_data), "seconds": seconds}
-            if states and "relative_to_sparsegpt" in states[0]:
-                row["mean_ratio"] = statistics.mean(s["relative_to_sparsegpt"] for s in states)
-                row["max_ratio"] = max(s["relative_to_sparsegpt"] for s in states)
-                row["slowdown"] = sum(s["seconds"] for s in states) / sum(s["sparsegpt_seconds"] for s in states)
+                   "perplexity": perplexity(pruned, held_data), "seconds": seconds,
+                   "reconstruction": reconstruction_summary(states)}
             rows.append(row)
             log(f"  {row['pattern']} {method}: perplexity {row['perplexity']:.3f} ({seconds:.1f} s)")
     return {"dense": dense, "rows": rows, "train_seconds": train_seconds, "steps": steps, "seed": seed,
@@ -205,13 +196,9 @@ def evaluate(steps: int = 1500, seed: int = 0, checkpoint: str | None = None, le
 
 def table(result: dict) -> str:
     rows = [["dense", "-", "0.0%", f"{result['dense']:.3f}", "-", "-"]]
-    for r in result["rows"]:
-        ratio = f"{r['mean_ratio']:.2f} / {r['max_ratio']:.2f}" if "mean_ratio" in r else "-"
-        slow = f"{r['slowdown']:.0f}x" if "slowdown" in r else "-"
-        rows.append([r["pattern"], r["method"], f"{r['zeros']:.1%}", f"{r['perplexity']:.3f}", ratio, slow])
-    return tabulate(rows, headers=["pattern", "method", "zeros", "held-out perplexity",
-                                   "layer error vs SparseGPT (mean / max)", "time vs SparseGPT"],
-                    tablefmt="github")
+    rows += [[r["pattern"], r["method"], f"{r['zeros']:.1%}", f"{r['perplexity']:.3f}",
+              *reconstruction_cells(r["reconstruction"])] for r in result["rows"]]
+    return github_table(rows, ["pattern", "method", "zeros", "held-out perplexity", *RECONSTRUCTION_HEADERS])
 
 
 def main(argv=None) -> int:
@@ -226,14 +213,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args(argv)
     result = evaluate(args.steps, args.seed, args.checkpoint or None, args.levels.split(","), args.calibration)
-    print(f"\nTiny character-level LM ({result['train_chars']} training / {result['held_chars']} held-out "
-          f"characters of pydoc_data.topics), {result['steps']} steps, seed {result['seed']}; one_shot block by "
-          f"block, {result['n_calibration']} calibration windows; torch {torch.__version__}, "
-          f"{result['threads']} threads\n")
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    title = (f"Tiny character-level LM ({result['train_chars']} training / {result['held_chars']} held-out "
+             f"characters of pydoc_data.topics), {result['steps']} steps, seed {result['seed']}; one_shot block by "
+             f"block, {result['n_calibration']} calibration windows; torch {torch.__version__}, "
+             f"{result['threads']} threads")
+    report(title, table(result), result, args.json)
     return 0
 
 

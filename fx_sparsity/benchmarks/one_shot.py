@@ -6,9 +6,9 @@
 
 Each (impl, method, size) runs in a subprocess of its own, 1 thread. llm-compressor runs when it is
 importable here or in the venv ``--llmc-python`` names (this file runs there by its path: it imports
-nothing of fx_sparsity at module level). The model and data are ``tools/bench_one_shot.py``'s, bit for
-bit (same shapes, every parameter re-drawn from a generator seeded by its name, same tokens), so the
-numbers compare with that tool's:
+nothing of fx_sparsity at module level). ``tools/bench_one_shot.py`` drives this module too (SparseGPT
+over 100m, 400m and 1b, with ``--detail`` and ``--save-layers`` for its first-block times and weight
+comparison), so the suite's numbers and the tool's come from the same model, tokens and measurements:
 
 - model: ``LlamaForCausalLM(LlamaConfig(...))``, fp32, eval; data: ``samples`` batches
   ``{"input_ids": (1, seq)}`` of random tokens;
@@ -16,7 +16,11 @@ numbers compare with that tool's:
   inplace=True)``; llm-compressor: ``oneshot(model, dataset=DataLoader(batches), recipe=SparseGPTModifier |
   WandaPruningModifier(sparsity=0.5, mask_structure="0:0"), pipeline="sequential")``, nothing saved;
 - ``total_s``: wall time of the call; ``peak_mib``: VmHWM after the call (reset via /proc/self/clear_refs
-  just before it) minus VmRSS before it, the model and data built: what pruning holds beyond the model.
+  just before it) minus VmRSS before it, the model and data built: what pruning holds beyond the model;
+- ``--detail`` adds ``first_call_s`` (to the first call of decoder layer 0: setup before any calibration
+  forward), ``first_block_s`` (to the first call of layer 1 after every Linear of layer 0 is pruned: block 0
+  calibrated, pruned and propagated; forward pre-hooks, off by default so the suite's runs carry none) and
+  a ``fingerprint`` of the weights and tokens (equal across venvs when both hold the same bits).
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-#: tools/bench_one_shot.py's shapes (TinyLlama-like: grouped-query attention, SiLU MLP, vocab 32000), and a tiny one
+#: TinyLlama-like shapes (grouped-query attention, SiLU MLP, vocab 32000), and a tiny one for ``--quick``
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=688, num_attention_heads=4,
                  num_key_value_heads=2),
@@ -112,17 +117,51 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _block_marks(layers: Any) -> tuple[dict[str, float], list[Any]]:
+    """Forward pre-hooks on decoder layers 0 and 1 that stamp ``first_call`` and ``first_block`` (see the
+    module's docstring): where the time goes before and after the first block, in either library."""
+    import torch
+
+    marks: dict[str, float] = {}
+
+    def layer0_pruned() -> bool:
+        linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
+        return bool(linears) and all(float((m.weight[0] == 0).float().mean()) >= 0.25 for m in linears)
+
+    def on_layer0(*_: Any) -> None:
+        marks.setdefault("first_call", time.perf_counter())
+
+    def on_layer1(*_: Any) -> None:
+        if "first_block" not in marks and layer0_pruned():
+            marks["first_block"] = time.perf_counter()
+
+    return marks, [layers[0].register_forward_pre_hook(on_layer0), layers[1].register_forward_pre_hook(on_layer1)]
+
+
+def _since(marks: dict[str, float], key: str, start: float) -> float | None:
+    return round(marks[key] - start, 2) if key in marks else None
+
+
+def _fingerprint(model: Any, batches: list[dict]) -> list:
+    """A sum of layer 0's q_proj and of the tokens: equal in two venvs (two transformers versions) when
+    both build the same bits, which the comparison of their pruned weights assumes."""
+    return [float(model.model.layers[0].self_attn.q_proj.weight.detach().double().sum()),
+            int(sum(int(b["input_ids"].sum()) for b in batches))]
+
+
 def child(args: argparse.Namespace) -> dict:
     """One run in this process: build, reset the peak, prune, measure."""
     import torch
 
     torch.set_num_threads(1)
     model, batches = build(args.size, args.samples, args.seq, args.seed)
+    detail: dict[str, Any] = {"fingerprint": _fingerprint(model, batches)} if args.detail else {}
     processor = None
     if args.impl == "llmcompressor":
         workdir = Path(args.workdir or os.environ.get("TMPDIR", "/tmp")) / f"fx_sparsity_bench_llmc_{args.size}"
         workdir.mkdir(parents=True, exist_ok=True)
         processor = prepare_llmc(model, workdir)
+    marks, hooks = _block_marks(model.model.layers) if args.detail else ({}, [])
     rss_built = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -133,23 +172,35 @@ def child(args: argparse.Namespace) -> dict:
         run_llmc(model, batches, args.method, processor, args.seq)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _status_kib("VmHWM")
+    for hook in hooks:
+        hook.remove()
+    if args.detail:
+        detail.update({f"{key}_s": _since(marks, key, start) for key in ("first_call", "first_block")})
+    if args.save_layers:  # after pruning, for comparing the two libraries' weights
+        torch.save({f"{i}.{k}": v for i in (0, 1) for k, v in model.model.layers[i].state_dict().items()},
+                   args.save_layers)
     linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
     zeros = sum(int((m.weight == 0).sum()) for m in linears) / sum(m.weight.numel() for m in linears)
     return dict(impl=args.impl, method=args.method, size=args.size, samples=args.samples, seq=args.seq,
                 seed=args.seed, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                 total_s=round(total, 2), cpu_s=round(cpu, 2), peak_mib=round((peak - rss_built) / 1024, 1),
                 rss_built_mib=round(rss_built / 1024, 1), decoder_linear_sparsity=round(zeros, 4),
-                versions={p: _version(p) for p in ("torch", "transformers", "llmcompressor", "compressed-tensors")})
+                versions={p: _version(p) for p in ("torch", "transformers", "llmcompressor", "compressed-tensors")},
+                **detail)
 
 
-def run_one(python: str, impl: str, method: str, size: str, samples: int, seq: int, seed: int = 0) -> dict:
-    """One (impl, method, size) in a subprocess of ``python``; its JSON result."""
+def run_one(python: str, impl: str, method: str, size: str, samples: int, seq: int, seed: int = 0,
+            extra: Sequence[str] = (), log: Path | None = None) -> dict:
+    """One (impl, method, size) in a subprocess of ``python``; its JSON result. ``extra``: more of this
+    module's flags (``--detail``, ``--save-layers``, ``--workdir``); ``log``: where to keep its whole output."""
     # ours: this installation's module; llm-compressor's venv: this file by its path (no fx_sparsity there)
     script = ["-m", "fx_sparsity.benchmarks.one_shot"] if impl == "ours" else [str(Path(__file__).resolve())]
     cmd = [python, *script, "--impl", impl, "--method", method, "--size", size, "--samples", str(samples),
-           "--seq", str(seq), "--seed", str(seed)]
+           "--seq", str(seq), "--seed", str(seed), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if log is not None:
+        log.write_text(done.stdout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:  # llm-compressor logs to stdout: the JSON is the last line with "{"
         tail = "\n".join(done.stdout.splitlines()[-15:])
@@ -200,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where llm-compressor's run writes the config it checks")
+    p.add_argument("--detail", action="store_true",
+                   help="also record first_call_s, first_block_s (hooks on layers 0 and 1) and a fingerprint")
+    p.add_argument("--save-layers", type=Path, help="save decoder layers 0-1 here after pruning (torch.save)")
     args = p.parse_args(argv)
     print(json.dumps(child(args)), flush=True)
 
