@@ -160,6 +160,8 @@ def prune_block(block: nn.Module, fqn: str, sparsifier: Any, config: list[dict] 
             if block_config != []:  # a block with nothing to prune still runs: the next one needs its outputs
                 block_sparsifier = copy.deepcopy(sparsifier)
                 block_sparsifier.defaults.setdefault("mask_dtype", torch.bool)
+                if hasattr(block_sparsifier, "free_statistics"):
+                    block_sparsifier.free_statistics = True  # its one step(): each Gram matrix freed once used
                 block_sparsifier.prepare(block, block_config, scope="layers", inplace=True)
                 for call in calls:
                     _run(block, call)

@@ -31,12 +31,10 @@ from .scopes import Scope
 from .tracing import (
     HOOK_DICTS,
     TRACERS,
-    cache_hint,
+    export_failure,
     export_module,
-    first_line,
     keep_hooks_when_copied,
     trace,
-    user_frame,
     warn_hooks_traced_through,
 )
 
@@ -166,11 +164,9 @@ def trace_unit(fqn: str, module: nn.Module, tracer: str, inputs: CallInputs | No
     try:
         return export_module(module, *as_args_kwargs(inputs))
     except Exception as e:
-        raise TraceError(
-            f"torch.export cannot trace '{fqn}' ({type(module).__name__}) on the inputs it got from example_inputs: "
-            f"{type(e).__name__}: {first_line(e)}{user_frame(e)}\nWays that work, in order: {smaller}"
-            f"tracer=\"symbolic\" (no example inputs needed). (torch's full message is chained below.)"
-            f"{cache_hint(e)}") from e
+        raise export_failure(f"'{fqn}' ({type(module).__name__}) on the inputs it got from example_inputs", e,
+                             f"Ways that work, in order: {smaller}tracer=\"symbolic\" (no example inputs "
+                             f"needed).") from e
 
 
 #: What eager-mode ``torch.ao.quantization.prepare`` reads (``qconfig``) and adds (the output observer).

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -188,15 +189,16 @@ def _rule_hint(failed_in: tuple[str, type] | None) -> str:
             f"\"same\") or \"fixed\" keeps it a leaf (docs/structured.md).")
 
 
-def trace_written_out(model: nn.Module) -> fx.GraphModule:
+def trace_written_out(model: nn.Module, ways: str = MODEL_WAYS) -> fx.GraphModule:
     """``model`` traced symbolically with every ``nn.MultiheadAttention`` written out in plain ops
-    (``fx_sparsity.nn.attention``), unused values removed; ``TraceError`` when it cannot be traced."""
+    (``fx_sparsity.nn.attention``), unused values removed; ``TraceError`` (with ``ways``) when it cannot be
+    traced."""
     name = type(model).__name__
     tracer = _WriteOut()
     try:
         graph = tracer.trace(model)
     except Exception as e:
-        raise _untraceable(name, e, _rule_hint(tracer.failed_in)) from e
+        raise _untraceable(name, e, _rule_hint(tracer.failed_in), ways) from e
     gm = fx.GraphModule(tracer.root, graph, name)
     inline_modules(gm, lambda fqn, module: isinstance(module, nn.RNNBase))  # one call on its weights
     gm.graph.eliminate_dead_code()
@@ -275,12 +277,18 @@ def trace(model: nn.Module, tracer: str = "symbolic", example_inputs: Any = None
     try:
         return export_module(model, args, kwargs)
     except Exception as e:
-        raise TraceError(
-            f"torch.export cannot trace {name}: {type(e).__name__}: {first_line(e)}{user_frame(e)}\n"
-            f"Ways that work, in order: scope=\"layers\" (only the layers that own configured tensors are "
-            f"traced; {name}'s own forward runs as written) or a block class whose forward exports; example_inputs "
-            f"that match the forward; data-dependent control flow rewritten with torch.cond. (torch's full message "
-            f"is chained below.){cache_hint(e)}") from e
+        raise export_failure(name, e) from e
+
+
+def export_failure(name: str, e: BaseException, ways: str | None = None) -> TraceError:
+    """torch.export failing on ``name``: what failed and where first, then the ways that work (by default those
+    for a whole model's forward), torch's own text left to the chained exception."""
+    if ways is None:
+        ways = (f"Ways that work, in order: scope=\"layers\" (only the layers that own configured tensors are "
+                f"traced; {name}'s own forward runs as written) or a block class whose forward exports; "
+                f"example_inputs that match the forward; data-dependent control flow rewritten with torch.cond.")
+    return TraceError(f"torch.export cannot trace {name}: {type(e).__name__}: {first_line(e)}{user_frame(e)}\n"
+                      f"{ways} (torch's full message is chained below.){cache_hint(e)}")
 
 
 def _auto_dims(value: Any) -> Any:
@@ -302,6 +310,26 @@ def _stderr_kept_on_success() -> Iterator[None]:
     with contextlib.redirect_stderr(captured):
         yield
     sys.stderr.write(captured.getvalue())
+
+
+@contextlib.contextmanager
+def _tensor_caches_emptied(module: nn.Module) -> Iterator[None]:
+    """While exporting, each dict of tensors a layer caches in an attribute named ``*cache*`` (timm's LeViT and
+    EfficientFormer: ``attention_bias_cache``, ``attention_biases[:, attention_bias_idxs]`` kept in eval mode) is
+    an empty one, so the graph computes the value from its parameters (a head's biases go with the head) instead
+    of folding it in as a constant that pins the heads; the cache is put back after."""
+    caches = [(m, name, value) for m in module.modules() for name, value in list(vars(m).items())
+              if "cache" in name.lower() and isinstance(value, dict)
+              and any(isinstance(v, torch.Tensor) for v in value.values())]
+    for m, name, value in caches:
+        setattr(m, name, type(value)())
+    try:
+        with warnings.catch_warnings():  # the cache filled while tracing (torch.export puts it back as it was)
+            warnings.filterwarnings("ignore", message=r"The tensor attributes? .*cache.* assigned during export")
+            yield
+    finally:
+        for m, name, value in caches:
+            setattr(m, name, value)
 
 
 _EXPORT_LOGGERS = ("torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
@@ -331,13 +359,13 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with _named_keywords(module, kwargs):
+        with _named_keywords(module, kwargs), _tensor_caches_emptied(module):
             bound = inspect.signature(module.forward).bind(*args, **kwargs)
             dynamic = {name: _auto_dims(value) for name, value in bound.arguments.items()}
             with _stderr_kept_on_success():
                 exported = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
     except Exception as e:  # inputs dynamic shapes cannot describe (custom objects): specialise them all
-        with _stderr_kept_on_success():
+        with _stderr_kept_on_success(), _tensor_caches_emptied(module):
             exported = torch.export.export(module, args, kwargs)
         warn_user(f"{type(module).__name__} was exported with every input dim fixed (batch and sequence "
                   f"included): torch.export could not make them dynamic ({type(e).__name__}: "

@@ -97,6 +97,7 @@ class Block(nn.Module):
         return x + self.down(torch.relu(self.up(x)))
 
 
+@pytest.mark.slow
 def test_one_shot_block_by_block_and_scope_layers():
     torch.manual_seed(3)
     model = nn.Sequential(Block(), Block())

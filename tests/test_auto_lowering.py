@@ -194,6 +194,7 @@ def test_dense_int8_runs_under_any_engine_and_restores_it():
         torch.backends.quantized.engine = previous
 
 
+@pytest.mark.slow
 def test_auto_on_an_exported_encoder_layer_times_the_real_rows():
     layer = encoder_layer()
     x = torch.randn(2, 6, 32)

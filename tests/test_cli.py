@@ -76,6 +76,7 @@ class TestInspect:
         code, _, err = run_main(capsys, "inspect", "models:encoder_layer", "--input-shape", "2,5,32")
         assert code == 1 and "scope=\"layers\"" in err and "tracer=\"export\"" in err, err
 
+    @pytest.mark.slow
     def test_scope_and_keyword_inputs(self, capsys):
         # the encoder layer's own forward does not trace: the error says scope="layers", and --scope layers works
         code, out, err = run_main(capsys, "inspect", "models:encoder_layer", "--input-shape", "2,5,32", "--scope",
@@ -160,6 +161,7 @@ class TestBench:
 
 
 class TestDemo:
+    @pytest.mark.slow
     def test_fast_run(self, tmp_path, capsys):
         plot = tmp_path / "masks.png"
         has_matplotlib = importlib.util.find_spec("matplotlib") is not None

@@ -44,6 +44,54 @@ def test_a_data_dependent_model_is_told_to_use_scope_layers_and_that_works(capfd
     assert (prepared.fc1.weight == 0).float().mean().item() == 0.5
 
 
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class BranchyBlocks(nn.Module):
+    """Blocks that trace, joined by a forward that branches on data."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Mlp(), Mlp()
+
+    def forward(self, x):
+        h = self.first(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.second(h)
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_structured_pruning_of_a_data_dependent_model_is_told_to_use_a_block_scope(tracer, capfd):
+    x = torch.randn(3, 8)
+    with pytest.raises(fxs.TraceError) as info:
+        fxs.prepare_fx_sparse(BranchyBlocks(), fxs.SaliencyPruner(0.5), tracer=tracer, example_inputs=(x,))
+    first, ways = str(info.value).split("\n")[:2]
+    assert "cannot trace BranchyBlocks: " in first and "`if h.sum() > 0:`" in first
+    assert ways.startswith("Ways that work, in order: scope=<a block class> whose forward ")
+    assert ways.endswith('scope="layers" also runs, but cuts only what lies inside one layer.' if tracer == "symbolic"
+                         else "(torch's full message is chained below.)")
+    assert "def forward" not in capfd.readouterr().err
+    pruner = fxs.SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(BranchyBlocks(), pruner, scope=Mlp, tracer=tracer, example_inputs=(x,))
+    pruner.step()
+    smaller = pruner.prune()
+    assert smaller.first.fc1.weight.shape == (16, 8) and smaller.second.fc2.weight.shape == (8, 16)
+    # the model's own code reads the width between the blocks (h.sum(), h * 2): it is not cut there, whichever
+    # branch the example took (a masked sum over all channels would differ from the pruned one)
+    assert smaller.first.fc2.weight.shape == (8, 16) and smaller.second.fc1.weight.shape == (16, 8)
+    torch.testing.assert_close(smaller(x), masked(x))
+    with pytest.warns(UserWarning, match=r"found no channel group it can cut exactly .* with scope=\"layers\" each "
+                                         r"layer is traced alone"):
+        fxs.prepare_fx_sparse(BranchyBlocks(), fxs.SaliencyPruner(0.5), scope="layers", example_inputs=(x,))
+
+
 def test_default_config_names_both_owners_of_a_tied_weight():
     with pytest.warns(UserWarning, match=r"'out.weight' is tied to \['embed.weight'\]"):
         fxs.prepare_fx_sparse(tied(), fxs.WeightNormSparsifier())

@@ -282,6 +282,7 @@ def forward(self, x):
     assert torch.equal(prepared(x), expected)
 
 
+@pytest.mark.slow
 def test_wanda_observers_export_and_squash():
     layer, x = encoder_layer(), torch.randn(2, 5, 32)
     plain = fxs.prepare_fx_sparse(layer, fxs.WeightNormSparsifier(), tracer="export", example_inputs=(x,))

@@ -2,7 +2,10 @@
 exactly: the masked graph normalises over the kept channels only, so the pruned model computes what the masked one
 does, also after training with the masks. Small, faithful copies of timm's ViT/DeiT, ConvNeXt, MLP-Mixer and
 PoolFormer, RMSNorm variants (nn.RMSNorm, F.rms_norm, Hugging Face's LlamaRMSNorm written out), and the export
-regressions (a relative-position index reshaped in the forward, a batch-1 example)."""
+regressions (a relative-position index reshaped in the forward, a batch-1 example, attention biases cached
+in eval mode as timm's LeViT/EfficientFormer do)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,7 +335,7 @@ def seeded(name):
 # -- tests
 
 
-@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+@pytest.mark.parametrize("tracer", ["symbolic", pytest.param("export", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_normalised_widths_are_cut_and_the_pruned_model_equals_the_masked_one(name, tracer):
     model, example, bound = seeded(name)
@@ -381,6 +384,21 @@ def test_training_with_the_masks_trains_the_model_prune_returns(name):
     pruned = pruner.prune().eval()
     y = example(3)
     assert relative(masked(y), pruned(y)) <= 1e-4
+    assert relative(masked(x), pruned(x)) <= 1e-4
+
+
+def test_heads_take_a_level_of_their_own():
+    model, example, _ = seeded("vit")  # 4 heads of 16; at 0.5, 2 go
+    x = example()
+    pruner = fxs.SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, example_inputs=(x,))
+    for group in pruner.groups:  # torch.ao's per-group level, read by each step()
+        if group["tensor_fqn"].endswith("attn.qkv.weight"):
+            group["sparsity_level"] = 0.75
+    pruner.step()
+    pruned = pruner.prune()
+    assert pruned.get_parameter("blocks.0.attn.qkv.weight").shape == (48, 32)  # 1 head left, the width halved
+    assert pruned.get_parameter("blocks.0.mlp.fc1.weight").shape == (128, 32)
     assert relative(masked(x), pruned(x)) <= 1e-4
 
 
@@ -497,6 +515,71 @@ def test_a_model_that_exports_at_batch_one_only_says_so():
         masked = fxs.prepare_fx_sparse(BatchOnly().eval(), pruner, example_inputs=(x,), tracer="export")
     pruner.step()
     assert relative(masked(x), pruner.prune()(x)) <= 1e-5
+
+
+
+class CachedBiasAttention(nn.Module):
+    """timm's LeViT/EfficientFormer attention: fused qkv split into q, k, v per head, plus a learned bias per head
+    and relative offset (``attention_biases[:, attention_bias_idxs]``) that eval mode caches in a dict (cleared by
+    ``train()``, which returns None as timm's does)."""
+
+    def __init__(self, dim=32, key_dim=8, num_heads=4, attn_ratio=2, resolution=4):
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, attn_ratio * key_dim
+        self.scale, self.val_attn_dim = key_dim ** -0.5, attn_ratio * key_dim * num_heads
+        self.qkv = nn.Linear(dim, 2 * key_dim * num_heads + self.val_attn_dim)
+        self.proj = nn.Linear(self.val_attn_dim, dim)
+        pos = torch.stack(torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij"))
+        offsets = (pos.flatten(1)[..., :, None] - pos.flatten(1)[..., None, :]).abs()
+        self.attention_biases = nn.Parameter(torch.randn(num_heads, resolution * resolution))
+        self.register_buffer("attention_bias_idxs", offsets[0] * resolution + offsets[1])
+        self.attention_bias_cache = {}
+
+    @torch.no_grad()
+    def train(self, mode=True):
+        super().train(mode)
+        if self.attention_bias_cache:
+            self.attention_bias_cache = {}
+
+    def get_attention_biases(self, device):
+        if torch.jit.is_tracing() or self.training:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        if str(device) not in self.attention_bias_cache:
+            self.attention_bias_cache[str(device)] = self.attention_biases[:, self.attention_bias_idxs]
+        return self.attention_bias_cache[str(device)]
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + self.get_attention_biases(x.device)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, self.val_attn_dim))
+
+
+@pytest.mark.parametrize("scope", ["model", "block"])
+def test_export_follows_attention_biases_a_layer_caches_in_eval_mode(scope):
+    torch.manual_seed(0)
+    model = nn.Sequential(CachedBiasAttention(), nn.GELU(), nn.Linear(32, 8))
+    model.eval()
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        model(x)  # the cache is filled: torch.export would fold it into the graph as a constant
+    cached = model[0].attention_bias_cache["cpu"]
+    pruner = fxs.SaliencyPruner(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nor torch.export's "assigned during export"
+        if scope == "block":  # the block restored from its class keeps the cut graph (its code fixes a width)
+            warnings.filterwarnings("ignore", "prune\\(\\): '0' .* stays a pruned GraphModule")
+        masked = fxs.prepare_fx_sparse(model, pruner, example_inputs=(x,), tracer="export",
+                                       scope=CachedBiasAttention if scope == "block" else "model")
+        pruner.step()
+        pruned = pruner.prune()
+    assert "0.qkv.weight" in [g["tensor_fqn"] for g in pruner.groups]  # the heads' group
+    assert pruned.get_parameter("0.attention_biases").shape == (2, 16)  # 2 of 4 heads, their biases with them
+    for batch in (2, 3):
+        y = torch.randn(batch, 16, 32)
+        assert relative(masked(y), pruned(y)) <= 1e-5
+    assert model[0].attention_bias_cache["cpu"] is cached  # the user's layer keeps its cache
 
 
 def test_each_masked_form_is_the_op_on_the_kept_channels():

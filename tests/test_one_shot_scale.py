@@ -155,6 +155,7 @@ def test_checkpoint_pruned_block_by_block_in_a_fraction_of_its_size(tmp_path):
     assert result["growth"] <= 0.45 * size, (result, size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_streamed_equals_in_memory_one_shot(tmp_path, tied):
     model = tiny_llama(tied)
@@ -180,6 +181,7 @@ def test_streamed_equals_in_memory_one_shot(tmp_path, tied):
     assert ("lm_head.weight" in index["weight_map"]) == (not tied)
 
 
+@pytest.mark.slow
 def test_streamed_config_and_progress(tmp_path, capsys):
     """A config naming some tensors prunes only those; progress bars go to stderr."""
     tiny_llama().save_pretrained(tmp_path / "src")
@@ -216,6 +218,7 @@ def _pruned(format):
                         scope=LlamaDecoderLayer, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format", ["sparse-bitmask", "sparse-24-bitmask"])
 def test_save_compressed_round_trip(tmp_path, format):
     pytest.importorskip("compressed_tensors")

@@ -20,6 +20,7 @@ def _section(text: str, heading: str) -> str:
     return text[start:] if end == -1 else text[start:end]
 
 
+@pytest.mark.slow
 def test_usage_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", _section(README, "Usage"), re.S)
     assert len(blocks) >= 3

@@ -70,6 +70,7 @@ def test_recurrent_weights_are_masked_in_the_graph_as_torch_ao_masks_them(name, 
     torch.testing.assert_close(sparsifier.squash_mask()(x), expected)
 
 
+@pytest.mark.slow
 def test_a_prepared_recurrent_graph_trains_copies_pickles_and_compiles():
     torch.manual_seed(0)
     model = Tagger(nn.LSTM, num_layers=2, batch_first=True)

@@ -81,6 +81,7 @@ def test_structured_pruning_takes_a_block_scope_object():
     torch.testing.assert_close(pruned_b, masked_b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_shot_takes_a_block_scope_object():
     class Block(nn.Module):
         def __init__(self):

@@ -110,6 +110,30 @@ def test_same_masks_and_weights_in_every_scope():
             torch.testing.assert_close(results[scope][key], value, rtol=0, atol=0, msg=f"{scope} {key}")
 
 
+@pytest.mark.parametrize("make", [lambda: fxs.SparseGPTSparsifier(0.5, block_size=16),
+                                  lambda: fxs.ADMMSparsifier(0.5, iterations=5)], ids=["sparsegpt", "admm"])
+def test_free_statistics_frees_each_gram_once_used_and_prunes_the_same(make):
+    """one_shot's setting: each Gram matrix let go (and factored in place) once its layer is pruned; the same
+    weights as with the statistics kept, and a second step() says they are gone."""
+    torch.manual_seed(3)
+    model = nn.Sequential(Block(), Block())
+    batches = [torch.randn(16, 32) for _ in range(3)]
+    results = []
+    for free in (False, True):
+        sparsifier = make()
+        sparsifier.free_statistics = free
+        prepared = calibrated(sparsifier, model, batches)
+        sparsifier.step()
+        grams = [m.gram.numel() for m in prepared.modules() if isinstance(m, GramObserver)]
+        assert len(grams) == 4 and all((g == 0) == free for g in grams)
+        if free:
+            with pytest.raises(RuntimeError, match=r"its Gram matrix was freed by the step\(\) that pruned it"):
+                sparsifier.step()
+        results.append(sparsifier.squash_mask().state_dict())
+    for key, value in results[0].items():
+        assert torch.equal(results[1][key], value), key
+
+
 def test_step_before_calibration_and_config_errors():
     sparsifier = fxs.SparseGPTSparsifier()
     fxs.prepare_fx_sparse(nn.Sequential(nn.Linear(8, 8)), sparsifier)
@@ -142,6 +166,7 @@ def manual_block_by_block(model, make_sparsifier, batches):
 
 @pytest.mark.parametrize("make", [lambda: fxs.SparseGPTSparsifier(0.5, block_size=16),
                                   lambda: fxs.WandaSparsifier(0.5)], ids=["sparsegpt", "wanda"])
+@pytest.mark.slow
 def test_one_shot_prunes_each_block_on_the_pruned_outputs_before_it(make):
     torch.manual_seed(3)
     model = nn.Sequential(Block(), Block(), Block())

@@ -607,6 +607,7 @@ def test_block_scope_keeps_the_users_model_and_prunes_inside_each_block():
                                  example_inputs=(x,))
 
 
+@pytest.mark.slow
 def test_layers_scope_prunes_what_lies_inside_one_layer():
     model = SmallViT().eval()
     x = torch.randn(2, 3, 16, 16)

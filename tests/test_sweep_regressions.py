@@ -300,6 +300,7 @@ class AttentionWeightsUnused(nn.Module):
         return self.fc(self.attn(x, x, x)[0])
 
 
+@pytest.mark.slow
 def test_attention_weights_computed_and_dropped_do_not_block_its_heads():
     x = torch.randn(5, 2, 16)
     for tracer in ("symbolic", "export"):

@@ -86,6 +86,7 @@ def test_model_scope_refuses_eagerly_observed_layers_and_warns_for_a_qconfig():
         fxs.prepare_fx_sparse(quant_model(QCONFIG), fxs.WeightNormSparsifier(**BLOCKS), CONFIG, example_inputs=(x,))
 
 
+@pytest.mark.slow
 def test_fx_quantization_of_the_prepared_model_folds_the_masks_into_the_quantized_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))

@@ -1,13 +1,18 @@
 """timm's ViT-Tiny, DeiT-Tiny, ConvNeXt-Tiny and PoolFormer-S12 at 50% structured pruning: fx_sparsity against
-Torch-Pruning, one run, random weights (no download), on this machine's CPU.
+Torch-Pruning, random weights (no download), on this machine's CPU.
 
 Both prune every width they can at 50% (the residual width through the LayerNorms/GroupNorms, attention heads,
 MLP widths) with an L1 importance: fx_sparsity's ``SaliencyPruner(0.5)`` (``tracer="export"``) and Torch-Pruning's
 ``MetaPruner`` with ``GroupMagnitudeImportance(p=1)``, heads pruned whole (``prune_num_heads=True``,
-``prune_head_dims=False``), the classifier kept. Reported: parameters left, latency of the pruned model (batch 8,
-224², median of 5), preparing and cutting time, and for fx_sparsity how far the pruned model is from the masked one
-(the model that was fine-tuned: a LayerNorm over fewer channels averages over the kept ones in both). Torch-Pruning
-has no masked model; its ``pruned vs masked`` column is empty.
+``prune_head_dims=False``), the classifier kept. Of 3 heads, fx_sparsity drops ``int(0.5 × 3)`` = 1 (torch.ao's
+count) and Torch-Pruning 2; so fx_sparsity is also run at Torch-Pruning's shapes, its head groups given level 0.7
+(``group["sparsity_level"]`` after prepare: ``int(0.7 × 3)`` = 2 go), for parameters and latency at equal shapes.
+
+Reported per model: parameters left, the first block's widths, latency (batch 8, 224², 1 thread) of the dense
+model and of each pruned one with its speed-up over dense (median of ``--rounds`` runs, taken in turns: one run of
+each model per round, so load from other work on the machine falls on all alike), and for fx_sparsity how far the
+pruned model is from the masked one (the model that is fine-tuned: a LayerNorm over fewer channels averages over
+the kept ones in both). Torch-Pruning has no masked model. The load average before and after is printed.
 
 Run in a virtual environment that sees the system torch (never move it off its version)::
 
@@ -24,6 +29,7 @@ import argparse
 import copy
 import importlib.abc
 import importlib.machinery
+import os
 import statistics
 import sys
 import time
@@ -34,6 +40,7 @@ from typing import Any
 import torch
 
 MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_tiny", "poolformer_s12"]
+HEAD_LEVEL = 0.7  # int(0.7 × 3) = 2 of 3 heads go, as Torch-Pruning drops at 50% (round(0.5 × 3))
 
 
 class _Anything(type):
@@ -74,9 +81,9 @@ def params(model: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latencies_ms(models: list[torch.nn.Module], x: torch.Tensor, rounds: int = 5) -> list[float]:
-    """Median time of each model on ``x``, measured in turns (one run of each per round), so that load from other
-    work on the machine falls on all of them alike."""
+def latencies_ms(models: list[torch.nn.Module], x: torch.Tensor, rounds: int) -> list[float]:
+    """Median time of each model on ``x``, measured in turns (one run of each per round, after one warm-up run of
+    each), so that load from other work on the machine falls on all of them alike."""
     for model in models:
         model(x)
     times: list[list[float]] = [[] for _ in models]
@@ -94,37 +101,43 @@ def widths(model: torch.nn.Module, head_dim: int | None) -> str:
     first = "blocks.0." if hasattr(model, "blocks") else "stages.0.blocks.0."
     shapes = {name[len(first):]: p.shape for name, p in model.named_parameters() if name.startswith(first)}
     norm = next(s for n, s in shapes.items() if n in ("norm1.weight", "norm.weight"))
-    out = f"width {norm[0]}, MLP {shapes['mlp.fc1.weight'][0]}"
+    out = f"{norm[0]}, MLP {shapes['mlp.fc1.weight'][0]}"
     if "attn.qkv.weight" in shapes and head_dim:
         out += f", heads {shapes['attn.qkv.weight'][0] // (3 * head_dim)}"
     return out
 
 
-def with_fx_sparsity(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def _masked_vs_pruned(pruner: Any, masked: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    pruner.step()
+    pruned = pruner.prune().eval()
+    with torch.no_grad():
+        ours, theirs = masked(x), pruned(x)
+    return {"pruned": pruned, "vs_masked": f"{float((ours - theirs).abs().max() / ours.abs().max()):.1e}"}
+
+
+def with_fx_sparsity(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
+    """fx_sparsity's pruned model at 50%, and (a model with attention heads) at Torch-Pruning's shapes: the same
+    prepared model, its head groups (first producer ``...attn.qkv.weight``) at ``HEAD_LEVEL``."""
     import fx_sparsity as fxs
 
     pruner = fxs.SaliencyPruner(0.5)
-    start = time.perf_counter()
-    masked = fxs.prepare_fx_sparse(model, pruner, example_inputs=(x,), tracer="export")
-    prepared = time.perf_counter() - start
-    pruner.step()
-    start = time.perf_counter()
-    pruned = pruner.prune().eval()
-    cut = time.perf_counter() - start
-    with torch.no_grad():
-        ours, theirs = masked.eval()(x), pruned(x)
-    return {"pruned": pruned, "prepare_s": prepared, "prune_s": cut,
-            "vs_masked": float((ours - theirs).abs().max() / ours.abs().max())}
+    masked = fxs.prepare_fx_sparse(model, pruner, example_inputs=(x,), tracer="export").eval()
+    found = [("fx_sparsity", _masked_vs_pruned(pruner, masked, x))]
+    heads = [g for g in pruner.groups if g["tensor_fqn"].endswith("attn.qkv.weight")]
+    if heads:
+        for group in heads:  # torch.ao's per-group level, read by step() (a scheduler made now starts from it)
+            group["sparsity_level"] = HEAD_LEVEL
+        found.append((f"fx_sparsity, heads {HEAD_LEVEL}", _masked_vs_pruned(pruner, masked, x)))
+    return found
 
 
-def with_torch_pruning(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def with_torch_pruning(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, dict[str, Any]]]:
     import timm
     import torch_pruning as tp
 
     model = copy.deepcopy(model)
     attention = [m for m in model.modules() if isinstance(m, timm.models.vision_transformer.Attention)]
     head = model.get_classifier()  # type: ignore[operator]
-    start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(model, x[:1], importance=tp.importance.GroupMagnitudeImportance(p=1),
                                   pruning_ratio=0.5, ignored_layers=[head],
                                   num_heads={m.qkv: m.num_heads for m in attention}, prune_num_heads=True,
@@ -135,46 +148,57 @@ def with_torch_pruning(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any
         m.head_dim = m.qkv.out_features // (3 * m.num_heads)
         if hasattr(m, "attn_dim"):
             m.attn_dim = m.num_heads * m.head_dim
-    return {"pruned": model.eval(), "prepare_s": 0.0, "prune_s": time.perf_counter() - start, "vs_masked": None}
+    return [("Torch-Pruning", {"pruned": model.eval(), "vs_masked": "(none)"})]
+
+
+def load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=21, help="timed runs of each model (the median is reported)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sys.meta_path.insert(0, _TorchvisionStandIn())
     warnings.filterwarnings("ignore")
     import timm
 
-    rows = []
+    before, rows = load(), []
     for name in args.models:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()
         example, batch = torch.randn(2, 3, 224, 224), torch.randn(args.batch, 3, 224, 224)
         head_dim = next((m.head_dim for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "head_dim")), None)
-        found: dict[str, dict[str, Any]] = {}
+        found: list[tuple[str, dict[str, Any]]] = [("dense", {"pruned": model, "vs_masked": ""})]
+        failed = []
         for tool, run in (("fx_sparsity", with_fx_sparsity), ("Torch-Pruning", with_torch_pruning)):
             try:
-                result = run(model, example)
+                results = run(model, example)
                 with torch.inference_mode():
-                    result["pruned"](batch)  # it must run
-                found[tool] = result
+                    for _, result in results:
+                        result["pruned"](batch)  # it must run
+                found += results
             except Exception as e:  # a tool that cannot prune the model, or whose model does not run: say so
-                rows.append(f"| {name} | {tool} | failed: {type(e).__name__}: {str(e).splitlines()[0][:90]} |"
-                            f" | | | |")
-        timed = latencies_ms([model, *(r["pruned"] for r in found.values())], batch)
-        for (tool, result), ms in zip(found.items(), timed[1:]):
+                why = str(e).splitlines()[0][:70] if str(e) else ""
+                failed.append(f"| {name} | {tool} | failed: {type(e).__name__}: {why} | | | |")
+        timed = latencies_ms([result["pruned"] for _, result in found], batch, args.rounds)
+        dense_ms, dense_params = timed[0], params(model)
+        for (tool, result), ms in zip(found, timed):
             pruned = result["pruned"]
-            close = "" if result["vs_masked"] is None else f"{result['vs_masked']:.1e}"
-            left = f"{params(pruned) / 1e6:.2f} M of {params(model) / 1e6:.2f} M ({params(pruned) / params(model):.2f})"
-            rows.append(f"| {name} | {tool} | {left} | {widths(pruned, head_dim)} | {ms:.0f} ms (dense {timed[0]:.0f}) "
-                        f"| {result['prepare_s'] + result['prune_s']:.1f} s | {close} |")
-        print("\n".join(rows[-2:]), flush=True)
-    print(f"\ntorch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, batch "
-          f"{args.batch}, 224x224\n")
-    print("| model | tool | parameters left | widths (first block) | latency | prepare + prune | pruned vs masked |")
-    print("|---|---|---|---|---|---|---|")
+            speed = "" if tool == "dense" else f", {dense_ms / ms:.2f}×"
+            rows.append(f"| {name} | {tool} | {params(pruned) / 1e6:.2f} M ({params(pruned) / dense_params:.2f}) | "
+                        f"{widths(pruned, head_dim)} | {ms:.0f} ms{speed} | {result['vs_masked']} |")
+        rows += failed
+        print("\n".join(rows[-len(found) - len(failed):]), flush=True)
+    print(f"\ntorch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} thread(s), batch "
+          f"{args.batch}, 224x224, median of {args.rounds} runs in turns; load average (1, 5, 15 min) before "
+          f"{before}, after {load()}\n")
+    print("| model | tool | parameters left | first block: width, MLP, heads | latency, speed-up | pruned vs masked |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

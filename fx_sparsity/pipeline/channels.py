@@ -38,7 +38,7 @@ from ..passes import fetch_attr, run_passes
 from ..passes.channels import ChannelAnalysis, ChannelGroup, InsertChannelMasks, MaskNorms, find_channel_groups
 from ..scopes import Scope
 from ..scoping import UNITS_ATTR, Unit, capture_inputs, relative
-from ..tracing import export_module, trace_written_out
+from ..tracing import export_failure, export_module, trace_written_out
 from .protocol import SparsifierLike
 
 __all__ = ["Part", "ChannelTarget", "place", "analyse", "guess_inputs", "MASK_NAME", "add_mask", "placeholder_values",
@@ -216,22 +216,41 @@ def add_mask(sparsifier: SparsifierLike, gm: fx.GraphModule, fqn: str, tensor_fq
     return f"{owner_fqn}.{name}" if owner_fqn else name
 
 
+#: Structured pruning follows channels only within what it traces: scope="layers" runs on any model but cuts only
+#: what lies inside one layer, so a block scope comes first.
+_LAYERS_CUT_LESS = " scope=\"layers\" also runs, but cuts only what lies inside one layer."
+_MODEL_WAYS_SYMBOLIC = ("Ways that work, in order: scope=<a block class> whose forward traces (channels are followed "
+                        "and cut within each block; {name}'s own forward runs as written); tracer=\"export\" with "
+                        "example_inputs=(...) (torch.export specialises such control flow on the example inputs)."
+                        + _LAYERS_CUT_LESS)
+_UNIT_WAYS_SYMBOLIC = ("Ways that work, in order: tracer=\"export\" with example_inputs=(...) (torch.export "
+                       "specialises such control flow on the inputs each block gets)." + _LAYERS_CUT_LESS)
+
+
 def trace_unit(module: nn.Module, tracer: str, inputs: CallInputs, fqn: str) -> fx.GraphModule:
+    """``module`` (the model, or the unit ``fqn``) as a graph whose channels can be followed; a failure says what
+    failed, where, and the ways that work for structured pruning."""
     where = f"'{fqn}' ({type(module).__name__})" if fqn else type(module).__name__
     if isinstance(module, nn.MultiheadAttention):
         tracer = "export"  # a layer of its own (scope="layers"): its forward branches on its flags
     if tracer == "symbolic":
         try:
-            return trace_written_out(module)
+            return trace_written_out(module, _UNIT_WAYS_SYMBOLIC if fqn else _MODEL_WAYS_SYMBOLIC)
         except TraceError as e:
-            raise TraceError(f"{where}: {e}") from e
+            if not fqn:
+                raise  # it names the model already
+            raise TraceError(f"'{fqn}': {e}") from e
     try:
         gm = export_module(module, *as_args_kwargs(inputs))
     except Exception as e:
-        hint = (" A Hugging Face cache reached it: pass use_cache=False in example_inputs (the pruned blocks get "
-                "their own class back, and generate() with the cache works on them)." if "Cache" in str(e) else "")
-        raise TraceError(f"torch.export cannot trace {where} on its example inputs: {type(e).__name__}: {e}\n"
-                         f"Check that example_inputs match the model's forward.{hint}") from e
+        if fqn:
+            raise export_failure(f"{where} on the inputs it got from example_inputs", e,
+                                 "Ways that work, in order: tracer=\"symbolic\" (no example inputs needed)."
+                                 + _LAYERS_CUT_LESS) from e
+        raise export_failure(where, e, f"Ways that work, in order: scope=<a block class> whose forward exports "
+                             f"(channels are followed and cut within each block; {where}'s own forward runs as "
+                             f"written); example_inputs that match the forward; data-dependent control flow "
+                             f"rewritten with torch.cond." + _LAYERS_CUT_LESS) from e
     gm.graph.eliminate_dead_code()  # what is computed and dropped (attention weights never read) moves nothing
     gm.recompile()
     return gm
@@ -345,7 +364,11 @@ def _layers(model: nn.Module) -> list[str]:
 def warn_nothing_to_prune(who: str, parts: list[Part]) -> None:
     reasons = sorted({g.problem or g.inexact or g.normalized or "" for p in parts for g in p.analysis.groups
                       if g.producers} - {""})
+    why = (f"Why the groups were left out: {reasons[:4]}{' ...' if len(reasons) > 4 else ''}. A group a norm "
+           f"averages over is pruned with prune_normalized=True (the default), or when named in the config."
+           if reasons else
+           "Every channel found is an output of a traced graph, and outputs keep their shapes: with "
+           "scope=\"layers\" each layer is traced alone, so only what lies inside one layer can be cut; a block "
+           "class or scope=\"model\" follows channels from layer to layer.")
     warn_user(f"prepare: {who} found no channel group it can cut exactly (without changing the "
-              f"model's output shapes); step() and prune() will do nothing. Why the groups were left out: "
-              f"{reasons[:4]}{' ...' if len(reasons) > 4 else ''}. A group a norm averages over is pruned with "
-              f"prune_normalized=True (the default), or when named in the config.")
+              f"model's output shapes); step() and prune() will do nothing. {why}")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..errors import SparsityConfigError, warn_user
@@ -59,15 +60,61 @@ def _between(model: nn.Module, blocks: list[str]) -> list[str]:
     return found
 
 
-def _run(model: nn.Module, fqns: list[str], example_inputs: Any) -> tuple[list[str], dict[str, tuple], set[str], Any]:
+class _ReadOutside(TorchFunctionMode):
+    """Records the tensors the model's own code computes something from outside every unit (``depth`` 0): code
+    between blocks that reads a block's output (``if h.sum() > 0``, a loss on it) sees all of its channels, so its
+    width cannot change there. Not reads: metadata (shape, dtype, device: no tensor made), and an op that only
+    passes its one tensor on (the same values: ``x.to(x.dtype)``, a slice of all of it); what reads such a copy
+    reads the tensor it copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.read: dict[int, torch.Tensor] = {}
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(copy) -> (copy, the tensor copied)
+
+    def _origin(self, t: torch.Tensor) -> torch.Tensor:
+        return self.copies[id(t)][1] if id(t) in self.copies and self.copies[id(t)][0] is t else t
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if self.depth:
+            return result
+        made = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+        got = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not made or not got:
+            return result
+        if len(got) == 1 and all(_same_values(m, got[0]) for m in made):
+            for m in made:
+                if m is not got[0]:
+                    self.copies[id(m)] = (m, self._origin(got[0]))
+            return result
+        for t in got:
+            origin = self._origin(t)
+            self.read[id(origin)] = origin
+        return result
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+
+
+def _run(model: nn.Module, fqns: list[str], example_inputs: Any) -> tuple[list[str], dict[str, tuple], set[str], Any,
+                                                                        list[torch.Tensor]]:
     """One run of ``model``: the units in the order of their first call, ``{fqn: (inputs, output)}`` of that
-    call, the units called more than once, and the model's output."""
+    call, the units called more than once, the model's output, and the tensors its own code read outside the
+    units."""
     order: list[str] = []
     calls: dict[str, tuple] = {}
     again: set[str] = set()
+    outside = _ReadOutside()
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        outside.depth += 1
 
     def hook(fqn: str) -> Any:
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            outside.depth -= 1
             if fqn not in calls:
                 order.append(fqn)
                 calls[fqn] = (CallInputs(args, kwargs), output)
@@ -76,21 +123,23 @@ def _run(model: nn.Module, fqns: list[str], example_inputs: Any) -> tuple[list[s
         return record
 
     handles = [model.get_submodule(f).register_forward_hook(hook(f), with_kwargs=True) for f in fqns]
+    handles += [model.get_submodule(f).register_forward_pre_hook(enter, with_kwargs=True) for f in fqns]
     try:
-        with _quiet_run(model):
+        with _quiet_run(model), outside:
             returned = call_with(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return order, calls, again, returned
+    return order, calls, again, returned, list(outside.read.values())
 
 
 def _units(work: nn.Module, scope: Scope, tracer: str,
            example_inputs: Any) -> tuple[list[UnitGraph], dict[str, CallInputs], list[str], Any]:
-    """Each unit traced on what it gets, in call order; what each got; the blocks; the model's output."""
+    """Each unit traced on what it gets, in call order; what each got; the blocks; the tensors the model's own
+    code sees (its output, and what it reads between the units)."""
     blocks = scope.blocks(work)
     between = _between(work, blocks)
-    order, calls, again, returned = _run(work, blocks + between, example_inputs)
+    order, calls, again, returned, read = _run(work, blocks + between, example_inputs)
     missing = [b for b in blocks if b not in order]
     if missing:
         raise SparsityConfigError(
@@ -109,7 +158,8 @@ def _units(work: nn.Module, scope: Scope, tracer: str,
             continue  # a layer between blocks that does not trace: what it reads and makes is not followed
         units.append(UnitGraph(fqn, gm, placeholder_values(gm, inputs), output_pairs(gm, output),
                                alone=fqn in again))  # a block called more than once: on its own
-    return units, {fqn: calls[fqn][0] for fqn in order}, blocks, returned
+    seen = [t for t in pytree.tree_leaves(returned) if isinstance(t, torch.Tensor)] + read
+    return units, {fqn: calls[fqn][0] for fqn in order}, blocks, seen
 
 
 def _traced(work: nn.Module, scope: Scope, tracer: str,
@@ -149,8 +199,8 @@ def place_stitched(sparsifier: SparsifierLike, work: nn.Module, config: list[dic
                    example_inputs: Any) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
     """``channels.place`` for a block scope: trace the units, follow them as one graph, mask the chosen groups in
     each unit's graph, put the touched units in place."""
-    traced, calls, blocks, returned, example = _traced(work, scope, tracer, example_inputs)
-    stitched = stitch(traced, [t for t in pytree.tree_leaves(returned) if isinstance(t, torch.Tensor)])
+    traced, calls, blocks, seen, example = _traced(work, scope, tracer, example_inputs)
+    stitched = stitch(traced, seen)  # what the model's own code sees keeps its width
     analysis = analyse(stitched.gm, None, stitched.inputs)
     names = [u.fqn for u in traced]
     _explain_problems(analysis.groups, names)

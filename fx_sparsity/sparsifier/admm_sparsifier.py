@@ -227,7 +227,7 @@ class ADMMSparsifier(SparseGPTSparsifier):
         n = m // 2 if m else 0
         level = check_level(sparsity_level, high=0.5 if m else 1.0, where=f"group '{tensor_fqn}'")
         weight = getattr(module, tensor_name)
-        gram = self._observer(tensor_fqn).gram.to(weight.device)
+        gram = self._take_gram(tensor_fqn, weight.device)
         dense = (weight * mask).float()
         info: dict[str, Any] = {}
         start = time.perf_counter()

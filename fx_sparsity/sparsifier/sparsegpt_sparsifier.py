@@ -14,7 +14,8 @@ __all__ = ["SparseGPTSparsifier", "sparsegpt_prune"]
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, *, n: int = 0, m: int = 0,
-                    block_size: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_size: int = 128, percdamp: float = 0.01,
+                    overwrite_gram: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one linear weight ``(out, in)`` with the inputs' Gram matrix ``XᵀX`` ``(in, in)``.
 
     Columns are processed left to right in blocks of ``block_size``. In each block the weights
@@ -23,10 +24,14 @@ def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, *
     columns for n:m); pruning a column spreads its error over the columns not yet processed
     through the Cholesky factor of ``H⁻¹``, so the kept weights compensate. ``H`` is damped by
     ``percdamp`` × its mean diagonal; inputs never seen (zero diagonal) get a unit diagonal and
-    their weights are pruned. Returns ``(new weight, keep mask)``, float32.
+    their weights are pruned. Returns ``(new weight, keep mask)``, float32. ``overwrite_gram``: a float32
+    ``gram`` is damped and factored in place (one ``(in, in)`` matrix less), for a caller done with it.
     """
     w = weight.detach().float().clone()
-    h = gram.detach().to(torch.float32).clone()
+    h = gram.detach().to(torch.float32)  # a copy already unless gram is float32
+    if h.data_ptr() == gram.data_ptr() and not overwrite_gram:
+        h = h.clone()
+    del gram
     rows, cols = w.shape
     dead = h.diagonal() == 0
     h[dead, dead] = 1
@@ -84,6 +89,10 @@ class SparseGPTSparsifier(WandaSparsifier):
     """
 
     observer_type = GramObserver
+    #: Free each linear's Gram matrix when its weight is pruned, and factor it in place (no copy): the peak of a
+    #: step() is then the largest layer's matrices, not every layer's. ``one_shot`` sets it on each block's copy,
+    #: whose one step() is the last; a second step() then says the statistics are gone.
+    free_statistics: bool = False
 
     def __init__(self, sparsity_level: float = 0.5, semi_structured_block_size: int | None = None,
                  block_size: int = 128, percdamp: float = 0.01):
@@ -102,6 +111,17 @@ class SparseGPTSparsifier(WandaSparsifier):
         """Observers share the last ``xᵀx``: linears that read one input (q/k/v, gate/up) compute it once."""
         return GramObserver(num_channels, shared=self._shared_product)
 
+    def _take_gram(self, tensor_fqn: str, device: torch.device) -> torch.Tensor:
+        """``tensor_fqn``'s Gram matrix on ``device``; with ``free_statistics`` the observer lets go of it."""
+        observer = self._observer(tensor_fqn)
+        gram = observer.gram
+        if gram.numel() == 0:
+            raise RuntimeError(f"'{tensor_fqn}': its Gram matrix was freed by the step() that pruned it "
+                               f"(free_statistics=True, as one_shot sets): prepare and calibrate again to step again")
+        if self.free_statistics:
+            observer.gram = gram.new_empty(0)
+        return gram.to(device)
+
     def step(self, use_path: bool = True) -> None:
         self._shared_product.clear()  # calibration is over: free the last product before pruning
         super().step(use_path)
@@ -112,8 +132,8 @@ class SparseGPTSparsifier(WandaSparsifier):
         m = semi_structured_block_size
         level = check_level(sparsity_level, high=0.5 if m else 1.0, where=f"group '{tensor_fqn}'")
         weight = getattr(module, tensor_name)
-        gram = self._observer(tensor_fqn).gram.to(weight.device)
-        new_weight, keep = sparsegpt_prune(weight * mask, gram, level, n=m // 2 if m else 0, m=m or 0,
-                                           block_size=block_size, percdamp=percdamp)
+        new_weight, keep = sparsegpt_prune(weight * mask, self._take_gram(tensor_fqn, weight.device), level,
+                                           n=m // 2 if m else 0, m=m or 0, block_size=block_size, percdamp=percdamp,
+                                           overwrite_gram=self.free_statistics)
         weight.copy_(new_weight.to(weight.dtype))
         mask.copy_(keep)
