@@ -38,6 +38,7 @@ class TestInspect:
         assert table.replace("f32[2, ", "f32[B, ") == fxs.format_sparse_graph(
             prepared, example_inputs=(torch.randn(2, 16),)).replace("f32[2, ", "f32[B, ") + "\n"
 
+    @pytest.mark.slow
     def test_export_options_and_code(self, capsys):
         code, out, _ = run_main(capsys, "inspect", "models:encoder_layer", "--input-shape", "2,5,32",
                                 "--tracer", "export", "--level", "0.75", "--block-shape", "1,2",
@@ -176,6 +177,7 @@ class TestDemo:
         if has_matplotlib:
             assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    @pytest.mark.slow
     def test_numbers(self):
         import io
 

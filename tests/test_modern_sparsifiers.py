@@ -123,7 +123,7 @@ def _assert_exact_nm(weight, mask, n, m):
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
-@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+@pytest.mark.parametrize("tracer", ["symbolic", pytest.param("export", marks=pytest.mark.slow)])
 def test_nm_exact_pattern_every_group(n, m, tracer):
     if tracer == "symbolic":
         model, x, kwargs = mlp(), torch.randn(4, 16), {}

@@ -417,6 +417,7 @@ def test_prune_normalized_false_leaves_normalised_widths_whole():
         fxs.SaliencyPruner(0.5, prune_normalized="yes")
 
 
+@pytest.mark.slow
 def test_a_group_norm_with_a_group_per_channel_is_cut_as_a_batch_norm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(16, 16), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
@@ -477,6 +478,7 @@ class ReshapedIndexAttention(WindowAttention):
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
 
 
+@pytest.mark.slow
 def test_export_follows_a_relative_position_index_reshaped_in_the_forward():
     torch.manual_seed(0)
     model = nn.Sequential(ReshapedIndexAttention(32, 4, 4), nn.GELU(), nn.Linear(32, 8)).eval()
@@ -488,6 +490,7 @@ def test_export_follows_a_relative_position_index_reshaped_in_the_forward():
         assert relative(masked(x), pruned(x)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_a_batch_of_one_exports_with_a_dynamic_batch():
     model, example, _ = seeded("vit")
     pruner, masked, pruned = prune(model, example(1), "export")
@@ -556,6 +559,7 @@ class CachedBiasAttention(nn.Module):
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, self.val_attn_dim))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["model", "block"])
 def test_export_follows_attention_biases_a_layer_caches_in_eval_mode(scope):
     torch.manual_seed(0)

@@ -308,6 +308,7 @@ def test_sparsifier_and_scheduler_state_dicts_load_with_weights_only():
     assert loaded["scheduler"] == scheduler.state_dict()
 
 
+@pytest.mark.slow
 def test_deepcopy_after_squash_and_of_export_prepared():
     """pytorch #37322: deepcopy failed after pruning. Also the export-traced module (whose
     pickling torch.export's unlifted module does not support; see the README)."""

@@ -263,6 +263,7 @@ def test_format_is_compressed_tensors_own():
         assert torch.equal(decompress_weight(expected), weight)
 
 
+@pytest.mark.slow
 def test_save_compressed_says_what_it_needs(tmp_path, monkeypatch):
     model = tiny_llama(layers=1)
     with pytest.raises(fxs.SparsityConfigError, match="format must be one of"):

@@ -151,6 +151,7 @@ def test_tied_weights_one_mask_every_use(tracer, fqn):
     assert prepared.get_parameter("embed.weight") is prepared.get_parameter("out.weight")
 
 
+@pytest.mark.slow
 def test_transformer_encoder_layer_export_matches_torch_ao():
     layer = encoder_layer()
     x = torch.randn(2, 5, 32)
@@ -339,6 +340,7 @@ def test_constructor_arguments_checked():
             sparsifier.step()
 
 
+@pytest.mark.slow
 def test_multihead_attention_weights_are_masked_and_a_mask_input_it_branches_on_is_reported():
     class WithMHA(nn.Module):
         def __init__(self):

@@ -89,6 +89,7 @@ def test_a_prepared_recurrent_graph_trains_copies_pickles_and_compiles():
     torch.testing.assert_close(compiled(x), prepared(x))
 
 
+@pytest.mark.slow
 def test_a_recurrent_layer_with_dropout_between_layers_asks_for_export():
     model = Tagger(nn.LSTM, num_layers=2, dropout=0.1)
     with pytest.raises(fxs.passes.MaskInsertionError, match=r"cannot inline \(RecurrentError: LSTM with "

@@ -108,6 +108,7 @@ def forward(self, input : torch.Tensor) -> torch.Tensor:
             scheduler.step()
         assert (model.get_buffer("4.weight_mask") == 0).float().mean().item() == pytest.approx(0.9, abs=0.05)
 
+    @pytest.mark.slow
     def test_compiled_no_recompile_after_step(self):
         prepared, sparsifier = self.prepare("layers")
         compiled = torch.compile(prepared)
@@ -211,7 +212,7 @@ class TestTied(TestCase):
         assert (squashed.out.weight == 0).double().mean().item() == 0.75
 
 
-@pytest.mark.parametrize("tracer", TRACERS)
+@pytest.mark.parametrize("tracer", ["symbolic", pytest.param("export", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("scope", SCOPES, ids=_ids)
 def test_resnet_like_trains_the_same_in_every_scope(scope, tracer):
     """BatchNorm and dropout in train mode; the same masks, losses and weights as the reference run."""

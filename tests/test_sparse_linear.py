@@ -242,6 +242,7 @@ model bytes (state_dict): 3.2 KiB with the 2 lowered layers as dense float32 -> 
         buf.seek(0)
         self.assertTrue(torch.equal(torch.load(buf, weights_only=False)(x), lowered(x)))
 
+    @pytest.mark.slow
     def test_encoder_layer_from_export(self):
         layer = encoder_layer()
         x = torch.randn(2, 6, 32)
@@ -253,6 +254,7 @@ model bytes (state_dict): 3.2 KiB with the 2 lowered layers as dense float32 -> 
                          ["SparseBSRLinear", "SparseBSRLinear"])
         self.assertLessEqual(_rel(lowered(x), prepared(x)), 1e-5)
 
+    @pytest.mark.slow
     def test_torch_compile_fullgraph_forward_and_backward(self):
         # dynamo cannot wrap sparse tensors; the modules hand it an opaque custom op instead.
         torch._dynamo.reset()

@@ -490,6 +490,7 @@ def test_normalised_widths_are_pruned_exactly_by_default_and_left_out_on_request
     torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_and_export_the_pruned_model():
     model = resnet_like().eval()
     x = torch.randn(2, 3, 16, 16)
@@ -514,6 +515,7 @@ def test_schedulers_drive_structured_pruners():
     assert (mask == 0).float().mean().item() == 0.5
 
 
+@pytest.mark.slow
 def test_training_through_the_masked_model_leaves_pruned_channels_without_gradient():
     model = resnet_like()
     x = torch.randn(4, 3, 16, 16)

@@ -238,6 +238,7 @@ class BiasedAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, n, d))
 
 
+@pytest.mark.slow
 def test_a_per_head_attention_bias_is_cut_with_its_heads():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), BiasedAttention(), nn.Linear(32, 2)).eval()
@@ -262,7 +263,7 @@ class SuperResolution(nn.Module):
         return self.tail(torch.relu(self.shuffle(self.up(features)))), self.down(F.pixel_unshuffle(features[:, :8], 2))
 
 
-@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+@pytest.mark.parametrize("tracer", ["symbolic", pytest.param("export", marks=pytest.mark.slow)])
 def test_pixel_shuffle_cuts_whole_sub_pixel_groups(tracer):
     torch.manual_seed(0)
     pruner, small = pruned_equals_masked(SuperResolution().eval(), torch.randn(2, 3, 8, 8), tracer=tracer)

@@ -41,6 +41,7 @@ def fbgemm():
     torch.backends.quantized.engine = before
 
 
+@pytest.mark.slow
 def test_eager_quantization_prepared_first_observes_the_masked_layer_and_converts_it_sparse():
     x = torch.randn(1, 4, 4, 4)
     model = tq.prepare(quant_model(QCONFIG))
