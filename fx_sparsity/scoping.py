@@ -24,19 +24,12 @@ from torch.ao.nn.intrinsic import _FusedModule
 
 from .distributed import dtensor_type
 from .errors import SparsityConfigError, TraceError, warn_user
+from .exporting import HOOK_DICTS, export_failure, export_module, keep_hooks_when_copied
 from .inputs import CallInputs, as_args_kwargs, call_with
 from .passes import MaskSpec, fetch_attr, owns_one_of, prepare_masks
 from .passes.insert_masks import mask_fqn_for
 from .scopes import Scope
-from .tracing import (
-    HOOK_DICTS,
-    TRACERS,
-    export_failure,
-    export_module,
-    keep_hooks_when_copied,
-    trace,
-    warn_hooks_traced_through,
-)
+from .tracing import TRACERS, trace, warn_hooks_traced_through
 
 #: The attribute on a scoped model that lists its units.
 UNITS_ATTR = "fx_sparsity_units"

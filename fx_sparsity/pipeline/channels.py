@@ -33,12 +33,13 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import SparsityConfigError, TraceError, warn_user
+from ..exporting import export_failure, export_module
 from ..inputs import CallInputs, as_args_kwargs, graph_inputs
 from ..passes import fetch_attr, run_passes
 from ..passes.channels import ChannelAnalysis, ChannelGroup, InsertChannelMasks, MaskNorms, find_channel_groups
 from ..scopes import Scope
 from ..scoping import UNITS_ATTR, Unit, capture_inputs, relative
-from ..tracing import export_failure, export_module, trace_written_out
+from ..tracing import trace_written_out
 from .protocol import SparsifierLike
 
 __all__ = ["Part", "ChannelTarget", "place", "analyse", "guess_inputs", "MASK_NAME", "add_mask", "placeholder_values",

@@ -37,7 +37,7 @@ __all__ = ["cut_model"]
 @torch.no_grad()
 def cut_model(model: nn.Module, parts: list[Part], targets: dict[str, ChannelTarget]) -> nn.Module:
     """A physically smaller copy of ``model`` computing what the masked one does; ``model`` is left as it is."""
-    pruned = copy.deepcopy(model)  # (exported graphs keep their hooks: tracing.keep_hooks_when_copied)
+    pruned = copy.deepcopy(model)  # (exported graphs keep their hooks: exporting.keep_hooks_when_copied)
     if any(part.model_inputs is not None for part in parts):
         _cut_together(model, pruned, parts, targets)
         parts = []
