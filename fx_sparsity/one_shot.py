@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .errors import SparsityConfigError
 from .inputs import CallInputs, as_args_kwargs
 from .scopes import Scope, as_scope
-from .scoping import relative
+from .scoping import capture_calls, relative
 
 __all__ = ["one_shot", "block_scope", "check_block_config", "first_block_calls", "prune_block"]
 
@@ -73,10 +73,6 @@ def _next_inputs(call: CallInputs, output: Any) -> CallInputs:
     return CallInputs((), {**call.kwargs, first: hidden})
 
 
-class _Reached(Exception):
-    """Raised by the capture hook: the first block's inputs are recorded, nothing after it runs."""
-
-
 def block_scope(scope: Any) -> Scope:
     """``scope`` as a :class:`~fx_sparsity.Scope` naming block types; anything else is an error."""
     scope_ = as_scope(scope)
@@ -108,33 +104,11 @@ def first_block_calls(model: nn.Module, blocks: list[str], calibration: list[Any
     model's tensors is made.
     """
     first = model.get_submodule(blocks[0])
-    calls: list[CallInputs] = []
-
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.append(CallInputs(args, kwargs))
-        raise _Reached
-
     inside = {id(t) for fqn in blocks for t in model.get_submodule(fqn).buffers()}
-    saved = [(b, b.clone()) for b in model.buffers() if id(b) not in inside and not b.is_meta]
-    modes = {m: m.training for m in model.modules()}
-    handle = first.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for batch in tqdm(calibration, desc="calibration", unit="batch", disable=not progress, leave=False):
-                args, kwargs = as_args_kwargs(_without_cache(model, batch))
-                try:
-                    model(*args, **kwargs)
-                except _Reached:
-                    pass
-    finally:
-        handle.remove()
-        for m, training in modes.items():
-            m.training = training
-        with torch.no_grad():
-            for live, value in saved:
-                if live.shape == value.shape:
-                    live.copy_(value)
+    batches = (_without_cache(model, batch) for batch in tqdm(calibration, desc="calibration", unit="batch",
+                                                               disable=not progress, leave=False))
+    calls = capture_calls(model, [blocks[0]], batches, stop=True,
+                          buffers=[b for b in model.buffers() if id(b) not in inside and not b.is_meta])[blocks[0]]
     if not calls:
         raise SparsityConfigError(f"the calibration data never reached '{blocks[0]}' (the first "
                                   f"{type(first).__name__}): pass batches on which the model runs its blocks")

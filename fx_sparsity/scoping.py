@@ -49,11 +49,12 @@ def _inside(fqn: str, prefix: str) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_run(model: nn.Module) -> Iterator[None]:
+def _quiet_run(model: nn.Module, buffers: Iterable[torch.Tensor] | None = None) -> Iterator[None]:
     """Run as inference does, leaving no trace: eval mode (no batch-norm updates), no grad, RNG restored, and
-    every buffer as it was (observers record even in eval mode)."""
+    every buffer as it was (observers record even in eval mode). ``buffers``: the ones the run may change, when
+    the caller knows (saving every buffer clones them all)."""
     modes = {m: m.training for m in model.modules()}
-    buffers = [(b, b.clone()) for b in model.buffers()]
+    saved = [(b, b.clone()) for b in (model.buffers() if buffers is None else buffers)]
     try:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -62,22 +63,22 @@ def _quiet_run(model: nn.Module) -> Iterator[None]:
         for m, training in modes.items():
             m.training = training
         with torch.no_grad():
-            for live, saved in buffers:
-                if live.shape == saved.shape:
-                    live.copy_(saved)
+            for live, value in saved:
+                if live.shape == value.shape:
+                    live.copy_(value)
 
 
 class _Captured(Exception):
     """Raised by the capture hook to stop the model once the inputs it wanted are recorded."""
 
 
-def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any], *,
-                  stop: bool = False) -> dict[str, list[CallInputs]]:
+def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any], *, stop: bool = False,
+                  buffers: Iterable[torch.Tensor] | None = None) -> dict[str, list[CallInputs]]:
     """``{fqn: [inputs of each call]}``: what those submodules get when ``model`` runs on each batch.
 
-    Runs in eval mode without grad, and leaves the RNG and every module's mode as they were.
-    With ``stop=True`` (one fqn), each batch runs only up to that submodule's first call: nothing
-    after it (later blocks, a language-model head and its logits) is computed.
+    Runs in eval mode without grad, and leaves the RNG, every module's mode and the buffers (all, or
+    ``buffers``) as they were. With ``stop=True`` (one fqn), each batch runs only up to that submodule's
+    first call: nothing after it (later blocks, a language-model head and its logits) is computed.
     """
     if stop and len(fqns) != 1:
         raise ValueError("capture_calls(stop=True) records the inputs of one submodule")
@@ -92,7 +93,7 @@ def capture_calls(model: nn.Module, fqns: list[str], batches: Iterable[Any], *,
 
     handles = [model.get_submodule(fqn).register_forward_pre_hook(hook(fqn), with_kwargs=True) for fqn in fqns]
     try:
-        with _quiet_run(model):
+        with _quiet_run(model, buffers):
             for batch in batches:
                 try:
                     call_with(model, batch)
