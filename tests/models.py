@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fx_sparsity as fxs
 from fx_sparsity.benchmarks.structured import Bottleneck, resnet50_shaped  # noqa: F401 - shared models
 
 
@@ -361,3 +362,12 @@ class SmallSwin(nn.Module):
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         x = self.reduction(self.merge_norm(x))
         return self.head(self.norm(x).mean((1, 2)))
+
+
+def calibrated(sparsifier, model, batches, **kwargs):
+    """``model`` prepared with ``sparsifier`` (an observing one: Wanda, SparseGPT, ADMM) and run on ``batches``."""
+    prepared = fxs.prepare_fx_sparse(model, sparsifier, **kwargs)
+    with torch.no_grad():
+        for x in batches:
+            prepared(x)
+    return prepared

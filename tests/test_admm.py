@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from models import calibrated
 from torch import nn
 
 import fx_sparsity as fxs
@@ -14,14 +15,6 @@ def correlated_batches(features, seed, count=4, rows=64):
     generator = torch.Generator().manual_seed(seed)
     mix = torch.randn(features, features, generator=generator) * 0.1
     return [torch.randn(rows, features, generator=generator) @ mix for _ in range(count)]
-
-
-def calibrated(sparsifier, model, batches, **kwargs):
-    prepared = fxs.prepare_fx_sparse(model, sparsifier, **kwargs)
-    with torch.no_grad():
-        for x in batches:
-            prepared(x)
-    return prepared
 
 
 @pytest.mark.parametrize("pattern", ["50%", "70%", "2:4"])

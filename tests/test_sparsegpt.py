@@ -1,6 +1,7 @@
 """SparseGPT: masks and reconstructed weights against a direct computation of the published algorithm."""
 import pytest
 import torch
+from models import calibrated
 from torch import nn
 
 import fx_sparsity as fxs
@@ -34,14 +35,6 @@ def reference_sparsegpt(weight, x, sparsity, n=0, m=0, block=128, percdamp=0.01)
             w[:, i:] -= err[:, None] * u[i, i:][None, :]
             w[:, i] = q
     return w.float(), keep
-
-
-def calibrated(sparsifier, model, batches, **kwargs):
-    prepared = fxs.prepare_fx_sparse(model, sparsifier, **kwargs)
-    with torch.no_grad():
-        for x in batches:
-            prepared(x)
-    return prepared
 
 
 @pytest.mark.parametrize("pattern", ["50%", "70%", "2:4"])
