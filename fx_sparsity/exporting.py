@@ -221,6 +221,12 @@ class SameNoneInputs:
         if given or missing:
             what = (f"{given} {'was' if len(given) == 1 else 'were'} None" if given else
                     f"{missing} {'was a tensor' if len(missing) == 1 else 'were tensors'}")
+            if any(type(kwargs[k]).__name__.endswith("Cache") for k in given):
+                raise TraceError(
+                    f"{self.name} was exported (tracer=\"export\") without a KV cache, and a Hugging Face cache "
+                    f"({type(next(kwargs[k] for k in given)).__name__}) reached it: call the masked model with "
+                    f"use_cache=False (generate() with its cache works on the model prune() or squash_mask() "
+                    f"returns, whose blocks are the model's own again), or use scope=\"layers\".")
             raise TraceError(
                 f"{self.name} was exported (tracer=\"export\") on inputs where {what}; torch.export fixed that "
                 f"into the graph, which would compute something else now. Prepare with example_inputs like the "

@@ -134,3 +134,22 @@ def test_the_live_config_is_on_the_prepared_model_in_every_scope(scope):
     squashed = sparsifier.squash_mask()
     if scope != "model":
         assert not hasattr(squashed, "fx_sparsity_config")  # the user's model as it was
+
+
+@pytest.mark.slow
+def test_a_cache_reaching_an_exported_block_says_use_cache_false():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 96, (2, 8))
+    pruner = fxs.SaliencyPruner(0.5)
+    masked = fxs.prepare_fx_sparse(model, pruner, scope=LlamaDecoderLayer, tracer="export",
+                                   example_inputs={"input_ids": ids, "use_cache": False})
+    with pytest.raises(fxs.TraceError, match=r"a Hugging Face cache \(DynamicCache\) reached it: call the masked "
+                                             r"model with use_cache=False"):
+        masked(ids)  # a decoder in eval mode makes a cache by default
+    pruner.step()
+    torch.testing.assert_close(pruner.prune()(ids).logits, masked(ids, use_cache=False).logits)
