@@ -371,3 +371,15 @@ def calibrated(sparsifier, model, batches, **kwargs):
         for x in batches:
             prepared(x)
     return prepared
+
+
+class ResidualMLPBlock(nn.Module):
+    """x + down(relu(up(x))), 32 wide: a block for one_shot and the calibrated sparsifiers."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))

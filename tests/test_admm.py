@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from models import ResidualMLPBlock as Block
 from models import calibrated
 from torch import nn
 
@@ -78,16 +79,6 @@ def test_admm_prune_function_on_a_gram_matrix():
     gram[:, 5] = gram[5, :] = 0  # an input never seen: its weights go to zero, the count stays exact
     new, keep = admm_prune(weight, gram, 0.5, iterations=10)
     assert (new[:, 5] == 0).all() and int((~keep).sum()) == weight.numel() // 2
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(32, 64)
-        self.down = nn.Linear(64, 32)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(x)))
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from torch import fx
 
 from .groups import FIXED, Seen, SizeRewriter
 from .registry import ChannelRule, channel_rule
-from .tracker import Refuse, Tracker, arg, op_name, with_size
+from .tracker import Refuse, Tracker, arg, input_rank, op_name, with_size
 from .values import Block, Many, Value, blocks, take, value_kept_along
 
 __all__: list[str] = []
@@ -100,11 +100,10 @@ def _before(kept: torch.Tensor) -> torch.Tensor:
 class Slice(ChannelRule):
     def follow(self, t: Tracker, node: fx.Node) -> bool:
         name = op_name(node)
-        x = node.args[0]
-        shape = t.shape(x)
-        if shape is None:
+        found = input_rank(t, node)
+        if found is None:
             return False
-        ndim = len(shape)
+        x, ndim = found
         dim = int(arg(node, 1, "dim", 0)) % ndim
         index: int | slice
         if name == "select":

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from .elementwise import elementwise
 from .registry import ChannelRule, channel_rule
-from .tracker import Tracker, arg, dims, module_or_node, op_name, tensor_nodes
+from .tracker import Tracker, arg, dims, input_rank, module_or_node, op_name, tensor_nodes
 from .values import Block, Many, blocks
 
 __all__: list[str] = []
@@ -27,11 +27,10 @@ _OTHER = frozenset("amax amin max min logsumexp prod all any argmax argmin count
 class Reduce(ChannelRule):
     def follow(self, t: Tracker, node: fx.Node) -> bool:
         name = op_name(node)
-        x = node.args[0]
-        shape = t.shape(x)
-        if shape is None:
+        found = input_rank(t, node)
+        if found is None:
             return False
-        ndim = len(shape)
+        x, ndim = found
         if name in ("max", "min") and isinstance(arg(node, 1, "dim"), fx.Node):  # max(a, b): elementwise
             return elementwise(t, node, tensor_nodes(node.args))
         norm = name in ("norm", "linalg_vector_norm")

@@ -281,6 +281,14 @@ def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def input_rank(t: Tracker, node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``node``'s tensor input (its first argument) and that input's number of dims; None when its shape is not
+    known (the rule then leaves the node to the fallback)."""
+    x = node.args[0]
+    shape = t.shape(x) if isinstance(x, fx.Node) else None
+    return None if shape is None or not isinstance(x, fx.Node) else (x, len(shape))
+
+
 def dims(dim: Any, ndim: int) -> list[int]:
     """The dims a ``dim`` argument names (None or empty: all of them), non-negative and sorted."""
     if dim is None:
