@@ -296,12 +296,14 @@ def test_block_scope_other_shapes_equal_layers_scope(models, name):
 
 def test_block_scope_generate_with_cache_is_a_known_limitation(models):
     """A block traced by torch.export without a KV cache (cache=None at export) cannot take one: generate with
-    the cache is refused with a message that says why and points to scope="layers" (test above)."""
+    the cache is refused with a message that says why, use_cache=False, and scope="layers" (test above)."""
     case, model = CASES["llama"], models["llama"]
     prepared, _ = _prepare(model, case, "block")
     prepared.eval()
     inputs = _inputs(case, *SHAPES[0])
-    with torch.no_grad(), pytest.raises(fxs.TraceError, match=r"\['cache'\] was None(.|\n)*scope=\"layers\""):
+    with torch.no_grad(), pytest.raises(fxs.TraceError, match=r"exported \(tracer=\"export\"\) without a KV cache, and a "
+                                                          r"Hugging Face cache \(\w+\) reached it: call the masked "
+                                                          r"model with use_cache=False(.|\n)*scope=\"layers\""):
         prepared.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=True)
 
 
