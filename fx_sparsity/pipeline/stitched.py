@@ -24,7 +24,7 @@ from ..errors import SparsityConfigError, warn_user
 from ..inputs import CallInputs, as_args_kwargs, call_with
 from ..passes import fetch_attr, run_passes, unique_attr_name
 from ..passes.channels import ChannelGroup, InsertChannelMasks, MaskNorms
-from ..passes.channels.stitch import UnitGraph, output_pairs, stitch, unit_analysis
+from ..passes.channels.stitch import UnitGraph, output_pairs, same_value, stitch, unit_analysis
 from ..scopes import Scope
 from ..scoping import UNITS_ATTR, Unit, _link_tied_masks, _quiet_run, _TiedLinks, relative
 from .channels import (
@@ -84,7 +84,7 @@ class _ReadOutside(TorchFunctionMode):
         got = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if not made or not got:
             return result
-        if len(got) == 1 and all(_same_values(m, got[0]) for m in made):
+        if len(got) == 1 and all(same_value(m, got[0]) for m in made):
             for m in made:
                 if m is not got[0]:
                     self.copies[id(m)] = (m, self._origin(got[0]))
@@ -93,10 +93,6 @@ class _ReadOutside(TorchFunctionMode):
             origin = self._origin(t)
             self.read[id(origin)] = origin
         return result
-
-
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
 
 
 def _run(model: nn.Module, fqns: list[str], example_inputs: Any) -> tuple[list[str], dict[str, tuple], set[str], Any,

@@ -60,7 +60,8 @@ class Stitched:
     links: list[tuple[str, str]] = field(default_factory=list)  # (unit whose output, unit whose input) joined
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """``a`` is ``b``, or a tensor of the same shape, dtype, device and values (a copy passed on)."""
     if a is b:
         return True
     return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
@@ -95,7 +96,7 @@ def stitch(units: list[UnitGraph], returned: list[Any]) -> Stitched:
         for node, value in zip(placeholders, unit.inputs):
             source = None if unit.alone else (
                 next(((n, u) for v, n, u in reversed(produced) if v is value), None)
-                or next(((n, u) for v, n, u in reversed(produced) if _same(v, value)), None))
+                or next(((n, u) for v, n, u in reversed(produced) if same_value(v, value)), None))
             if source is not None:
                 env[node] = source[0]
                 fed[source[0].name] = node.name
